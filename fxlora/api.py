@@ -1,0 +1,104 @@
+"""fxlora's public entry points: :func:`rewrite` and :func:`fold`.
+
+They capture or copy what must not be shared, run the passes in ``fxlora.passes``, and return a new
+module; the model passed in is never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from . import passes
+from .capture import copy_graph_module, trace
+from .errors import FoldError, FxLoraError
+from .lora import graph_sites
+from .module import LoraGraphModule
+from .plan import Plan, make_plan
+from .rules import Rule, as_rules
+from .state import BIAS_MODES, mark_only_lora_as_trainable
+
+__all__ = ["rewrite", "fold", "plan"]
+
+
+def _capture(
+    model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modules: Sequence[type | str]
+) -> LoraGraphModule:
+    root, graph = trace(model, concrete_args=concrete_args, leaf_modules=leaf_modules)
+    name = type(model).__name__
+    return LoraGraphModule(root, graph, name)
+
+
+def plan(
+    model: nn.Module,
+    rules: Rule | Sequence[Rule],
+    *,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Sequence[type | str] = (),
+) -> Plan:
+    """Resolve ``rules`` against ``model`` without rewriting anything: which site gets which rule."""
+    rules = as_rules(rules)
+    gm = _capture(model, concrete_args, leaf_modules)
+    return make_plan(gm, rules)
+
+
+def rewrite(
+    model: nn.Module,
+    rules: Rule | Sequence[Rule],
+    *,
+    bias: str = "none",
+    merge_on_eval: bool = False,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Sequence[type | str] = (),
+) -> LoraGraphModule:
+    """Add a LoRA side branch ``B(A(dropout(x))) * alpha / r`` at every site the rules select.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx.symbolic_trace`` can trace, or a ``GraphModule``.
+        rules: one :class:`fxlora.Rule` or a list; see :mod:`fxlora.rules` for matching and precedence.
+        bias: which biases train besides the LoRA parameters: ``"none"``, ``"all"`` or ``"lora_only"``
+            (the biases of adapted sites), as loralib's ``mark_only_lora_as_trainable``.
+        merge_on_eval: run the folded model in eval mode (see :class:`fxlora.LoraGraphModule`; costs a
+            copy of each adapted weight while in eval mode).
+        concrete_args, leaf_modules: passed to the tracer (``leaf_modules`` takes module types or
+            qualified names to keep opaque).
+
+    Returns:
+        A new :class:`LoraGraphModule`.  It shares the base weights' storage with ``model`` (nothing is
+        copied but buffers and trainable biases) and leaves ``model`` unchanged.  Each site's nodes carry
+        ``node.meta["fxlora"]`` with the site, its role and its :class:`fxlora.lora.SiteSpec`, which
+        records the rule that selected it.
+    """
+    rules = as_rules(rules)
+    if bias not in BIAS_MODES:
+        raise FxLoraError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
+    gm = _capture(model, concrete_args, leaf_modules)
+    the_plan = make_plan(gm, rules)  # raises before anything changes
+    passes.rewrite(gm, the_plan)
+    gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
+    mark_only_lora_as_trainable(gm, bias)
+    return gm
+
+
+def fold(gm: GraphModule, *, dtype: torch.dtype | None = None) -> GraphModule:
+    """A new plain ``GraphModule`` with every LoRA update folded into its weight.
+
+    Each merged weight is ``W + delta * scale`` computed in float32 and rounded once, to ``dtype`` when
+    given (the other floating-point parameters and buffers are cast to it too) or to the base weight's
+    dtype.  The result has the base model's graph and state-dict keys; tensors that were not adapted
+    are shared with ``gm``, and ``gm`` itself is not modified.
+    """
+    if not isinstance(gm, GraphModule) or not graph_sites(gm):
+        raise FoldError(
+            f"fold expects the graph module returned by fxlora.rewrite; this {type(gm).__name__} has no LoRA sites."
+        )
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise FoldError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
+    out = copy_graph_module(gm)
+    passes.fold(out, dtype=dtype)
+    if dtype is not None:
+        out.to(dtype)
+    return out

@@ -1,0 +1,210 @@
+"""Trainable flags and LoRA-only checkpoints of a rewritten graph module.
+
+Which parameters are LoRA parameters is read from the graph (``node.meta["fxlora"]``), never guessed
+from names.  Key names follow loralib: ``<module qualname>.lora_A`` / ``.lora_B``, so a loralib
+checkpoint of the same model loads as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .errors import CheckpointError, FxLoraError
+from .lora import SiteSpec, graph_sites
+
+__all__ = [
+    "lora_parameter_names",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "load_lora_state_dict",
+    "save_lora",
+    "load_lora",
+]
+
+BIAS_MODES = ("none", "all", "lora_only")
+_FORMAT = "fxlora.lora/1"
+
+
+def _sites(gm: nn.Module, what: str) -> dict[str, SiteSpec]:
+    sites = graph_sites(gm) if isinstance(gm, GraphModule) else {}
+    if not sites:
+        raise FxLoraError(
+            f"{what}: {type(gm).__name__} has no LoRA sites. Pass the graph module returned by fxlora.rewrite."
+        )
+    return sites
+
+
+def _check_bias(bias: str) -> None:
+    if bias not in BIAS_MODES:
+        raise FxLoraError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
+
+
+def lora_parameter_names(gm: GraphModule) -> list[str]:
+    """Qualified names of every LoRA parameter, in graph order (``lora_A`` before ``lora_B``)."""
+    return [name for spec in _sites(gm, "lora_parameter_names").values() for name in (spec.lora_A, spec.lora_B)]
+
+
+def _bias_names(gm: GraphModule, bias: str, sites: Mapping[str, SiteSpec]) -> list[str]:
+    if bias == "none":
+        return []
+    if bias == "lora_only":
+        return [spec.bias for spec in sites.values() if spec.bias is not None]
+    return [name for name, _ in gm.named_parameters() if name.rpartition(".")[2] == "bias"]
+
+
+def mark_only_lora_as_trainable(gm: GraphModule, bias: str = "none") -> None:
+    """Freeze everything but the LoRA parameters; with ``bias="all"`` every ``*.bias`` also trains, with
+    ``bias="lora_only"`` the biases of adapted sites do (loralib's modes).
+
+    A bias made trainable is first given its own storage (a copy of a few kilobytes), so training never
+    writes into the model that was passed to :func:`fxlora.rewrite`.
+    """
+    _check_bias(bias)
+    sites = _sites(gm, "mark_only_lora_as_trainable")
+    lora = {name for spec in sites.values() for name in (spec.lora_A, spec.lora_B)}
+    train_bias = set(_bias_names(gm, bias, sites))
+    for name, p in list(gm.named_parameters()):
+        if name in lora:
+            p.requires_grad_(True)
+        elif name in train_bias:
+            if not getattr(p, "_fxlora_private", False):
+                owner, _, attr = name.rpartition(".")
+                p = nn.Parameter(p.detach().clone())
+                p._fxlora_private = True  # type: ignore[attr-defined]
+                setattr(gm.get_submodule(owner), attr, p)
+            p.requires_grad_(True)
+        else:
+            p.requires_grad_(False)
+
+
+def lora_state_dict(gm: GraphModule, bias: str = "none") -> dict[str, torch.Tensor]:
+    """The LoRA tensors (and biases per ``bias``), keyed by their qualified names, detached."""
+    _check_bias(bias)
+    sites = _sites(gm, "lora_state_dict")
+    names = [n for spec in sites.values() for n in (spec.lora_A, spec.lora_B)] + _bias_names(gm, bias, sites)
+    return {name: gm.get_parameter(name).detach() for name in dict.fromkeys(names)}
+
+
+def load_lora_state_dict(gm: GraphModule, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load LoRA tensors (and optionally biases) into ``gm``: every key, shape and dtype is checked
+    first, then all tensors are copied; on any problem nothing is loaded.
+
+    Every LoRA parameter must be present; a ``*.bias`` key is accepted when ``gm`` has that bias.
+    Floating-point values are converted to the parameter's dtype.
+    """
+    sites = _sites(gm, "load_lora_state_dict")
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"expected a mapping of names to tensors, got {type(state_dict).__name__}.")
+    lora = [n for spec in sites.values() for n in (spec.lora_A, spec.lora_B)]
+    params = dict(gm.named_parameters())
+    biases = {n for n in params if n.rpartition(".")[2] == "bias"}
+    missing = [n for n in lora if n not in state_dict]
+    unexpected = [k for k in state_dict if k not in lora and k not in biases]
+    problems = []
+    if missing:
+        problems.append(f"missing LoRA keys: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    if unexpected:
+        problems.append(
+            f"unexpected keys: {', '.join(map(str, unexpected[:6]))}{' ...' if len(unexpected) > 6 else ''}"
+        )
+    by_param = {spec.lora_A: spec for spec in sites.values()} | {spec.lora_B: spec for spec in sites.values()}
+    for key, value in state_dict.items():
+        if key not in params or key in unexpected:
+            continue
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"'{key}' is a {type(value).__name__}, not a tensor")
+            continue
+        target = params[key]
+        if tuple(value.shape) != tuple(target.shape):
+            hint = ""
+            spec = by_param.get(key)
+            if spec is not None:
+                hint = f" (the model's site '{spec.name}' has r={spec.r}; was the checkpoint trained with another rank?)"
+            problems.append(f"'{key}' has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}{hint}")
+        elif not value.is_floating_point():
+            problems.append(f"'{key}' has dtype {value.dtype}; LoRA tensors must be floating point")
+    if problems:
+        raise CheckpointError("cannot load the LoRA state dict, nothing was loaded: " + "; ".join(problems) + ".")
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            params[key].copy_(value)
+
+
+def _metadata(sites: Mapping[str, SiteSpec]) -> dict[str, str]:
+    return {
+        "format": _FORMAT,
+        "sites": json.dumps(
+            {
+                s.name: {"kind": s.kind, "r": s.r, "alpha": s.alpha, "enable_lora": s.enable_lora}
+                for s in sites.values()
+            }
+        ),
+    }
+
+
+def save_lora(gm: GraphModule, path: str | os.PathLike[str], *, bias: str = "none") -> Path:
+    """Write the LoRA state dict to a safetensors file, atomically (a temporary file, then a rename).
+
+    The file's metadata records every site's kind, r, alpha and enable_lora, which :func:`load_lora`
+    checks against the model.
+    """
+    from safetensors.torch import save_file
+
+    sites = _sites(gm, "save_lora")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(gm, bias).items()}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=_metadata(sites))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_lora(gm: GraphModule, path: str | os.PathLike[str]) -> None:
+    """Load a file written by :func:`save_lora` (or any safetensors file of LoRA tensors) into ``gm``."""
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    sites = _sites(gm, "load_lora")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no LoRA checkpoint at '{path}'.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"'{path}' is not a readable safetensors file ({e}); it may be truncated or corrupted. Nothing was loaded."
+        ) from None
+    if metadata.get("format") == _FORMAT:
+        try:
+            saved = json.loads(metadata.get("sites", "{}"))
+        except json.JSONDecodeError:
+            raise CheckpointError(f"'{path}' has corrupted fxlora metadata. Nothing was loaded.") from None
+        for name, spec in sites.items():
+            info = saved.get(name)
+            if info is None:
+                continue
+            mask = tuple(info["enable_lora"]) if info.get("enable_lora") is not None else None
+            if info.get("alpha") != spec.alpha or info.get("r") != spec.r or mask != spec.enable_lora:
+                raise CheckpointError(
+                    f"'{path}' was trained with r={info.get('r')}, alpha={info.get('alpha')}, "
+                    f"enable_lora={info.get('enable_lora')} at site '{name}', but the model has r={spec.r}, "
+                    f"alpha={spec.alpha}, enable_lora={spec.enable_lora}. Rewrite with the checkpoint's rule. "
+                    "Nothing was loaded."
+                )
+    load_lora_state_dict(gm, tensors)

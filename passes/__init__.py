@@ -1,0 +1,11 @@
+"""fxlora's graph passes (installed as ``fxlora.passes``).
+
+Each pass is a small function ``pass(gm, ...) -> torch.fx.passes.infra.pass_base.PassResult`` that
+edits ``gm`` in place and reports honestly whether it changed anything, so it plugs into torch's
+``PassManager``.  The public API in ``fxlora`` copies what must not be shared and runs them.
+"""
+
+from .fold import fold
+from .rewrite import rewrite
+
+__all__ = ["rewrite", "fold"]

@@ -1,0 +1,105 @@
+"""Small models and helpers shared by the tests."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxlora
+
+
+def randomize_lora(gm, seed: int = 0, std: float = 0.1) -> None:
+    """Give every LoRA parameter non-zero values, so adapted outputs differ from the base."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in fxlora.lora_parameter_names(gm):
+            p = gm.get_parameter(name)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
+def op_sequence(gm):
+    return [(n.op, n.target) for n in gm.graph.nodes]
+
+
+def count_calls(gm, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: ``x @ W + b`` with W stored ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.ln(x)).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return x + self.drop(self.proj(att @ v))
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, blocks with a fused qkv Linear, a residual, an untied head."""
+
+    def __init__(self, vocab: int = 40, d: int = 16, n_layers: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n_layers))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.c3 = nn.Conv1d(8, 6, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        x = x.mean(-1)
+        x = self.c3(x)
+        return self.fc(x.mean(-1))
+
+
+class Functional(nn.Module):
+    """Sites as functional calls on parameters, and one module called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.w1 = nn.Parameter(torch.randn(12, 8) * 0.1)
+        self.proj = Conv1D(8, 12)
+        self.w2 = nn.Parameter(torch.randn(8, 8) * 0.1)
+
+    def forward(self, x):
+        h = self.fc(self.fc(x))  # one module, two calls
+        h = F.linear(h, self.w1)
+        return self.proj(torch.tanh(h)) + operator.matmul(x, self.w2)

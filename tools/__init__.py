@@ -1,0 +1,1 @@
+"""fxlora's command-line interface and benchmarks (installed as ``fxlora.tools``)."""
