@@ -26,10 +26,10 @@ __all__ = ["rewrite", "fold", "plan"]
 
 def _capture(
     model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modules: Sequence[type | str]
-) -> LoraGraphModule:
+) -> tuple[LoraGraphModule, nn.Module]:
+    """The captured graph module, and the full module tree it was traced from (for names and types)."""
     root, graph = trace(model, concrete_args=concrete_args, leaf_modules=leaf_modules)
-    name = type(model).__name__
-    return LoraGraphModule(root, graph, name)
+    return LoraGraphModule(root, graph, type(model).__name__), root
 
 
 def plan(
@@ -41,8 +41,8 @@ def plan(
 ) -> Plan:
     """Resolve ``rules`` against ``model`` without rewriting anything: which site gets which rule."""
     rules = as_rules(rules)
-    gm = _capture(model, concrete_args, leaf_modules)
-    return make_plan(gm, rules)
+    gm, root = _capture(model, concrete_args, leaf_modules)
+    return make_plan(gm, rules, root)
 
 
 def rewrite(
@@ -75,8 +75,8 @@ def rewrite(
     rules = as_rules(rules)
     if bias not in BIAS_MODES:
         raise FxLoraError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
-    gm = _capture(model, concrete_args, leaf_modules)
-    the_plan = make_plan(gm, rules)  # raises before anything changes
+    gm, root = _capture(model, concrete_args, leaf_modules)
+    the_plan = make_plan(gm, rules, root)  # raises before anything changes
     passes.rewrite(gm, the_plan)
     gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
     mark_only_lora_as_trainable(gm, bias)

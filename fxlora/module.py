@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule
 
-from .lora import graph_sites
 
 __all__ = ["LoraGraphModule"]
 
@@ -41,7 +40,6 @@ class LoraGraphModule(GraphModule):
 
     def recompile(self):  # type: ignore[override]
         code = super().recompile()
-        self.__dict__["_fxlora_sites"] = None
         cls = type(self)
         graph_forward = cls.forward
 
@@ -69,15 +67,9 @@ class LoraGraphModule(GraphModule):
         return self
 
     def _stamp(self) -> tuple[Any, ...]:
-        sites = self.__dict__.get("_fxlora_sites")
-        if sites is None:
-            sites = self.__dict__["_fxlora_sites"] = list(graph_sites(self).values())
-        stamp = []
-        for spec in sites:
-            for name in (spec.weight, spec.lora_A, spec.lora_B):
-                p = self.get_parameter(name)
-                stamp.append((id(p), p._version, p.data_ptr()))
-        return tuple(stamp)
+        """Identity and version of every parameter and buffer: any change makes the cached fold stale
+        (an optimizer step, a loaded checkpoint, a bias given its own storage)."""
+        return tuple((id(t), t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers()))
 
     def merged_module(self) -> GraphModule:
         """The folded module that eval mode runs with ``merge_on_eval`` (built or refreshed on demand)."""

@@ -162,7 +162,7 @@ def _classify_module(cand: Candidate, mod: nn.Module) -> None:
         cand.kind = "linear"  # a custom leaf like GPT-2's Conv1D: layout from the rule
         cand.op = {"module": True, "custom": True}
     else:
-        cand.reason = f"{cand.type_name} is not a module kind fxlora adapts ({SUPPORTED})"
+        cand.reason = f"{cand.type_name} is not a module kind fxlora adapts"
         return
     if not isinstance(weight, nn.Parameter):
         cand.kind, cand.reason = None, f"{cand.type_name} has no weight parameter"

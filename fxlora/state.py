@@ -60,6 +60,18 @@ def _bias_names(gm: GraphModule, bias: str, sites: Mapping[str, SiteSpec]) -> li
     return [name for name, _ in gm.named_parameters() if name.rpartition(".")[2] == "bias"]
 
 
+def _private(gm: GraphModule, name: str) -> nn.Parameter:
+    """The base parameter ``name`` with storage of its own (copy-on-write): rewrite shares the caller's
+    weights, so a parameter fxlora will write (a trained or loaded bias) is first copied."""
+    p = gm.get_parameter(name)
+    if not getattr(p, "_fxlora_private", False):
+        owner, _, attr = name.rpartition(".")
+        p = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        p._fxlora_private = True  # type: ignore[attr-defined]
+        setattr(gm.get_submodule(owner), attr, p)
+    return p
+
+
 def mark_only_lora_as_trainable(gm: GraphModule, bias: str = "none") -> None:
     """Freeze everything but the LoRA parameters; with ``bias="all"`` every ``*.bias`` also trains, with
     ``bias="lora_only"`` the biases of adapted sites do (loralib's modes).
@@ -75,12 +87,7 @@ def mark_only_lora_as_trainable(gm: GraphModule, bias: str = "none") -> None:
         if name in lora:
             p.requires_grad_(True)
         elif name in train_bias:
-            if not getattr(p, "_fxlora_private", False):
-                owner, _, attr = name.rpartition(".")
-                p = nn.Parameter(p.detach().clone())
-                p._fxlora_private = True  # type: ignore[attr-defined]
-                setattr(gm.get_submodule(owner), attr, p)
-            p.requires_grad_(True)
+            _private(gm, name).requires_grad_(True)
         else:
             p.requires_grad_(False)
 
@@ -133,9 +140,11 @@ def load_lora_state_dict(gm: GraphModule, state_dict: Mapping[str, torch.Tensor]
             problems.append(f"'{key}' has dtype {value.dtype}; LoRA tensors must be floating point")
     if problems:
         raise CheckpointError("cannot load the LoRA state dict, nothing was loaded: " + "; ".join(problems) + ".")
+    lora_set = set(lora)
     with torch.no_grad():
         for key, value in state_dict.items():
-            params[key].copy_(value)
+            target = params[key] if key in lora_set else _private(gm, key)
+            target.copy_(value)
 
 
 def _metadata(sites: Mapping[str, SiteSpec]) -> dict[str, str]:
