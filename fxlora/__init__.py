@@ -10,7 +10,7 @@ from .api import fold, plan, rewrite
 from .errors import CheckpointError, FoldError, FxLoraError, RuleError, TraceError
 from .lora import SiteSpec, graph_sites
 from .module import LoraGraphModule
-from .rules import Rule
+from .rules import Rule, load_rules, rules_from_data
 from .state import (
     load_lora,
     load_lora_state_dict,
@@ -42,3 +42,8 @@ __all__ = [
     "CheckpointError",
     "FoldError",
 ]
+
+from . import zoo  # noqa: E402
+from .report import Report, report  # noqa: E402
+
+__all__ += ["zoo", "report", "Report", "load_rules", "rules_from_data"]

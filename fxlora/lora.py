@@ -57,6 +57,7 @@ class SiteSpec:
     enable_lora: tuple[bool, ...] | None = None
     fan_in_fan_out: bool = False
     op: dict[str, Any] = field(default_factory=dict)  # kind-specific base-op arguments
+    rule_target: str = ""  # the selecting rule's target text (glob, "re:..." or type path)
 
     @property
     def scale(self) -> float:
@@ -252,3 +253,26 @@ def graph_sites(gm: torch.fx.GraphModule) -> dict[str, SiteSpec]:
         if info is not None:
             sites.setdefault(info["site"], info["spec"])
     return sites
+
+
+def fold_fidelity(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, spec: SiteSpec, dtype: torch.dtype | None = None
+) -> tuple[float, float]:
+    """How much of a site's update survives folding into a ``dtype`` weight.
+
+    Returns ``(erased, rel_error)``: the fraction of the non-zero entries of the float32 reference
+    update ``delta`` that rounding ``W + delta`` to ``dtype`` wipes out entirely (the merged weight
+    equals the rounded base weight there), and ``|effective - delta|_F / |delta|_F``, where
+    ``effective = round(W + delta) - round(W)`` is the update the folded model really applies.
+    """
+    dtype = W.dtype if dtype is None else dtype
+    ref = delta_weight(A, B, spec)
+    base = W.detach().to(dtype).float()
+    effective = (W.detach().float() + ref).to(dtype).float() - base
+    nonzero = ref != 0
+    count = int(nonzero.sum())
+    if count == 0:
+        return 0.0, 0.0
+    erased = float(((effective == 0) & nonzero).sum()) / count
+    rel = float(torch.linalg.vector_norm(effective - ref) / torch.linalg.vector_norm(ref))
+    return erased, rel

@@ -486,6 +486,7 @@ def _make_spec(gm: GraphModule, cand: Candidate, rule: Rule, rule_index: int) ->
         dropout=dropout,
         rule=repr(rule),
         rule_index=rule_index,
+        rule_target=rule.target_text,
         enable_lora=rule.enable_lora,
         fan_in_fan_out=fan,
         op={k: v for k, v in cand.op.items() if k not in ("module", "custom")},

@@ -24,7 +24,7 @@ import torch
 
 from .errors import RuleError
 
-__all__ = ["Rule", "as_rules"]
+__all__ = ["Rule", "as_rules", "load_rules", "rules_from_data"]
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -163,3 +163,80 @@ def as_rules(rules: Rule | Sequence[Rule]) -> list[Rule]:
         if not isinstance(rule, Rule):
             raise RuleError(f"rules[{i}] is a {type(rule).__name__}, not an fxlora.Rule.")
     return out
+
+
+_RULE_KEYS = {"target", "type", "r", "alpha", "dropout", "enable_lora", "fan_in_fan_out"}
+
+
+def _import_type(path: str, where: str) -> type:
+    import importlib
+
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise RuleError(f"{where}: type = {path!r} is not a dotted import path such as 'torch.nn.Linear'.")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise RuleError(f"{where}: cannot import type {path!r} ({e}).") from None
+    if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        raise RuleError(f"{where}: {path!r} is not an nn.Module subclass.")
+    return obj
+
+
+def rules_from_data(data: object, source: str = "rules") -> list[Rule]:
+    """Rules from parsed TOML (or JSON): ``{"rule": [{"target": ..., "r": ..., "alpha": ...}, ...]}``.
+
+    Each table mirrors :class:`Rule`; a module type is given as ``type = "torch.nn.Linear"`` in place of
+    ``target``.  Unknown keys, missing keys and wrong types raise :class:`RuleError`.
+    """
+    if not isinstance(data, dict):
+        raise RuleError(f"{source}: expected a table with [[rule]] entries.")
+    unknown = set(data) - {"rule"}
+    if unknown:
+        raise RuleError(f"{source}: unknown top-level keys {sorted(unknown)}; rules go in [[rule]] tables.")
+    entries = data.get("rule")
+    if not isinstance(entries, list) or not entries:
+        raise RuleError(f"{source}: no [[rule]] tables; add at least one with target, r and alpha.")
+    rules = []
+    for i, entry in enumerate(entries):
+        where = f"{source}: rule {i + 1}"
+        if not isinstance(entry, dict):
+            raise RuleError(f"{where}: expected a table, got {type(entry).__name__}.")
+        extra = set(entry) - _RULE_KEYS
+        if extra:
+            raise RuleError(f"{where}: unknown keys {sorted(extra)}; allowed: {sorted(_RULE_KEYS)}.")
+        if ("target" in entry) == ("type" in entry):
+            raise RuleError(f"{where}: give exactly one of target (a name, glob or 're:regex') or type (an import path).")
+        missing = [k for k in ("r", "alpha") if k not in entry]
+        if missing:
+            raise RuleError(f"{where}: missing {', '.join(missing)}.")
+        if "target" in entry:
+            target = entry["target"]
+            if not isinstance(target, str):
+                raise RuleError(f"{where}: target must be a string, got {type(target).__name__}.")
+        else:
+            if not isinstance(entry["type"], str):
+                raise RuleError(f"{where}: type must be a string import path such as 'torch.nn.Linear'.")
+            target = _import_type(entry["type"], where)
+        kwargs = {k: v for k, v in entry.items() if k not in ("target", "type")}
+        try:
+            rules.append(Rule(target, **kwargs))
+        except RuleError as e:
+            raise RuleError(f"{where}: {e}") from None
+    return rules
+
+
+def load_rules(path: str) -> list[Rule]:
+    """Read rules from a TOML file (see :func:`rules_from_data` for the format)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise RuleError(f"cannot read rules file '{path}': {e.strerror or e}.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RuleError(f"rules file '{path}' is not valid TOML: {e}.") from None
+    return rules_from_data(data, source=str(path))

@@ -170,7 +170,7 @@ def save_lora(gm: GraphModule, path: str | os.PathLike[str], *, bias: str = "non
     sites = _sites(gm, "save_lora")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(gm, bias).items()}
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp.", suffix=path.suffix or ".tmp", dir=path.parent if str(path.parent) else ".")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=_metadata(sites))

@@ -1,0 +1,278 @@
+"""Parameter budgets: which sites a set of rules adapts, and what it costs.
+
+``fxlora.report(model, rules)`` prints the same plan the rewrite would apply (nothing is rewritten);
+``fxlora.report(model)`` lists every candidate site so rules can be written; ``fxlora.report(gm)`` on a
+rewritten module reports its sites and, with ``fidelity=dtype``, how much of each trained update
+survives folding into ``dtype`` weights.  Works on ``meta``-device models: only shapes are read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tabulate import tabulate
+from torch import nn
+from torch.fx import GraphModule
+
+from .errors import FxLoraError
+from .lora import SiteSpec, fold_fidelity, graph_sites, kind_of
+from .rules import Rule
+
+__all__ = ["Report", "ReportRow", "report", "FORMATS"]
+
+FORMATS = ("table", "markdown", "json", "csv")
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    rule: str | None  # the selecting rule's target text
+    r: int | None
+    alpha: float | None
+    enable_lora: tuple[bool, ...] | None
+    base_params: int
+    lora_params: int
+    erased: float | None = None  # fidelity: fraction of the update rounding erases
+    rel_error: float | None = None  # fidelity: relative error of the effective update
+
+    @property
+    def rank_text(self) -> str:
+        if self.r is None:
+            return ""
+        if self.enable_lora is None:
+            return str(self.r)
+        return f"{self.r} x {sum(self.enable_lora)} slices"
+
+    @property
+    def mask_text(self) -> str:
+        if self.enable_lora is None:
+            return ""
+        return "".join("T" if b else "-" for b in self.enable_lora)
+
+
+@dataclass
+class Report:
+    rows: list[ReportRow]
+    base_params: int  # every parameter of the base model (tied ones once)
+    model_bytes: int  # the base model's parameter bytes at its dtypes
+    adapted: bool  # rules were given (or the module is rewritten)
+    fidelity_dtype: torch.dtype | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lora_params(self) -> int:
+        return sum(r.lora_params for r in self.rows)
+
+    @property
+    def trainable_percent(self) -> float:
+        total = self.base_params + self.lora_params
+        return 100.0 * self.lora_params / total if total else 0.0
+
+    @property
+    def lora_bytes_fp32(self) -> int:
+        return 4 * self.lora_params
+
+    @property
+    def lora_bytes_bf16(self) -> int:
+        return 2 * self.lora_params
+
+    def totals(self) -> dict[str, Any]:
+        return {
+            "sites": len(self.rows) if self.adapted else 0,
+            "candidate_sites": len(self.rows),
+            "base_params": self.base_params,
+            "lora_params": self.lora_params,
+            "trainable_percent": self.trainable_percent,
+            "lora_bytes_fp32": self.lora_bytes_fp32,
+            "lora_bytes_bf16": self.lora_bytes_bf16,
+            "model_bytes": self.model_bytes,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for row in self.rows:
+            d = asdict(row)
+            d["weight_shape"] = list(row.weight_shape)
+            d["enable_lora"] = None if row.enable_lora is None else list(row.enable_lora)
+            rows.append(d)
+        return {
+            "sites": rows,
+            "totals": self.totals(),
+            "fidelity_dtype": None if self.fidelity_dtype is None else str(self.fidelity_dtype),
+        }
+
+    # -- rendering ------------------------------------------------------------------------------
+    def _headers(self) -> list[str]:
+        h = ["site", "kind", "weight", "rule", "r", "alpha", "enable_lora", "base params", "LoRA params"]
+        if self.fidelity_dtype is not None:
+            h += [f"erased in {_dtype_name(self.fidelity_dtype)}", "rel. error"]
+        return h
+
+    def _cells(self, row: ReportRow) -> list[Any]:
+        cells = [
+            row.name,
+            row.kind,
+            "x".join(map(str, row.weight_shape)),
+            row.rule or "",
+            row.rank_text,
+            "" if row.alpha is None else _num(row.alpha),
+            row.mask_text,
+            f"{row.base_params:,}",
+            f"{row.lora_params:,}",
+        ]
+        if self.fidelity_dtype is not None:
+            cells += [_pct(row.erased), _pct(row.rel_error)]
+        return cells
+
+    def summary_lines(self) -> list[str]:
+        if not self.adapted:
+            return [
+                f"{len(self.rows)} candidate sites; base model: {self.base_params:,} parameters "
+                f"({_bytes(self.model_bytes)}). Write rules to select sites."
+            ]
+        return [
+            f"sites: {len(self.rows)}   LoRA parameters: {self.lora_params:,}   base parameters: {self.base_params:,}"
+            f"   trainable: {self.trainable_percent:.4f}%",
+            f"LoRA checkpoint: {_bytes(self.lora_bytes_fp32)} (fp32), {_bytes(self.lora_bytes_bf16)} (bf16)"
+            f"   full model: {_bytes(self.model_bytes)}",
+        ]
+
+    def render(self, fmt: str = "table") -> str:
+        if fmt not in FORMATS:
+            raise FxLoraError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+        if fmt == "json":
+            return json.dumps(self.to_dict(), indent=2)
+        if fmt == "csv":
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(self._headers())
+            for row in self.rows:
+                writer.writerow([c.replace(",", "") if i >= 7 and isinstance(c, str) else c for i, c in enumerate(self._cells(row))])
+            return buf.getvalue()
+        tablefmt = "github" if fmt == "markdown" else "simple"
+        colalign = ["left"] * 7 + ["right"] * (len(self._headers()) - 7)
+        table = tabulate([self._cells(r) for r in self.rows], headers=self._headers(), tablefmt=tablefmt, colalign=colalign)
+        return table + "\n\n" + "\n".join(self.summary_lines())
+
+    def __str__(self) -> str:
+        return self.render("table")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}%"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _site_base_params(gm: GraphModule, spec_weight_shape: Sequence[int], bias: str | None) -> int:
+    n = _numel(spec_weight_shape)
+    if bias is not None:
+        n += gm.get_parameter(bias).numel()
+    return n
+
+
+def _row(gm: GraphModule, spec: SiteSpec, lora_params: int, fidelity: tuple[float, float] | None) -> ReportRow:
+    return ReportRow(
+        name=spec.name,
+        kind=spec.kind,
+        weight_shape=tuple(spec.weight_shape),
+        rule=spec.rule_target,
+        r=spec.r,
+        alpha=spec.alpha,
+        enable_lora=spec.enable_lora,
+        base_params=_site_base_params(gm, spec.weight_shape, spec.bias),
+        lora_params=lora_params,
+        erased=None if fidelity is None else fidelity[0],
+        rel_error=None if fidelity is None else fidelity[1],
+    )
+
+
+def _model_totals(module: nn.Module, exclude: set[str]) -> tuple[int, int]:
+    params = [p for n, p in module.named_parameters() if n not in exclude]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def report(
+    model: nn.Module,
+    rules: Rule | Sequence[Rule] | None = None,
+    *,
+    fidelity: torch.dtype | None = None,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Sequence[type | str] = (),
+) -> Report:
+    """The parameter budget of adapting ``model`` with ``rules`` (see the module docstring)."""
+    from .api import _capture
+    from .plan import find_candidates, make_plan
+    from .rules import as_rules
+
+    sites = graph_sites(model) if isinstance(model, GraphModule) else {}
+    if sites:
+        if rules is not None:
+            raise FxLoraError("this module is already rewritten: report it without rules, or pass the base model.")
+        lora = {n for s in sites.values() for n in (s.lora_A, s.lora_B)}
+        rows = []
+        for spec in sites.values():
+            A, B = model.get_parameter(spec.lora_A), model.get_parameter(spec.lora_B)
+            fid = None
+            if fidelity is not None:
+                fid = fold_fidelity(model.get_parameter(spec.weight), A, B, spec, fidelity)
+            rows.append(_row(model, spec, A.numel() + B.numel(), fid))
+        base, nbytes = _model_totals(model, lora)
+        return Report(rows, base, nbytes, adapted=True, fidelity_dtype=fidelity)
+
+    if fidelity is not None:
+        raise FxLoraError(
+            "fidelity needs trained LoRA weights: pass the module returned by fxlora.rewrite (with its adapter "
+            "loaded), not the base model."
+        )
+    gm, root = _capture(model, concrete_args, leaf_modules)
+    base, nbytes = _model_totals(model, set())
+    if rules is None:
+        rows = [
+            ReportRow(
+                name=c.name,
+                kind=c.kind,  # type: ignore[arg-type]
+                weight_shape=c.weight_shape,
+                rule=None,
+                r=None,
+                alpha=None,
+                enable_lora=None,
+                base_params=_site_base_params(gm, c.weight_shape, c.bias),
+                lora_params=0,
+            )
+            for c in find_candidates(gm, root)
+            if c.kind
+        ]
+        return Report(rows, base, nbytes, adapted=False)
+    plan = make_plan(gm, as_rules(rules), root)
+    rows = []
+    for site in plan.sites:
+        shape_a, shape_b = kind_of(site.spec).shapes(site.spec)
+        rows.append(_row(gm, site.spec, _numel(shape_a) + _numel(shape_b), None))
+    return Report(rows, base, nbytes, adapted=True)
