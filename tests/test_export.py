@@ -1,0 +1,102 @@
+"""Export of folded models: the artifacts are verified, and carry no extra operator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxlora
+from fxlora import export
+from fxlora.export import ExportError
+from helpers import ConvNet, TinyTransformer, randomize_lora
+
+
+class LinearModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, idx):
+        return self.out(self.emb(idx).mean(1))
+
+
+CASES = {
+    "linear": (LinearModel, lambda: torch.randn(4, 16), [fxlora.Rule("fc*", r=4, alpha=8)]),
+    "fused_qkv_transformer": (
+        TinyTransformer,
+        lambda: torch.randint(0, 40, (2, 7)),
+        [fxlora.Rule("blocks.*.qkv", r=4, alpha=8, enable_lora=[True, False, True]), fxlora.Rule("head", r=2, alpha=2)],
+    ),
+    "embedding": (EmbeddingModel, lambda: torch.randint(0, 50, (3, 5)), [fxlora.Rule("emb", r=4, alpha=4)]),
+    "convnet": (ConvNet, lambda: torch.randn(2, 3, 12, 12), [fxlora.Rule("c*", r=2, alpha=4)]),
+}
+
+
+def _folded(case):
+    factory, inputs, rules = CASES[case]
+    torch.manual_seed(0)
+    model = factory().eval()
+    gm = fxlora.rewrite(model, rules)
+    randomize_lora(gm)
+    return model, fxlora.fold(gm).eval(), gm.eval(), (inputs(),)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_onnx_of_folded_model_has_the_base_operator_count(case, tmp_path):
+    model, folded, gm, x = _folded(case)
+    export.to_onnx(folded, x, tmp_path / "folded.onnx")
+    export.to_onnx(torch.fx.symbolic_trace(model), x, tmp_path / "base.onnx")
+    folded_ops = export.onnx_op_counts(tmp_path / "folded.onnx")
+    base_ops = export.onnx_op_counts(tmp_path / "base.onnx")
+    assert folded_ops == base_ops and sum(folded_ops.values()) > 0
+    with pytest.raises(ExportError, match="still has LoRA branches"):
+        export.to_onnx(gm, x, tmp_path / "unmerged.onnx")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torchscript_and_exported_program_are_verified(case, tmp_path):
+    _, folded, gm, x = _folded(case)
+    ts = export.to_torchscript(folded, tmp_path / "m.pt", x)
+    torch.testing.assert_close(ts(*x), gm(*x), atol=1e-5, rtol=1e-5)
+    ep = export.to_exported_program(folded, x, tmp_path / "m.pt2")
+    torch.testing.assert_close(ep.module()(*x), gm(*x), atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "m.pt").exists() and (tmp_path / "m.pt2").exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_unmerged_onnx_graph_is_larger(tmp_path):
+    """What folding saves, measured on the artifact: the unmerged graph has extra MatMul/Add nodes."""
+    _, folded, gm, x = _folded("linear")
+    program = torch.onnx.export(gm, x, dynamo=True)
+    program.save(str(tmp_path / "unmerged.onnx"))
+    unmerged = sum(export.onnx_op_counts(tmp_path / "unmerged.onnx").values())
+    export.to_onnx(folded, x, tmp_path / "folded.onnx")
+    merged = sum(export.onnx_op_counts(tmp_path / "folded.onnx").values())
+    assert unmerged > merged
+
+
+def test_mismatch_reports_the_largest_difference():
+    a = torch.zeros(3)
+    b = torch.tensor([0.0, 0.5, 0.25])
+    with pytest.raises(ExportError, match="differs from the folded module by up to 0.5"):
+        export.compare(a, [b], "artifact")
+    with pytest.raises(ExportError, match="returns 2 tensors, the folded module 1"):
+        export.compare(a, [a, a], "artifact")
+    assert export.compare((a, b), [a, b], "artifact") == 0.0
+
+
+def test_export_refuses_a_non_module(tmp_path):
+    with pytest.raises(ExportError, match="expects an nn.Module"):
+        export.to_torchscript("model", tmp_path / "x.pt")

@@ -1,0 +1,150 @@
+"""fxlora.report: per-site rows, totals, the LoRA paper's counts, meta-device models, fold fidelity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fxlora
+from fxlora import zoo
+from helpers import TinyTransformer
+
+
+@pytest.mark.parametrize("name", sorted(zoo.PAPER))
+def test_paper_trainable_parameter_counts(name):
+    cfg = zoo.PAPER[name]
+    with torch.device("meta"):
+        model = cfg.factory()
+    rep = fxlora.report(model, list(cfg.rules))
+    assert rep.lora_params == cfg.lora_params
+    expected = {
+        "roberta-base": 294_912,
+        "roberta-large": 786_432,
+        "deberta-v2-xxlarge": 4_718_592,
+        "gpt2-medium": 393_216,
+        "gpt3-175b-r1": 4_718_592,
+        "gpt3-175b-r8": 37_748_736,
+    }[name]
+    assert rep.lora_params == expected
+    # the same numbers from an actual rewrite, on meta (no weight memory, even for GPT-3 175B)
+    if "gpt3" not in name:
+        gm = fxlora.rewrite(model, list(cfg.rules))
+        assert sum(t.numel() for t in fxlora.lora_state_dict(gm).values()) == expected
+
+
+def test_gpt2_medium_fused_rows_show_rank_per_slice():
+    with torch.device("meta"):
+        model = zoo.gpt2_medium()
+    rep = fxlora.report(model, list(zoo.PAPER["gpt2-medium"].rules))
+    row = rep.rows[0]
+    assert row.name == "transformer.h.0.attn.c_attn" and row.kind == "linear"
+    assert row.weight_shape == (1024, 3072) and row.enable_lora == (True, False, True)
+    assert row.r == 4 and row.rank_text == "4 x 2 slices" and row.mask_text == "T-T"
+    assert row.lora_params == 4 * 2 * 1024 + 2 * 1024 * 4
+    assert row.base_params == 1024 * 3072 + 3072
+    assert len(rep.rows) == 24
+    table = rep.render("table")
+    assert "4 x 2 slices" in table and "T-T" in table and "393,216" in table
+
+
+def test_totals_and_bytes():
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=40, d=16, n_layers=2)
+    rep = fxlora.report(model, [fxlora.Rule("blocks.*.proj", r=2, alpha=4)])
+    base = sum(p.numel() for p in model.parameters())
+    lora = 2 * (2 * 16 + 16 * 2)
+    assert rep.base_params == base and rep.lora_params == lora
+    assert rep.trainable_percent == pytest.approx(100 * lora / (base + lora))
+    assert rep.lora_bytes_fp32 == 4 * lora and rep.lora_bytes_bf16 == 2 * lora
+    assert rep.model_bytes == 4 * base
+    assert [r.name for r in rep.rows] == ["blocks.0.proj", "blocks.1.proj"]
+    assert all(r.rule == "blocks.*.proj" and r.alpha == 4 for r in rep.rows)
+
+
+def test_no_rules_lists_every_candidate_site():
+    model = TinyTransformer()
+    rep = fxlora.report(model)
+    assert not rep.adapted and rep.lora_params == 0
+    assert {(r.name, r.kind, r.weight_shape) for r in rep.rows} == {
+        ("emb", "embedding", (40, 16)),
+        ("blocks.0.qkv", "linear", (48, 16)),
+        ("blocks.0.proj", "linear", (16, 16)),
+        ("blocks.1.qkv", "linear", (48, 16)),
+        ("blocks.1.proj", "linear", (16, 16)),
+        ("head", "linear", (40, 16)),
+    }
+    assert "Write rules" in rep.render()
+
+
+def test_formats_render_the_same_rows():
+    rep = fxlora.report(TinyTransformer(), [fxlora.Rule("blocks.*.qkv", r=2, alpha=2, enable_lora=[True, False, True])])
+    data = json.loads(rep.render("json"))
+    assert [s["name"] for s in data["sites"]] == ["blocks.0.qkv", "blocks.1.qkv"]
+    assert data["sites"][0]["enable_lora"] == [True, False, True]
+    assert data["totals"]["lora_params"] == rep.lora_params
+    md = rep.render("markdown")
+    assert md.startswith("| site") and "|---" in md.replace(" ", "").replace(":", "-")
+    csv_text = rep.render("csv").splitlines()
+    assert csv_text[0].startswith("site,kind,weight") and len(csv_text) == 3
+    with pytest.raises(fxlora.FxLoraError, match="format must be one of"):
+        rep.render("html")
+
+
+def test_report_of_a_meta_model_larger_than_memory():
+    with torch.device("meta"):
+        model = zoo.gpt3_175b()
+    rep = fxlora.report(model, list(zoo.PAPER["gpt3-175b-r8"].rules))
+    assert rep.base_params > 174_000_000_000
+    assert rep.model_bytes > 600 * 1024**3
+
+
+def test_report_of_a_rewritten_module_reports_its_sites():
+    gm = fxlora.rewrite(TinyTransformer(), [fxlora.Rule("head", r=4, alpha=8)])
+    rep = fxlora.report(gm)
+    assert [r.name for r in rep.rows] == ["head"] and rep.lora_params == 4 * 16 + 40 * 4
+    assert rep.base_params == sum(p.numel() for p in TinyTransformer().parameters())
+
+
+def test_fold_fidelity_in_bf16():
+    """bf16 weights of std 0.02 with |dW| around 1e-4: a large part of the update is rounded away."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256, bias=False)).to(torch.bfloat16)
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.02)
+    gm = fxlora.rewrite(model, [fxlora.Rule("0", r=8, alpha=8)])
+    with torch.no_grad():  # B @ A with entries ~1e-4
+        gm.get_parameter("0.lora_A").copy_(torch.randn(8, 256) * 0.01)
+        gm.get_parameter("0.lora_B").copy_(torch.randn(256, 8) * (1e-4 / (0.01 * 8**0.5)))
+    rep = fxlora.report(gm, fidelity=torch.bfloat16)
+    row = rep.rows[0]
+    W = gm.get_parameter("0.weight").detach().float()
+    ref = gm.get_parameter("0.lora_B").detach().float() @ gm.get_parameter("0.lora_A").detach().float()
+    eff = (W + ref).to(torch.bfloat16).float() - W
+    assert row.erased == pytest.approx(float(((eff == 0) & (ref != 0)).float().mean()))
+    assert row.rel_error == pytest.approx(float((eff - ref).norm() / ref.norm()), rel=1e-5)
+    assert 0.1 < row.erased < 0.6 and 0.15 < row.rel_error < 0.8
+    # in fp32 nothing of the update is lost
+    fp32 = fxlora.report(fxlora.rewrite(model.float(), [fxlora.Rule("0", r=8, alpha=8)]), fidelity=torch.float32)
+    assert fp32.rows[0].erased == 0.0
+    assert "erased in bfloat16" in rep.render()
+
+
+def test_fidelity_of_an_update_below_half_an_ulp_is_total_loss():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False)).to(torch.bfloat16)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)  # bf16 ulp at 1.0 is 2**-7
+    gm = fxlora.rewrite(model, [fxlora.Rule("0", r=1, alpha=1)])
+    with torch.no_grad():
+        gm.get_parameter("0.lora_A").fill_(1.0)
+        gm.get_parameter("0.lora_B").fill_(2.0**-10)
+    row = fxlora.report(gm, fidelity=torch.bfloat16).rows[0]
+    assert row.erased == 1.0 and row.rel_error == pytest.approx(1.0)
+    assert torch.equal(fxlora.fold(gm).get_parameter("0.weight"), model[0].weight)
+
+
+def test_fidelity_needs_a_rewritten_module():
+    with pytest.raises(fxlora.FxLoraError, match="fidelity needs trained LoRA weights"):
+        fxlora.report(TinyTransformer(), [fxlora.Rule("head", r=1, alpha=1)], fidelity=torch.bfloat16)
