@@ -43,7 +43,7 @@ __all__ = [
     "FoldError",
 ]
 
-from . import zoo  # noqa: E402
+from . import export, zoo  # noqa: E402
 from .report import Report, report  # noqa: E402
 
-__all__ += ["zoo", "report", "Report", "load_rules", "rules_from_data"]
+__all__ += ["export", "zoo", "report", "Report", "load_rules", "rules_from_data"]
