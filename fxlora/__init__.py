@@ -6,7 +6,7 @@
     merged = fxlora.fold(gm)                                            # the base graph, merged weights
 """
 
-from .api import fold, plan, rewrite
+from .api import capture, fold, plan, rewrite
 from .errors import CheckpointError, FoldError, FxLoraError, RuleError, TraceError
 from .lora import SiteSpec, graph_sites
 from .module import LoraGraphModule
@@ -26,6 +26,7 @@ __all__ = [
     "Rule",
     "rewrite",
     "fold",
+    "capture",
     "plan",
     "LoraGraphModule",
     "SiteSpec",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 from . import export, zoo  # noqa: E402
+from .peft_format import load_peft_adapter, peft_rules, save_peft_adapter  # noqa: E402
 from .report import Report, report  # noqa: E402
 
+__all__ += ["load_peft_adapter", "peft_rules", "save_peft_adapter"]
 __all__ += ["export", "zoo", "report", "Report", "load_rules", "rules_from_data"]

@@ -6,6 +6,7 @@ module; the model passed in is never modified.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -13,35 +14,117 @@ from torch import nn
 from torch.fx import GraphModule
 
 from . import passes
-from .capture import copy_graph_module, trace
-from .errors import FoldError, FxLoraError
+from .capture import copy_graph_module, export_capture, trace
+from .errors import FoldError, FxLoraError, TraceError
 from .lora import graph_sites
 from .module import LoraGraphModule
 from .plan import Plan, make_plan
 from .rules import Rule, as_rules
 from .state import BIAS_MODES, mark_only_lora_as_trainable
 
-__all__ = ["rewrite", "fold", "plan"]
+__all__ = ["rewrite", "fold", "plan", "capture"]
+
+logger = logging.getLogger("fxlora")
+
+
+CAPTURE_METHODS = ("auto", "symbolic", "export")
 
 
 def _capture(
-    model: nn.Module, concrete_args: dict[str, Any] | None, leaf_modules: Sequence[type | str]
+    model: nn.Module,
+    concrete_args: dict[str, Any] | None,
+    leaf_modules: Sequence[type | str],
+    *,
+    example_inputs: Sequence[Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    capture: str = "auto",
+    dynamic_shapes: Any = "auto",
 ) -> tuple[LoraGraphModule, nn.Module]:
-    """The captured graph module, and the full module tree it was traced from (for names and types)."""
-    root, graph = trace(model, concrete_args=concrete_args, leaf_modules=leaf_modules)
-    return LoraGraphModule(root, graph, type(model).__name__), root
+    """The captured graph module, and the full module tree it was captured from (for names and types)."""
+    if capture not in CAPTURE_METHODS:
+        raise TraceError(f"capture must be one of {', '.join(map(repr, CAPTURE_METHODS))}, got {capture!r}.")
+    has_examples = bool(example_inputs) or bool(example_kwargs)
+    method = "graph_module" if isinstance(model, GraphModule) else capture
+    if method in ("auto", "symbolic"):
+        try:
+            root, graph = trace(model, concrete_args=concrete_args, leaf_modules=leaf_modules)
+            gm = LoraGraphModule(root, graph, type(model).__name__)
+            gm.meta["fxlora_capture"] = "symbolic_trace"
+            return gm, root
+        except TraceError as e:
+            if method == "symbolic" or not has_examples:
+                if method == "auto":
+                    raise TraceError(
+                        f"{e} Or pass example_inputs=(...) (and example_kwargs) so that fxlora can capture "
+                        "the model with torch.export instead."
+                    ) from e.__cause__
+                raise
+            logger.info("symbolic tracing failed (%s); capturing with torch.export", str(e).split(". ")[0])
+    elif method == "graph_module":
+        root, graph = trace(model)
+        gm = LoraGraphModule(root, graph, type(model).__name__)
+        gm.meta["fxlora_capture"] = model.meta.get("fxlora_capture", "graph_module")
+        return gm, root
+    root, exported = export_capture(
+        model, tuple(example_inputs or ()), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes
+    )
+    gm = LoraGraphModule(exported, exported.graph, type(model).__name__)
+    gm.meta["fxlora_capture"] = "torch.export"
+    gm.train(model.training)  # captured in training mode; hand it back in the caller's mode
+    return gm, root
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    capture: str = "auto",
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Sequence[type | str] = (),
+    dynamic_shapes: Any = "auto",
+) -> LoraGraphModule:
+    """Capture ``model`` as a graph module without modifying it (see :func:`rewrite` for the arguments).
+
+    ``capture="symbolic"`` uses ``torch.fx.symbolic_trace``; ``"export"`` uses ``torch.export`` (non-strict,
+    on ``example_inputs`` / ``example_kwargs``); ``"auto"`` tries symbolic tracing first and falls back to
+    ``torch.export`` when example inputs are given.  ``gm.meta["fxlora_capture"]`` says which was used
+    (``"symbolic_trace"`` or ``"torch.export"``).  The result can be passed to :func:`rewrite`.
+    """
+    gm, _ = _capture(
+        model,
+        concrete_args,
+        leaf_modules,
+        example_inputs=example_inputs,
+        example_kwargs=example_kwargs,
+        capture=capture,
+        dynamic_shapes=dynamic_shapes,
+    )
+    return gm
 
 
 def plan(
     model: nn.Module,
     rules: Rule | Sequence[Rule],
     *,
+    example_inputs: Sequence[Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    capture: str = "auto",
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Sequence[type | str] = (),
+    dynamic_shapes: Any = "auto",
 ) -> Plan:
     """Resolve ``rules`` against ``model`` without rewriting anything: which site gets which rule."""
     rules = as_rules(rules)
-    gm, root = _capture(model, concrete_args, leaf_modules)
+    gm, root = _capture(
+        model,
+        concrete_args,
+        leaf_modules,
+        example_inputs=example_inputs,
+        example_kwargs=example_kwargs,
+        capture=capture,
+        dynamic_shapes=dynamic_shapes,
+    )
     return make_plan(gm, rules, root)
 
 
@@ -51,8 +134,12 @@ def rewrite(
     *,
     bias: str = "none",
     merge_on_eval: bool = False,
+    example_inputs: Sequence[Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    capture: str = "auto",
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Sequence[type | str] = (),
+    dynamic_shapes: Any = "auto",
 ) -> LoraGraphModule:
     """Add a LoRA side branch ``B(A(dropout(x))) * alpha / r`` at every site the rules select.
 
@@ -63,8 +150,12 @@ def rewrite(
             (the biases of adapted sites), as loralib's ``mark_only_lora_as_trainable``.
         merge_on_eval: run the folded model in eval mode (see :class:`fxlora.LoraGraphModule`; costs a
             copy of each adapted weight while in eval mode).
-        concrete_args, leaf_modules: passed to the tracer (``leaf_modules`` takes module types or
-            qualified names to keep opaque).
+        example_inputs, example_kwargs, capture, dynamic_shapes: how to capture the model: see
+            :func:`capture`.  Hugging Face transformers models need ``torch.export``: pass example inputs
+            (and ``example_kwargs={"use_cache": False}`` for decoders).  Dropout, attention dropout and
+            batch norm captured by ``torch.export`` follow ``.train()`` / ``.eval()`` of the result.
+        concrete_args, leaf_modules: passed to the symbolic tracer (``leaf_modules`` takes module types
+            or qualified names to keep opaque).
 
     Returns:
         A new :class:`LoraGraphModule`.  It shares the base weights' storage with ``model`` (nothing is
@@ -75,7 +166,15 @@ def rewrite(
     rules = as_rules(rules)
     if bias not in BIAS_MODES:
         raise FxLoraError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
-    gm, root = _capture(model, concrete_args, leaf_modules)
+    gm, root = _capture(
+        model,
+        concrete_args,
+        leaf_modules,
+        example_inputs=example_inputs,
+        example_kwargs=example_kwargs,
+        capture=capture,
+        dynamic_shapes=dynamic_shapes,
+    )
     the_plan = make_plan(gm, rules, root)  # raises before anything changes
     passes.rewrite(gm, the_plan)
     gm.__dict__["merge_on_eval"] = bool(merge_on_eval)

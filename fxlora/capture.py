@@ -10,6 +10,7 @@ them in place during training, which must not leak into the caller's model).
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import traceback
 from typing import Any, Iterable, Sequence
@@ -20,7 +21,7 @@ from torch.fx import Graph, GraphModule, Tracer
 
 from .errors import TraceError
 
-__all__ = ["shadow_copy", "trace", "copy_graph_module"]
+__all__ = ["shadow_copy", "trace", "copy_graph_module", "export_capture", "make_mode_aware", "TrainingFlag"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -133,3 +134,148 @@ def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, **k
     """A new ``cls`` over a shadow copy of ``gm``'s modules and a copy of its graph (meta included)."""
     root = shadow_copy(gm)
     return cls(root, copy.deepcopy(gm.graph), type(gm).__name__, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- #
+# torch.export capture
+# --------------------------------------------------------------------------------------------- #
+
+
+class TrainingFlag(nn.Module):
+    """Returns its own ``training`` flag, so graph ops that torch.export fixed to the capture mode
+    (``aten.dropout(x, p, train)``, ``scaled_dot_product_attention(..., dropout_p)``,
+    ``batch_norm(..., training, ...)``) follow ``.train()`` / ``.eval()`` again."""
+
+    def forward(self) -> bool:
+        return self.training
+
+
+_FLAG = "_fxlora_training"
+
+
+def _mode_dependent_args() -> dict[Any, tuple[int, str, str]]:
+    """op -> (position, name, how): ``how`` is "bool" (pass the flag) or "scale" (multiply by it)."""
+    aten = torch.ops.aten
+    table: dict[Any, tuple[int, str, str]] = {
+        aten.dropout.default: (2, "train", "bool"),
+        aten.feature_dropout.default: (2, "train", "bool"),
+        aten.alpha_dropout.default: (2, "train", "bool"),
+        aten.feature_alpha_dropout.default: (2, "train", "bool"),
+        aten.scaled_dot_product_attention.default: (4, "dropout_p", "scale"),
+        aten.batch_norm.default: (5, "training", "bool"),
+        aten._native_batch_norm_legit_functional.default: (5, "training", "bool"),
+        aten.instance_norm.default: (5, "use_input_stats", "keep"),
+    }
+    return table
+
+
+def make_mode_aware(gm: GraphModule, captured_training: bool) -> int:
+    """Replace the capture-time constants of mode-dependent ops by the module's live training flag.
+
+    Returns how many ops were changed.
+    """
+    table = _mode_dependent_args()
+    graph = gm.graph
+    flag: torch.fx.Node | None = None
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in table:
+            continue
+        position, name, how = table[node.target]
+        if how == "keep":
+            continue
+        if position < len(node.args):
+            value = node.args[position]
+        else:
+            value = node.kwargs.get(name, None)
+        if isinstance(value, torch.fx.Node):
+            continue
+        if how == "bool" and value is not True:
+            continue  # captured in eval mode: nothing to make live
+        if how == "scale" and not value:
+            continue
+        if flag is None:
+            gm.add_submodule(_FLAG, TrainingFlag())
+            first = next(n for n in graph.nodes if n.op != "placeholder")
+            with graph.inserting_before(first):
+                flag = graph.call_module(_FLAG, ())
+        new_value: Any = flag
+        if how == "scale":
+            with graph.inserting_before(node):
+                new_value = graph.call_function(operator.mul, (float(value), flag))
+        if position < len(node.args):
+            args = list(node.args)
+            args[position] = new_value
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, name: new_value}
+        changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def export_capture(
+    model: nn.Module,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = "auto",
+) -> tuple[nn.Module, GraphModule]:
+    """Capture a shadow copy of ``model`` with ``torch.export`` (non-strict), in training mode, and
+    return ``(root, graph_module)`` with mode-dependent ops made live (see :func:`make_mode_aware`).
+
+    ``dynamic_shapes="auto"`` marks every dimension of every tensor input ``Dim.AUTO``; pass ``None`` for
+    a graph specialised to the example shapes, or torch.export's own ``dynamic_shapes`` spec.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}.")
+    args = tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    if not args and not kwargs:
+        raise TraceError(
+            f"capturing {type(model).__name__} with torch.export needs example inputs: "
+            "pass example_inputs=(...) and/or example_kwargs={...}."
+        )
+    root = shadow_copy(model)
+    root.train()
+    attempts = [dynamic_shapes]
+    if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
+        attempts = [_export_dynamic_spec(root, args, kwargs), None]
+    error: Exception | None = None
+    for spec in attempts:
+        try:
+            ep = torch.export.export(root, args, kwargs, dynamic_shapes=spec, strict=False)
+            break
+        except Exception as e:  # noqa: BLE001 - reported below
+            error = e
+    else:
+        assert error is not None
+        frame = _user_frame(error)
+        where = ""
+        if frame is not None:
+            where = f" The failing line is {frame.filename}:{frame.lineno} in {frame.name}(): {(frame.line or '').strip()!r}."
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {first}.{where} "
+            "Check that the example inputs are what forward() expects (for Hugging Face decoders pass "
+            "example_kwargs={'use_cache': False}); see torch.export's documentation for unsupported constructs."
+        ) from error
+    gm = ep.module()
+    make_mode_aware(gm, captured_training=True)
+    return root, gm
+
+
+def _export_dynamic_spec(root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A ``dynamic_shapes`` spec, keyed by forward()'s parameter names, with every tensor dim AUTO."""
+    import inspect
+
+    from torch.export import Dim
+    from torch.utils import _pytree as pytree
+
+    def spec(x: Any) -> Any:
+        return {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
+
+    bound = inspect.signature(root.forward).bind(*args, **kwargs)
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}

@@ -37,22 +37,42 @@ from .rules import Rule
 
 __all__ = ["Candidate", "PlannedSite", "Plan", "find_candidates", "make_plan", "META_KEY"]
 
+aten = torch.ops.aten
+
 _LINEAR_FNS: dict[Callable[..., Any], tuple[str, ...]] = {
     F.linear: ("input", "weight", "bias"),
     torch.addmm: ("input", "mat1", "mat2", "beta", "alpha"),
     torch.matmul: ("input", "other"),
     operator.matmul: ("input", "other"),
     torch.mm: ("input", "mat2"),
+    # torch.export (ATen) graphs
+    aten.linear.default: ("input", "weight", "bias"),
+    aten.addmm.default: ("input", "mat1", "mat2", "beta", "alpha"),
+    aten.mm.default: ("input", "mat2"),
+    aten.matmul.default: ("input", "other"),
 }
 _EMBEDDING_FNS: dict[Callable[..., Any], tuple[str, ...]] = {
     F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    aten.embedding.default: ("weight", "input", "padding_idx", "scale_grad_by_freq", "sparse"),
 }
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_FNS: dict[Callable[..., Any], tuple[str, ...]] = {
-    fn: ("input", "weight", "bias", "stride", "padding", "dilation", "groups") for fn in (F.conv1d, F.conv2d, F.conv3d)
+    **{fn: _CONV_ARGS for fn in (F.conv1d, F.conv2d, F.conv3d)},
+    **{fn: _CONV_ARGS for fn in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)},
+    **{fn: _CONV_ARGS for fn in (aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)},
+    aten.convolution.default: (
+        "input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"
+    ),
 }
 _FN_SIGS = {**_LINEAR_FNS, **_EMBEDDING_FNS, **_CONV_FNS}
-_WEIGHT_ARG = {F.linear: "weight", torch.addmm: "mat2", torch.matmul: "other", operator.matmul: "other", torch.mm: "mat2"}
-_INPUT_ARG = {torch.addmm: "mat1"}
+# the weight argument, when it is not called "weight"
+_WEIGHT_ARG = {
+    torch.addmm: "mat2", torch.matmul: "other", operator.matmul: "other", torch.mm: "mat2",
+    aten.addmm.default: "mat2", aten.mm.default: "mat2", aten.matmul.default: "other",
+}
+_INPUT_ARG = {torch.addmm: "mat1", aten.addmm.default: "mat1"}
+_ADDMM = (torch.addmm, aten.addmm.default)
+_LINEAR_LAYOUT = (F.linear, aten.linear.default)  # weight (out, in); the others compute x @ W
 
 SUPPORTED = (
     "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, leaf modules with a 2-D weight, and F.linear / torch.addmm / "
@@ -183,19 +203,48 @@ def _param_of(gm: GraphModule, node: Any) -> str | None:
     return node.target if isinstance(value, nn.Parameter) else None  # type: ignore[return-value]
 
 
-def _functional_candidate(gm: GraphModule, node: Node) -> Candidate | None:
+def _try_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _owner_of(gm: GraphModule, root: nn.Module, node: Node, wname: str) -> tuple[str, str]:
+    """The module that owns a functional site's weight, and the weight's attribute name there.
+
+    torch.export graphs record the module that ran each op in ``nn_module_stack``; when that module
+    holds the weight (by identity: a tied weight may be read under another name), the site is named
+    after it, so the same rule text selects the same sites whichever way the model was captured.
+    Otherwise the weight's own path decides (``blocks.0.fc.weight`` -> ``blocks.0.fc``).
+    """
+    param = gm.get_parameter(wname)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        mod = _try_submodule(root, path) if isinstance(path, str) else None
+        if mod is not None:
+            for attr, p in mod._parameters.items():
+                if p is param:
+                    return path, attr
+    owner, _, attr = wname.rpartition(".")
+    return owner, attr
+
+
+def _functional_candidate(gm: GraphModule, node: Node, root: nn.Module) -> Candidate | None:
     args = _normalize(node)
     fn = node.target
     wname = _param_of(gm, args.get(_WEIGHT_ARG.get(fn, "weight")))  # type: ignore[arg-type]
     if wname is None:
         return None
     weight = gm.get_parameter(wname)
-    owner, _, attr = wname.rpartition(".")
+    owner, attr = _owner_of(gm, root, node, wname)
     if attr == "weight" and owner:
         name, prefix = owner, ""
+        module = _try_submodule(root, owner)  # for type rules: the layer that owns the weight
     else:
-        name, prefix = wname, f"{attr}_"
-    cand = Candidate(name=name, kind=None, names=(name,), weight=wname, owner=owner, prefix=prefix)
+        name, prefix, module = (f"{owner}.{attr}" if owner else attr), f"{attr}_", None
+    cand = Candidate(name=name, kind=None, names=(name,), weight=wname, owner=owner, prefix=prefix, module=module)
     cand.weight_shape = tuple(weight.shape)
     cand.type_name = getattr(fn, "__name__", str(fn))
     in_name = _INPUT_ARG.get(fn, "input")
@@ -211,21 +260,25 @@ def _functional_candidate(gm: GraphModule, node: Node) -> Candidate | None:
             cand.reason = "torch.addmm with beta or alpha other than 1"
             return cand
         cand.kind = "linear"
-        cand.layout_from_graph = fn is not F.linear
-        bias_arg = args.get("input") if fn is torch.addmm else args.get("bias")
+        cand.layout_from_graph = fn not in _LINEAR_LAYOUT
+        bias_arg = args.get("input") if fn in _ADDMM else args.get("bias")
         cand.bias = _param_of(gm, bias_arg)
     elif fn in _EMBEDDING_FNS:
         if args.get("max_norm") is not None:
             cand.reason = "F.embedding with max_norm renormalizes its weight in place during forward"
             return cand
         cand.kind = "embedding"
+        padding_idx = args.get("padding_idx")
         cand.op = {
-            "padding_idx": args.get("padding_idx"),
+            "padding_idx": None if padding_idx is None or padding_idx < 0 else padding_idx,
             "scale_grad_by_freq": bool(args.get("scale_grad_by_freq", False)),
             "sparse": bool(args.get("sparse", False)),
         }
     else:
         ndim = weight.dim() - 2
+        if args.get("transposed"):
+            cand.reason = "a transposed convolution, which fxlora does not adapt"
+            return cand
 
         def tup(v: Any, default: int) -> Any:
             if isinstance(v, str):
@@ -269,7 +322,7 @@ def find_candidates(gm: GraphModule, root: nn.Module | None = None) -> list[Cand
             cand.nodes.append(node)
             cand.inputs.append(0 if node.args else next(iter(node.kwargs), "input"))
         elif node.op == "call_function" and node.target in _FN_SIGS:
-            fc = _functional_candidate(gm, node)
+            fc = _functional_candidate(gm, node, root)
             if fc is None:
                 continue
             key = ("function", fc.weight)
@@ -457,10 +510,10 @@ def _make_spec(gm: GraphModule, cand: Candidate, rule: Rule, rule_index: int) ->
             f"it is a grouped convolution (groups={cand.op['groups']}) and r={rule.r} is not divisible by the "
             "number of groups; each group gets rank r / groups. Choose r as a multiple of groups."
         )
-    owner_mod = gm.get_submodule(cand.owner)
+    owner_mod = _try_submodule(gm, cand.owner)
     prefix = cand.prefix
     for attr in ("lora_A", "lora_B", "lora_dropout"):
-        if hasattr(owner_mod, prefix + attr):
+        if owner_mod is not None and hasattr(owner_mod, prefix + attr):
             raise fail(
                 f"'{cand.owner or '<root>'}' already has an attribute '{prefix + attr}' (a LoRA layer from another "
                 "library?). Apply fxlora to the plain base model."

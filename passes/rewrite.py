@@ -55,10 +55,23 @@ def _add_parameters(gm: GraphModule, site: PlannedSite) -> None:
     # Registered before any get_attr reads them.
     for qualname, value in ((spec.lora_A, A), (spec.lora_B, B)):
         owner, _, attr = qualname.rpartition(".")
-        gm.get_submodule(owner).register_parameter(attr, value)
+        _module_at(gm, owner).register_parameter(attr, value)
     if spec.dropout_module is not None:
         owner, _, attr = spec.dropout_module.rpartition(".")
-        gm.get_submodule(owner).add_module(attr, nn.Dropout(spec.dropout))
+        _module_at(gm, owner).add_module(attr, nn.Dropout(spec.dropout))
+
+
+def _module_at(gm: GraphModule, path: str) -> nn.Module:
+    """The submodule at ``path``, creating empty containers on the way (a captured graph module holds
+    only the modules and attributes its graph reads)."""
+    mod: nn.Module = gm
+    for part in path.split(".") if path else []:
+        child = mod._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    return mod
 
 
 def _add_branch(gm: GraphModule, site: PlannedSite, node: Node, x: Node) -> None:
