@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 
 from . import passes
 from .capture import copy_graph_module, export_capture, trace
-from .errors import FoldError, FxLoraError, TraceError
+from .errors import FoldError, FxLoraError, RuleError, TraceError
 from .lora import graph_sites
 from .module import LoraGraphModule
 from .plan import Plan, make_plan
@@ -74,6 +74,28 @@ def _capture(
     return gm, root
 
 
+def _capture_and_plan(
+    model: nn.Module, rules: list[Rule], *args: Any, **kwargs: Any
+) -> tuple[LoraGraphModule, nn.Module, Plan]:
+    """Capture and resolve the rules (raising before any change).  With ``capture="auto"`` and example
+    inputs, a symbolic graph in which the rules cannot select their sites (they sit inside a module the
+    symbolic tracer keeps opaque, such as ``nn.MultiheadAttention``) is captured again with torch.export."""
+    gm, root = _capture(model, *args, **kwargs)
+    try:
+        return gm, root, make_plan(gm, rules, root)
+    except RuleError:
+        fallback = (
+            kwargs.get("capture", "auto") == "auto"
+            and gm.meta.get("fxlora_capture") == "symbolic_trace"
+            and (kwargs.get("example_inputs") or kwargs.get("example_kwargs"))
+        )
+        if not fallback:
+            raise
+    logger.info("the rules do not resolve on the symbolic graph; capturing with torch.export")
+    gm, root = _capture(model, *args, **{**kwargs, "capture": "export"})
+    return gm, root, make_plan(gm, rules, root)
+
+
 def capture(
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,
@@ -116,16 +138,16 @@ def plan(
 ) -> Plan:
     """Resolve ``rules`` against ``model`` without rewriting anything: which site gets which rule."""
     rules = as_rules(rules)
-    gm, root = _capture(
+    return _capture_and_plan(
         model,
+        rules,
         concrete_args,
         leaf_modules,
         example_inputs=example_inputs,
         example_kwargs=example_kwargs,
         capture=capture,
         dynamic_shapes=dynamic_shapes,
-    )
-    return make_plan(gm, rules, root)
+    )[2]
 
 
 def rewrite(
@@ -166,8 +188,9 @@ def rewrite(
     rules = as_rules(rules)
     if bias not in BIAS_MODES:
         raise FxLoraError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
-    gm, root = _capture(
+    gm, root, the_plan = _capture_and_plan(
         model,
+        rules,
         concrete_args,
         leaf_modules,
         example_inputs=example_inputs,
@@ -175,7 +198,6 @@ def rewrite(
         capture=capture,
         dynamic_shapes=dynamic_shapes,
     )
-    the_plan = make_plan(gm, rules, root)  # raises before anything changes
     passes.rewrite(gm, the_plan)
     gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
     mark_only_lora_as_trainable(gm, bias)

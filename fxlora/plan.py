@@ -325,7 +325,7 @@ def find_candidates(gm: GraphModule, root: nn.Module | None = None) -> list[Cand
             fc = _functional_candidate(gm, node, root)
             if fc is None:
                 continue
-            key = ("function", fc.weight)
+            key = ("function", fc.name, fc.kind, fc.layout_from_graph)  # one site per weight *use*
             if key in by_key:
                 by_key[key].nodes.extend(fc.nodes)
                 by_key[key].inputs.extend(fc.inputs)
@@ -411,24 +411,24 @@ def make_plan(gm: GraphModule, rules: Sequence[Rule], root: nn.Module | None = N
                 f"'{cand.name}' already carries a LoRA branch (this graph module was made by fxlora.rewrite). "
                 "Fold it first (fxlora.fold) to stack a new adapter on the merged weights."
             )
-    winners: dict[str, PlannedSite] = {}
+    winners: dict[int, PlannedSite] = {}
     for index, rule in enumerate(rules):
         matched_any = False
         for cand in candidates:
             if not cand.kind or not _rule_matches(rule, cand):
                 continue
             matched_any = True
-            current = winners.get(cand.weight)
+            current = winners.get(id(cand))
             if current is None or (rule.tier, index) < (current.rule.tier, current.rule_index):
                 lost = [] if current is None else [current.rule, *current.shadowed]
-                winners[cand.weight] = PlannedSite(
+                winners[id(cand)] = PlannedSite(
                     spec=None, candidate=cand, rule=rule, rule_index=index, shadowed=lost  # type: ignore[arg-type]
                 )
             else:
                 current.shadowed.append(rule)
         if not matched_any:
             raise RuleError(_explain_unmatched(rule, candidates, root))
-    sites = [winners[c.weight] for c in candidates if c.kind and c.weight in winners]
+    sites = [winners[id(c)] for c in candidates if c.kind and id(c) in winners]
     _check_ties(gm, sites, candidates)
     for site in sites:
         site.spec = _make_spec(gm, site.candidate, site.rule, site.rule_index)

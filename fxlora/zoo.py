@@ -34,6 +34,7 @@ __all__ = [
     "gpt2_tiny",
     "gpt2_medium",
     "gpt3_175b",
+    "resnet18",
     "PAPER",
     "PaperConfig",
 ]
@@ -332,6 +333,62 @@ def gpt2_medium() -> GPT2:
 def gpt3_175b() -> GPT2:
     """GPT-3 175B's shapes (d=12,288, 96 layers, 96 heads, context 2,048): build it on ``meta``."""
     return GPT2(GPT2Config(n_positions=2048, n_embd=12288, n_layer=96, n_head=96))
+
+
+# --------------------------------------------------------------------------------------------- #
+# ResNet-18 (torchvision's architecture and module names)
+# --------------------------------------------------------------------------------------------- #
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet with BasicBlocks (same module names and state-dict keys)."""
+
+    def __init__(self, layers: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = 64
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if i == 0 else 2
+            mods = [_BasicBlock(inplanes, planes, stride)] + [_BasicBlock(planes, planes) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*mods))
+            inplanes = planes
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(num_classes: int = 1000) -> ResNet:
+    """ResNet-18 as torchvision builds it (``torchvision.models.resnet18`` loads its state dict)."""
+    return ResNet((2, 2, 2, 2), num_classes)
 
 
 @dataclass(frozen=True)
