@@ -229,20 +229,27 @@ def kind_of(spec: SiteSpec) -> type[_Kind]:
     return KINDS[spec.kind]
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when any input is float64: updates are computed at least in float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def delta_weight(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
-    """The site's update ``delta(B, A) * scale`` in the base weight's layout, computed in float32."""
-    return kind_of(spec).delta(A.detach().float(), B.detach().float(), spec)
+    """The site's update ``delta(B, A) * scale`` in the base weight's layout, in float32 (float64 for
+    float64 factors)."""
+    ct = compute_dtype(A, B)
+    return kind_of(spec).delta(A.detach().to(ct), B.detach().to(ct), spec)
 
 
 def merged_weight(
     W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, spec: SiteSpec, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``W + delta`` computed in float32 and rounded once to ``dtype`` (default ``W``'s dtype).
-
-    Returns a new tensor; ``W``, ``A`` and ``B`` are never written.
+    """``W + delta`` computed in float32 (float64 for float64 inputs) and rounded once to ``dtype``
+    (default ``W``'s dtype).  Returns a new tensor; ``W``, ``A`` and ``B`` are never written.
     """
-    d = delta_weight(A, B, spec)
-    return (W.detach().float() + d).to(W.dtype if dtype is None else dtype)
+    ct = compute_dtype(W, A, B)
+    d = delta_weight(A, B, spec).to(ct)
+    return (W.detach().to(ct) + d).to(W.dtype if dtype is None else dtype)
 
 
 def graph_sites(gm: torch.fx.GraphModule) -> dict[str, SiteSpec]:

@@ -138,6 +138,8 @@ def load_lora_state_dict(gm: GraphModule, state_dict: Mapping[str, torch.Tensor]
             problems.append(f"'{key}' has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}{hint}")
         elif not value.is_floating_point():
             problems.append(f"'{key}' has dtype {value.dtype}; LoRA tensors must be floating point")
+        elif value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+            problems.append(f"'{key}' holds NaN or Inf values")
     if problems:
         raise CheckpointError("cannot load the LoRA state dict, nothing was loaded: " + "; ".join(problems) + ".")
     lora_set = set(lora)
@@ -182,8 +184,32 @@ def save_lora(gm: GraphModule, path: str | os.PathLike[str], *, bias: str = "non
     return path
 
 
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save``-d state dict (loralib's format), read with ``weights_only=True``: tensors and
+    plain containers only, so a malicious pickle cannot run code."""
+    import pickle
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"'{path}' holds more than tensors (a pickle that would run code or build objects), so fxlora "
+            f"refuses to unpickle it ({str(e).splitlines()[0]}). Nothing was loaded."
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is not a readable torch checkpoint ({e}). Nothing was loaded.") from None
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
+        raise CheckpointError(f"'{path}' does not hold a state dict (a mapping of names to tensors).")
+    return dict(data)
+
+
 def load_lora(gm: GraphModule, path: str | os.PathLike[str]) -> None:
-    """Load a file written by :func:`save_lora` (or any safetensors file of LoRA tensors) into ``gm``."""
+    """Load a LoRA checkpoint into ``gm``: a safetensors file written by :func:`save_lora` (its metadata
+    is checked against the model), or a ``torch.save``-d state dict such as loralib's
+    ``torch.save(lora.lora_state_dict(model), "ckpt.pt")``, read with ``weights_only=True``."""
     from safetensors import SafetensorError
     from safetensors import safe_open
 
@@ -191,6 +217,9 @@ def load_lora(gm: GraphModule, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no LoRA checkpoint at '{path}'.")
+    if path.suffix in _PICKLE_SUFFIXES:
+        load_lora_state_dict(gm, _load_torch_file(path))
+        return
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
