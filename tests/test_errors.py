@@ -91,11 +91,17 @@ def test_unsupported_site_kinds():
         fxlora.rewrite(nn.Sequential(nn.ConvTranspose2d(2, 2, 3)), [fxlora.Rule("0", r=1, alpha=1)])
     with pytest.raises(RuleError, match="max_norm"):
         fxlora.rewrite(nn.Sequential(nn.Embedding(5, 4, max_norm=1.0)), [fxlora.Rule("0", r=1, alpha=1)])
-    mha = nn.Sequential(nn.Linear(8, 8))
-    mha.attn = nn.MultiheadAttention(8, 2)
-    mha.forward = lambda x: mha.attn(x, x, x)[0]
+
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
     with pytest.raises(RuleError, match="never called"):
-        fxlora.rewrite(mha, [fxlora.Rule("attn.out_proj", r=1, alpha=1)])
+        fxlora.rewrite(WithMHA(), [fxlora.Rule("attn.out_proj", r=1, alpha=1)])
 
 
 def test_enable_lora_length_must_divide_out_features():
