@@ -263,7 +263,7 @@ class _MHA(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
-def test_multihead_attention_in_and_out_projections():
+def test_multihead_attention_in_and_out_projections(tmp_path):
     torch.manual_seed(0)
     model = _MHA().eval()
     x = torch.randn(2, 5, 16)
@@ -287,3 +287,9 @@ def test_multihead_attention_in_and_out_projections():
         torch.testing.assert_close(fxlora.fold(gm)(x), ref(x), atol=1e-5, rtol=1e-5)
         gm.train()
         assert not torch.equal(gm(x), gm(x))  # MHA's attention dropout is live again in train mode
+    folded = fxlora.fold(gm).eval()
+    base = fxlora.capture(model, (x,), capture="export").eval()
+    assert [(n.op, n.target) for n in folded.graph.nodes] == [(n.op, n.target) for n in base.graph.nodes]
+    fxlora.export.to_onnx(folded, (x,), tmp_path / "mha.onnx", atol=1e-4)
+    fxlora.export.to_onnx(base, (x,), tmp_path / "base.onnx", atol=1e-4)
+    assert fxlora.export.onnx_op_counts(tmp_path / "mha.onnx") == fxlora.export.onnx_op_counts(tmp_path / "base.onnx")
