@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -435,33 +436,45 @@ def make_plan(gm: GraphModule, rules: Sequence[Rule], root: nn.Module | None = N
     return Plan(sites=sites, rules=list(rules), candidates=candidates)
 
 
-def _check_ties(gm: GraphModule, sites: Sequence[PlannedSite], candidates: Sequence[Candidate]) -> None:
-    """Refuse a site whose weight is also read by another use: folding would change that use too."""
-    readers: dict[int, list[str]] = defaultdict(list)
-    own: dict[int, set[Node]] = defaultdict(set)
-    param_ids = {name: id(p) for name, p in gm.named_parameters(remove_duplicate=False)}
-    for cand in candidates:
-        if cand.kind and cand.weight in param_ids:
-            own[param_ids[cand.weight]].update(cand.nodes)
+def _describe_use(node: Node) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    fn = getattr(node.target, "__name__", str(node.target))
+    stack = node.meta.get("nn_module_stack")
+    where = f" in module '{list(stack.values())[-1][0]}'" if stack else ""
+    return f"{fn}(...) at node '{node.name}'{where}"
+
+
+def weight_uses(gm: GraphModule) -> nx.Graph:
+    """The bipartite graph of parameters and the nodes that read them.
+
+    A parameter node is ``("param", id(p))``; a use is the FX node of a ``call_module`` whose module
+    holds the parameter, or of an op that takes it from a ``get_attr``.  A parameter with more than one
+    use is tied or shared.
+    """
+    g = nx.Graph()
+    params = {name: p for name, p in gm.named_parameters(remove_duplicate=False)}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            for pname, p in mod.named_parameters(remove_duplicate=False):
-                readers[id(p)].append(f"module '{node.target}' (as {node.target}.{pname})")
-        elif node.op == "get_attr" and node.target in param_ids:
+            for p in gm.get_submodule(node.target).parameters():
+                g.add_edge(("param", id(p)), node)
+        elif node.op == "get_attr" and node.target in params:
             for user in node.users:
-                readers[param_ids[node.target]].append(f"node {user.format_node()}")
+                g.add_edge(("param", id(params[node.target])), user)
+    return g
+
+
+def _check_ties(gm: GraphModule, sites: Sequence[PlannedSite], candidates: Sequence[Candidate]) -> None:
+    """Refuse a site whose weight is also read by another use: folding would change that use too."""
+    uses = weight_uses(gm)
     for site in sites:
-        pid = param_ids[site.candidate.weight]
-        mine_module = {f"module '{n.target}'" for n in site.candidate.nodes if n.op == "call_module"}
-        mine_nodes = {f"node {n.format_node()}" for n in site.candidate.nodes}
-        others = [
-            r for r in readers[pid] if r not in mine_nodes and not any(r.startswith(m + " ") for m in mine_module)
-        ]
+        key = ("param", id(gm.get_parameter(site.candidate.weight)))
+        others = sorted(set(uses.neighbors(key)) - set(site.candidate.nodes), key=lambda n: n.name) if key in uses else []
         if others:
+            described = ", ".join(_describe_use(n) for n in others[:3])
             raise RuleError(
                 f"site '{site.candidate.name}' (selected by {site.rule!r}) adapts weight '{site.candidate.weight}', "
-                f"which is also read by {others[0]} (a tied or shared weight). Folding the update into it would "
+                f"which is also read by {described} (a tied or shared weight). Folding the update into it would "
                 "change that other use as well. Untie the weights before rewrite (give the other use its own "
                 "nn.Parameter(weight.detach().clone())), or leave this site out of the rules."
             )
