@@ -46,6 +46,23 @@ def shadow_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     return new
 
 
+def _shadow_graph_module_root(gm: GraphModule) -> nn.Module:
+    """A plain container holding a shadow copy of everything ``gm``'s graph reads, to build a new
+    ``GraphModule`` from (cheaper than ``copy.copy(gm)``, which generates and compiles code)."""
+    memo: dict[int, Any] = {}
+    root = nn.Module()
+    root.training = gm.training
+    root._modules = {k: None if m is None else shadow_copy(m, memo) for k, m in gm._modules.items()}
+    root._parameters = {k: None if p is None else _shadow_param(p, memo) for k, p in gm._parameters.items()}
+    root._buffers = {k: None if b is None else _clone_buffer(b, memo) for k, b in gm._buffers.items()}
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            top = node.target.split(".")[0]
+            if top not in root._modules and top not in root._parameters and top not in root._buffers:
+                object.__setattr__(root, top, getattr(gm, top))  # plain attributes (tensor constants)
+    return root
+
+
 def _shadow_param(p: nn.Parameter, memo: dict[int, Any]) -> nn.Parameter:
     if id(p) not in memo:
         memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
@@ -107,9 +124,9 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}.")
-    root = shadow_copy(model)
     if isinstance(model, GraphModule):
-        return root, copy.deepcopy(model.graph)
+        return _shadow_graph_module_root(model), copy.deepcopy(model.graph)
+    root = shadow_copy(model)
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     tracer = _Tracer(leaf_types, leaf_names)
     try:
@@ -132,7 +149,7 @@ def trace(
 
 def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, **kwargs: Any) -> GraphModule:
     """A new ``cls`` over a shadow copy of ``gm``'s modules and a copy of its graph (meta included)."""
-    root = shadow_copy(gm)
+    root = _shadow_graph_module_root(gm)
     return cls(root, copy.deepcopy(gm.graph), type(gm).__name__, **kwargs)
 
 
