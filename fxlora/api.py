@@ -7,6 +7,7 @@ module; the model passed in is never modified.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -30,43 +31,49 @@ logger = logging.getLogger("fxlora")
 CAPTURE_METHODS = ("auto", "symbolic", "export")
 
 
-def _capture(
-    model: nn.Module,
-    concrete_args: dict[str, Any] | None,
-    leaf_modules: Sequence[type | str],
-    *,
-    example_inputs: Sequence[Any] | None = None,
-    example_kwargs: dict[str, Any] | None = None,
-    capture: str = "auto",
-    dynamic_shapes: Any = "auto",
-) -> tuple[LoraGraphModule, nn.Module]:
+@dataclass(frozen=True)
+class CaptureOptions:
+    """How to capture a model: the keyword arguments :func:`capture`, :func:`rewrite`, :func:`plan` and
+    :func:`fxlora.report` share."""
+
+    example_inputs: Sequence[Any] | None = None
+    example_kwargs: dict[str, Any] | None = None
+    capture: str = "auto"
+    concrete_args: dict[str, Any] | None = None
+    leaf_modules: Sequence[type | str] = ()
+    dynamic_shapes: Any = "auto"
+
+    @property
+    def has_examples(self) -> bool:
+        return bool(self.example_inputs) or bool(self.example_kwargs)
+
+
+def _capture(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, nn.Module]:
     """The captured graph module, and the full module tree it was captured from (for names and types)."""
-    if capture not in CAPTURE_METHODS:
-        raise TraceError(f"capture must be one of {', '.join(map(repr, CAPTURE_METHODS))}, got {capture!r}.")
-    has_examples = bool(example_inputs) or bool(example_kwargs)
-    method = "graph_module" if isinstance(model, GraphModule) else capture
-    if method in ("auto", "symbolic"):
-        try:
-            root, graph = trace(model, concrete_args=concrete_args, leaf_modules=leaf_modules)
-            gm = LoraGraphModule(root, graph, type(model).__name__)
-            gm.meta["fxlora_capture"] = "symbolic_trace"
-            return gm, root
-        except TraceError as e:
-            if method == "symbolic" or not has_examples:
-                if method == "auto":
-                    raise TraceError(
-                        f"{e} Or pass example_inputs=(...) (and example_kwargs) so that fxlora can capture "
-                        "the model with torch.export instead."
-                    ) from e.__cause__
-                raise
-            logger.info("symbolic tracing failed (%s); capturing with torch.export", str(e).split(". ")[0])
-    elif method == "graph_module":
+    if opts.capture not in CAPTURE_METHODS:
+        raise TraceError(f"capture must be one of {', '.join(map(repr, CAPTURE_METHODS))}, got {opts.capture!r}.")
+    if isinstance(model, GraphModule):
         root, graph = trace(model)
         gm = LoraGraphModule(root, graph, type(model).__name__)
         gm.meta["fxlora_capture"] = model.meta.get("fxlora_capture", "graph_module")
         return gm, root
+    if opts.capture in ("auto", "symbolic"):
+        try:
+            root, graph = trace(model, concrete_args=opts.concrete_args, leaf_modules=opts.leaf_modules)
+            gm = LoraGraphModule(root, graph, type(model).__name__)
+            gm.meta["fxlora_capture"] = "symbolic_trace"
+            return gm, root
+        except TraceError as e:
+            if opts.capture == "symbolic":
+                raise
+            if not opts.has_examples:
+                raise TraceError(
+                    f"{e} Or pass example_inputs=(...) (and example_kwargs) so that fxlora can capture "
+                    "the model with torch.export instead."
+                ) from e.__cause__
+            logger.info("symbolic tracing failed (%s); capturing with torch.export", str(e).split(". ")[0])
     root, exported = export_capture(
-        model, tuple(example_inputs or ()), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes
+        model, tuple(opts.example_inputs or ()), dict(opts.example_kwargs or {}), dynamic_shapes=opts.dynamic_shapes
     )
     gm = LoraGraphModule(exported, exported.graph, type(model).__name__)
     gm.meta["fxlora_capture"] = "torch.export"
@@ -75,24 +82,19 @@ def _capture(
 
 
 def _capture_and_plan(
-    model: nn.Module, rules: list[Rule], *args: Any, **kwargs: Any
+    model: nn.Module, rules: list[Rule], opts: CaptureOptions
 ) -> tuple[LoraGraphModule, nn.Module, Plan]:
     """Capture and resolve the rules (raising before any change).  With ``capture="auto"`` and example
     inputs, a symbolic graph in which the rules cannot select their sites (they sit inside a module the
     symbolic tracer keeps opaque, such as ``nn.MultiheadAttention``) is captured again with torch.export."""
-    gm, root = _capture(model, *args, **kwargs)
+    gm, root = _capture(model, opts)
     try:
         return gm, root, make_plan(gm, rules, root)
     except RuleError:
-        fallback = (
-            kwargs.get("capture", "auto") == "auto"
-            and gm.meta.get("fxlora_capture") == "symbolic_trace"
-            and (kwargs.get("example_inputs") or kwargs.get("example_kwargs"))
-        )
-        if not fallback:
+        if not (opts.capture == "auto" and gm.meta.get("fxlora_capture") == "symbolic_trace" and opts.has_examples):
             raise
     logger.info("the rules do not resolve on the symbolic graph; capturing with torch.export")
-    gm, root = _capture(model, *args, **{**kwargs, "capture": "export"})
+    gm, root = _capture(model, replace(opts, capture="export"))
     return gm, root, make_plan(gm, rules, root)
 
 
@@ -106,23 +108,17 @@ def capture(
     leaf_modules: Sequence[type | str] = (),
     dynamic_shapes: Any = "auto",
 ) -> LoraGraphModule:
-    """Capture ``model`` as a graph module without modifying it (see :func:`rewrite` for the arguments).
+    """Capture ``model`` as a graph module without modifying it.
 
-    ``capture="symbolic"`` uses ``torch.fx.symbolic_trace``; ``"export"`` uses ``torch.export`` (non-strict,
-    on ``example_inputs`` / ``example_kwargs``); ``"auto"`` tries symbolic tracing first and falls back to
-    ``torch.export`` when example inputs are given.  ``gm.meta["fxlora_capture"]`` says which was used
-    (``"symbolic_trace"`` or ``"torch.export"``).  The result can be passed to :func:`rewrite`.
+    ``capture="symbolic"`` uses ``torch.fx.symbolic_trace`` (with ``concrete_args`` and ``leaf_modules``,
+    module types or qualified names to keep opaque); ``"export"`` uses ``torch.export`` (non-strict, on
+    ``example_inputs`` / ``example_kwargs``; every input dimension dynamic unless ``dynamic_shapes`` says
+    otherwise); ``"auto"`` tries symbolic tracing first and falls back to ``torch.export`` when example
+    inputs are given.  ``gm.meta["fxlora_capture"]`` says which was used (``"symbolic_trace"`` or
+    ``"torch.export"``).  The result can be passed to :func:`rewrite`.
     """
-    gm, _ = _capture(
-        model,
-        concrete_args,
-        leaf_modules,
-        example_inputs=example_inputs,
-        example_kwargs=example_kwargs,
-        capture=capture,
-        dynamic_shapes=dynamic_shapes,
-    )
-    return gm
+    opts = CaptureOptions(example_inputs, example_kwargs, capture, concrete_args, leaf_modules, dynamic_shapes)
+    return _capture(model, opts)[0]
 
 
 def plan(
@@ -137,17 +133,8 @@ def plan(
     dynamic_shapes: Any = "auto",
 ) -> Plan:
     """Resolve ``rules`` against ``model`` without rewriting anything: which site gets which rule."""
-    rules = as_rules(rules)
-    return _capture_and_plan(
-        model,
-        rules,
-        concrete_args,
-        leaf_modules,
-        example_inputs=example_inputs,
-        example_kwargs=example_kwargs,
-        capture=capture,
-        dynamic_shapes=dynamic_shapes,
-    )[2]
+    opts = CaptureOptions(example_inputs, example_kwargs, capture, concrete_args, leaf_modules, dynamic_shapes)
+    return _capture_and_plan(model, as_rules(rules), opts)[2]
 
 
 def rewrite(
@@ -166,18 +153,17 @@ def rewrite(
     """Add a LoRA side branch ``B(A(dropout(x))) * alpha / r`` at every site the rules select.
 
     Args:
-        model: any ``nn.Module`` that ``torch.fx.symbolic_trace`` can trace, or a ``GraphModule``.
+        model: any ``nn.Module`` (captured as :func:`capture` says), or a ``GraphModule``.
         rules: one :class:`fxlora.Rule` or a list; see :mod:`fxlora.rules` for matching and precedence.
         bias: which biases train besides the LoRA parameters: ``"none"``, ``"all"`` or ``"lora_only"``
             (the biases of adapted sites), as loralib's ``mark_only_lora_as_trainable``.
         merge_on_eval: run the folded model in eval mode (see :class:`fxlora.LoraGraphModule`; costs a
             copy of each adapted weight while in eval mode).
-        example_inputs, example_kwargs, capture, dynamic_shapes: how to capture the model: see
-            :func:`capture`.  Hugging Face transformers models need ``torch.export``: pass example inputs
-            (and ``example_kwargs={"use_cache": False}`` for decoders).  Dropout, attention dropout and
-            batch norm captured by ``torch.export`` follow ``.train()`` / ``.eval()`` of the result.
-        concrete_args, leaf_modules: passed to the symbolic tracer (``leaf_modules`` takes module types
-            or qualified names to keep opaque).
+        example_inputs, example_kwargs, capture, concrete_args, leaf_modules, dynamic_shapes: how to
+            capture the model: see :func:`capture`.  Hugging Face transformers models need
+            ``torch.export``: pass example inputs (and ``example_kwargs={"use_cache": False}`` for
+            decoders).  Dropout, attention dropout and batch norm captured by ``torch.export`` follow
+            ``.train()`` / ``.eval()`` of the result.
 
     Returns:
         A new :class:`LoraGraphModule`.  It shares the base weights' storage with ``model`` (nothing is
@@ -188,16 +174,8 @@ def rewrite(
     rules = as_rules(rules)
     if bias not in BIAS_MODES:
         raise FxLoraError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
-    gm, root, the_plan = _capture_and_plan(
-        model,
-        rules,
-        concrete_args,
-        leaf_modules,
-        example_inputs=example_inputs,
-        example_kwargs=example_kwargs,
-        capture=capture,
-        dynamic_shapes=dynamic_shapes,
-    )
+    opts = CaptureOptions(example_inputs, example_kwargs, capture, concrete_args, leaf_modules, dynamic_shapes)
+    gm, _, the_plan = _capture_and_plan(model, rules, opts)
     passes.rewrite(gm, the_plan)
     gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
     mark_only_lora_as_trainable(gm, bias)

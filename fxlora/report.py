@@ -223,13 +223,20 @@ def report(
     rules: Rule | Sequence[Rule] | None = None,
     *,
     fidelity: torch.dtype | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    capture: str = "auto",
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Sequence[type | str] = (),
+    dynamic_shapes: Any = "auto",
 ) -> Report:
-    """The parameter budget of adapting ``model`` with ``rules`` (see the module docstring)."""
-    from .api import _capture
-    from .plan import find_candidates, make_plan
+    """The parameter budget of adapting ``model`` with ``rules`` (see the module docstring); the capture
+    arguments are :func:`fxlora.capture`'s."""
+    from .api import CaptureOptions, _capture, _capture_and_plan
+    from .plan import find_candidates
     from .rules import as_rules
+
+    opts = CaptureOptions(example_inputs, example_kwargs, capture, concrete_args, leaf_modules, dynamic_shapes)
 
     sites = graph_sites(model) if isinstance(model, GraphModule) else {}
     if sites:
@@ -251,9 +258,9 @@ def report(
             "fidelity needs trained LoRA weights: pass the module returned by fxlora.rewrite (with its adapter "
             "loaded), not the base model."
         )
-    gm, root = _capture(model, concrete_args, leaf_modules)
     base, nbytes = _model_totals(model, set())
     if rules is None:
+        gm, root = _capture(model, opts)
         rows = [
             ReportRow(
                 name=c.name,
@@ -270,7 +277,7 @@ def report(
             if c.kind
         ]
         return Report(rows, base, nbytes, adapted=False)
-    plan = make_plan(gm, as_rules(rules), root)
+    gm, _, plan = _capture_and_plan(model, as_rules(rules), opts)
     rows = []
     for site in plan.sites:
         shape_a, shape_b = kind_of(site.spec).shapes(site.spec)

@@ -293,3 +293,11 @@ def test_multihead_attention_in_and_out_projections(tmp_path):
     fxlora.export.to_onnx(folded, (x,), tmp_path / "mha.onnx", atol=1e-4)
     fxlora.export.to_onnx(base, (x,), tmp_path / "base.onnx", atol=1e-4)
     assert fxlora.export.onnx_op_counts(tmp_path / "mha.onnx") == fxlora.export.onnx_op_counts(tmp_path / "base.onnx")
+
+
+def test_report_of_a_transformers_model():
+    model, x, kw, rules, _ = _case("bert")
+    rep = fxlora.report(model, rules, example_inputs=x, example_kwargs=kw)
+    assert [r.name for r in rep.rows] == [f"encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
+    assert rep.lora_params == 4 * (4 * 32 + 32 * 4)
+    assert rep.base_params == sum(p.numel() for p in model.parameters())
