@@ -143,6 +143,7 @@ def rewrite(
     *,
     bias: str = "none",
     merge_on_eval: bool = False,
+    fuse_siblings: bool = False,
     example_inputs: Sequence[Any] | None = None,
     example_kwargs: dict[str, Any] | None = None,
     capture: str = "auto",
@@ -159,6 +160,9 @@ def rewrite(
             (the biases of adapted sites), as loralib's ``mark_only_lora_as_trainable``.
         merge_on_eval: run the folded model in eval mode (see :class:`fxlora.LoraGraphModule`; costs a
             copy of each adapted weight while in eval mode).
+        fuse_siblings: run :func:`fxlora.passes.fuse_siblings`: linear branches that read the same input
+            (q, k and v projections) share one A-matmul.  Same parameters and state dict; a branch with
+            dropout or ``enable_lora`` keeps its own.
         example_inputs, example_kwargs, capture, concrete_args, leaf_modules, dynamic_shapes: how to
             capture the model: see :func:`capture`.  Hugging Face transformers models need
             ``torch.export``: pass example inputs (and ``example_kwargs={"use_cache": False}`` for
@@ -177,6 +181,8 @@ def rewrite(
     opts = CaptureOptions(example_inputs, example_kwargs, capture, concrete_args, leaf_modules, dynamic_shapes)
     gm, _, the_plan = _capture_and_plan(model, rules, opts)
     passes.rewrite(gm, the_plan)
+    if fuse_siblings:
+        passes.fuse_siblings(gm)
     gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
     mark_only_lora_as_trainable(gm, bias)
     return gm

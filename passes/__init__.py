@@ -6,6 +6,7 @@ edits ``gm`` in place and reports honestly whether it changed anything, so it pl
 """
 
 from .fold import fold
+from .fuse_siblings import fuse_siblings
 from .rewrite import rewrite
 
-__all__ = ["rewrite", "fold"]
+__all__ = ["rewrite", "fold", "fuse_siblings"]

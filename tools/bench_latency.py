@@ -1,4 +1,5 @@
-"""Benchmark: forward latency of the unmerged (LoRA branches) and folded models, as ratios to the base.
+"""Benchmark: forward latency of the unmerged (LoRA branches, also with siblings fused) and folded
+models, as ratios to the base.
 
     python -m fxlora.tools.bench_latency [--model gpt2_medium] [--device cuda] [--dtype bf16]
                                          [--batch 8] [--seq 256] [--repeats 30]
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
                  fxlora.Rule("transformer.h.*.mlp.c_*", r=a.r, alpha=2 * a.r)]
         vocab = model.config.vocab_size
     else:
-        rules = [fxlora.Rule("re:encoder\\.layer\\.\\d+\\.attention\\.self\\.(query|value)", r=a.r, alpha=2 * a.r)]
+        rules = [fxlora.Rule("re:encoder\\.layer\\.\\d+\\.attention\\.self\\.(query|key|value)", r=a.r, alpha=2 * a.r)]
         vocab = model.config.vocab_size
     base = torch.fx.symbolic_trace(model)
     unmerged = fxlora.rewrite(model, rules).eval()
@@ -47,8 +48,10 @@ def main(argv=None) -> int:
         for n in fxlora.lora_parameter_names(unmerged):
             unmerged.get_parameter(n).normal_(0, 0.01)
     folded = fxlora.fold(unmerged).eval()
+    fused = fxlora.rewrite(model, rules, fuse_siblings=True).eval()
+    fxlora.load_lora_state_dict(fused, fxlora.lora_state_dict(unmerged))
     x = torch.randint(0, vocab, (a.batch, a.seq), device=a.device)
-    fns = {"base": base, "folded": folded, "unmerged": unmerged}
+    fns = {"base": base, "folded": folded, "unmerged": unmerged, "unmerged, siblings fused": fused}
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
     print(f"{a.model} on {dev}, {a.dtype}, batch {a.batch} x {a.seq} tokens, {len(fxlora.graph_sites(unmerged))} sites "
           f"r={a.r}; median of {a.repeats} interleaved runs, torch {torch.__version__}")
     for name in fns:
-        print(f"  {name:<9} {med[name]:8.2f} ms   {med[name] / med['base']:.3f}x base")
+        print(f"  {name:<25} {med[name]:8.2f} ms   {med[name] / med['base']:.3f}x base")
     return 0
 
 

@@ -1,0 +1,94 @@
+"""The fuse-siblings pass: LoRA branches that read the same input share one A-matmul."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxlora
+from fxlora import Rule
+from helpers import op_sequence, randomize_lora
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.gate, self.up = nn.Linear(d, 32), nn.Linear(d, 32)
+        self.down = nn.Linear(32, d)
+
+    def forward(self, x):
+        h = self.ln(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2), -1) @ self.v(h)
+        x = x + att
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+RULES = [Rule("q", r=4, alpha=8), Rule("k", r=2, alpha=2), Rule("v", r=4, alpha=8),
+         Rule("gate", r=3, alpha=3), Rule("up", r=3, alpha=6), Rule("down", r=2, alpha=2)]
+
+
+def _a_matmuls(gm):
+    """F.linear nodes that multiply by an A factor (one per branch, or one per fused group)."""
+    def is_a(node):
+        info = node.meta.get("fxlora", {})
+        return info.get("role") == "lora_A" or (node.target is torch.cat and "fused" in info)
+
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is F.linear and is_a(n.args[1]))
+
+
+def _fused_groups(gm):
+    return [n.meta["fxlora"]["fused"] for n in gm.graph.nodes if n.target is torch.cat and "fused" in n.meta.get("fxlora", {})]
+
+
+def _pair():
+    torch.manual_seed(0)
+    model = Attention()
+    plain = fxlora.rewrite(model, RULES)
+    randomize_lora(plain)
+    fused = fxlora.rewrite(model, RULES, fuse_siblings=True)
+    fxlora.load_lora_state_dict(fused, fxlora.lora_state_dict(plain))
+    return model, plain, fused
+
+
+def test_fused_branches_compute_the_same_and_fold_the_same():
+    model, plain, fused = _pair()
+    fused.graph.lint()
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(fused(x), plain(x), atol=1e-6, rtol=1e-6)
+    assert list(fxlora.lora_state_dict(fused)) == list(fxlora.lora_state_dict(plain))
+    assert sorted(map(sorted, _fused_groups(fused))) == [["gate", "up"], ["k", "q", "v"]]
+    assert _a_matmuls(plain) == 6 and _a_matmuls(fused) == 3  # {q, k, v}, {gate, up} and down
+    folded = fxlora.fold(fused)
+    torch.testing.assert_close(folded(x), plain(x), atol=1e-5, rtol=1e-5)
+    assert op_sequence(folded) == op_sequence(torch.fx.symbolic_trace(model))
+
+
+def test_gradients_reach_every_fused_factor():
+    _, plain, fused = _pair()
+    x = torch.randn(2, 5, 16)
+    for gm in (plain, fused):
+        gm.zero_grad()
+        gm(x).square().mean().backward()
+    for name in fxlora.lora_parameter_names(plain):
+        torch.testing.assert_close(fused.get_parameter(name).grad, plain.get_parameter(name).grad, atol=1e-6, rtol=1e-5)
+
+
+def test_branches_with_dropout_or_masks_keep_their_own_matmul():
+    torch.manual_seed(0)
+    rules = [Rule("q", r=4, alpha=8, dropout=0.1), Rule("k", r=2, alpha=2), Rule("v", r=4, alpha=8, enable_lora=[True, False])]
+    gm = fxlora.rewrite(Attention(), rules, fuse_siblings=True)
+    assert not _fused_groups(gm) and _a_matmuls(gm) == 3
+    result = fxlora.passes.fuse_siblings(gm)
+    assert result.modified is False  # nothing to fuse: the pass says so
+
+
+def test_merge_on_eval_with_fused_branches():
+    model, plain, _ = _pair()
+    fused = fxlora.rewrite(model, RULES, fuse_siblings=True, merge_on_eval=True)
+    fxlora.load_lora_state_dict(fused, fxlora.lora_state_dict(plain))
+    x = torch.randn(2, 5, 16)
+    fused.eval()
+    torch.testing.assert_close(fused(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
