@@ -32,9 +32,10 @@ def _worker(rank: int, world: int, port: int, engine: str, out: str) -> None:
         if engine == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(gm)
         else:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            model = fully_shard(gm)
+            model = fully_shard(gm, mesh=init_device_mesh("cpu", (world,)))  # CPU even where CUDA exists
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
         g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
         x = torch.randint(0, 256, (4, 16), generator=g)
