@@ -171,7 +171,8 @@ _FLAG = "_fxlora_training"
 
 
 def _mode_dependent_args() -> dict[Any, tuple[int, str, str]]:
-    """op -> (position, name, how): ``how`` is "bool" (pass the flag) or "scale" (multiply by it)."""
+    """op -> (position, name, how) of its mode-dependent argument: ``how`` is "bool" (pass the flag) or
+    "scale" (multiply the captured value by it)."""
     aten = torch.ops.aten
     table: dict[Any, tuple[int, str, str]] = {
         aten.dropout.default: (2, "train", "bool"),
@@ -181,12 +182,11 @@ def _mode_dependent_args() -> dict[Any, tuple[int, str, str]]:
         aten.scaled_dot_product_attention.default: (4, "dropout_p", "scale"),
         aten.batch_norm.default: (5, "training", "bool"),
         aten._native_batch_norm_legit_functional.default: (5, "training", "bool"),
-        aten.instance_norm.default: (5, "use_input_stats", "keep"),
     }
     return table
 
 
-def make_mode_aware(gm: GraphModule, captured_training: bool) -> int:
+def make_mode_aware(gm: GraphModule) -> int:
     """Replace the capture-time constants of mode-dependent ops by the module's live training flag.
 
     Returns how many ops were changed.
@@ -199,8 +199,6 @@ def make_mode_aware(gm: GraphModule, captured_training: bool) -> int:
         if node.op != "call_function" or node.target not in table:
             continue
         position, name, how = table[node.target]
-        if how == "keep":
-            continue
         if position < len(node.args):
             value = node.args[position]
         else:
@@ -280,7 +278,7 @@ def export_capture(
             "example_kwargs={'use_cache': False}); see torch.export's documentation for unsupported constructs."
         ) from error
     gm = ep.module()
-    make_mode_aware(gm, captured_training=True)
+    make_mode_aware(gm)
     return root, gm
 
 

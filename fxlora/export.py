@@ -68,9 +68,8 @@ def _leaves(out: Any) -> list[torch.Tensor]:
 
 def compare(expected: Any, got: Any, what: str, atol: float | None = None, rtol: float | None = None) -> float:
     """Largest absolute difference between two (nested) outputs; raise ExportError above tolerance."""
-    exp, act = _leaves(expected), [torch.as_tensor(t) for t in _leaves(got)] if not isinstance(got, list) else [
-        torch.as_tensor(t) for t in got
-    ]
+    exp = _leaves(expected)
+    act = [torch.as_tensor(t) for t in (got if isinstance(got, list) else _leaves(got))]
     if len(exp) != len(act):
         raise ExportError(f"{what}: the artifact returns {len(act)} tensors, the folded module {len(exp)}.")
     worst = 0.0
