@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxlora
+from fxlora.zoo import Conv1D  # GPT-2's Conv1D: x @ W + b with W stored (in, out)
 
 
 def randomize_lora(gm, seed: int = 0, std: float = 0.1) -> None:
@@ -26,21 +27,6 @@ def op_sequence(gm):
 
 def count_calls(gm, target) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
-
-
-class Conv1D(nn.Module):
-    """GPT-2's Conv1D: ``x @ W + b`` with W stored ``(in, out)``."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.nf,)
-        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-        return x.view(size_out)
 
 
 class Block(nn.Module):
