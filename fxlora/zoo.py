@@ -33,6 +33,7 @@ __all__ = [
     "deberta_v2_xxlarge",
     "gpt2_tiny",
     "gpt2_medium",
+    "gpt2_large",
     "gpt3_175b",
     "resnet18",
     "PAPER",
@@ -330,6 +331,10 @@ def gpt2_medium() -> GPT2:
     return GPT2(GPT2Config(n_embd=1024, n_layer=24, n_head=16))
 
 
+def gpt2_large() -> GPT2:
+    return GPT2(GPT2Config(n_embd=1280, n_layer=36, n_head=20))
+
+
 def gpt3_175b() -> GPT2:
     """GPT-3 175B's shapes (d=12,288, 96 layers, 96 heads, context 2,048): build it on ``meta``."""
     return GPT2(GPT2Config(n_positions=2048, n_embd=12288, n_layer=96, n_head=96))
@@ -417,8 +422,20 @@ PAPER: dict[str, PaperConfig] = {
         393_216,
         "the paper prints 0.35M; the architecture (and loralib) gives 393,216",
     ),
+    "gpt2-large": PaperConfig(
+        gpt2_large,
+        (Rule("transformer.h.*.attn.c_attn", r=4, alpha=32, enable_lora=_QV_FUSED),),
+        737_280,
+        "the paper prints 0.77M; the architecture gives 737,280",
+    ),
     "gpt3-175b-r1": PaperConfig(
         gpt3_175b, (Rule("transformer.h.*.attn.c_attn", r=1, alpha=1, enable_lora=_QV_FUSED),), 4_718_592
+    ),
+    "gpt3-175b-r4": PaperConfig(
+        gpt3_175b,
+        (Rule("transformer.h.*.attn.c_attn", r=4, alpha=4, enable_lora=_QV_FUSED),),
+        18_874_368,
+        "36 MiB in bf16: the paper's 35MB checkpoint (vs 350GB)",
     ),
     "gpt3-175b-r8": PaperConfig(
         gpt3_175b, (Rule("transformer.h.*.attn.c_attn", r=8, alpha=8, enable_lora=_QV_FUSED),), 37_748_736

@@ -25,7 +25,9 @@ def test_paper_trainable_parameter_counts(name):
         "roberta-large": 786_432,
         "deberta-v2-xxlarge": 4_718_592,
         "gpt2-medium": 393_216,
+        "gpt2-large": 737_280,
         "gpt3-175b-r1": 4_718_592,
+        "gpt3-175b-r4": 18_874_368,
         "gpt3-175b-r8": 37_748_736,
     }[name]
     assert rep.lora_params == expected
@@ -91,6 +93,14 @@ def test_formats_render_the_same_rows():
     assert csv_text[0].startswith("site,kind,weight") and len(csv_text) == 3
     with pytest.raises(fxlora.FxLoraError, match="format must be one of"):
         rep.render("html")
+
+
+def test_gpt3_r4_checkpoint_is_the_papers_35mb():
+    with torch.device("meta"):
+        model = zoo.gpt3_175b()
+    rep = fxlora.report(model, list(zoo.PAPER["gpt3-175b-r4"].rules))
+    assert rep.lora_bytes_bf16 == 37_748_736  # 36 MiB; the paper: "from 350GB to 35MB"
+    assert 9_000 < rep.model_bytes / 2 / rep.lora_bytes_bf16 < 10_000  # fp16 model vs adapter: ~10,000x
 
 
 def test_report_of_a_meta_model_larger_than_memory():
