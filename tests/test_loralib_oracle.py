@@ -125,3 +125,43 @@ def test_merged_branch_never_builds_full_delta():
     assert torch.nn.functional.linear in branch_targets
     assert torch.functional.einsum in branch_targets or torch.einsum in branch_targets
     assert torch.nn.functional.conv1d not in branch_targets  # loralib's merge_AB in every forward
+
+
+def test_train_mode_dropout_matches_loralib_draw_for_draw():
+    """Same seed, same dropout masks: each site draws its mask on its input, in forward order, as loralib."""
+
+    class WithDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = loralib.Linear(D_IN, D_OUT, r=2, lora_alpha=4, lora_dropout=0.3)
+            self.qkv = loralib.MergedLinear(D_OUT, 3 * D_IN, r=2, lora_alpha=4, lora_dropout=0.3, enable_lora=[True, False, True])
+
+        def forward(self, x):
+            return self.qkv(torch.tanh(self.fc(x)))
+
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D_IN, D_OUT)
+            self.qkv = nn.Linear(D_OUT, 3 * D_IN)
+
+        forward = WithDropout.forward
+
+    torch.manual_seed(0)
+    oracle = WithDropout()
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    base = Base()
+    base.load_state_dict({k: v for k, v in oracle.state_dict().items() if "lora_" not in k})
+    gm = fxlora.rewrite(base, [fxlora.Rule("fc", r=2, alpha=4, dropout=0.3),
+                               fxlora.Rule("qkv", r=2, alpha=4, dropout=0.3, enable_lora=[True, False, True])])
+    fxlora.load_lora_state_dict(gm, loralib.lora_state_dict(oracle))
+    x = torch.randn(6, D_IN)
+    oracle.train()
+    gm.train()
+    torch.manual_seed(7)
+    expected = oracle(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(gm(x), expected, atol=ATOL, rtol=0)
