@@ -297,8 +297,13 @@ def _functional_candidate(gm: GraphModule, node: Node, root: nn.Module) -> Candi
             "padding_mode": "zeros",
         }
         cand.bias = _param_of(gm, args.get("bias"))
-    for value in args.values():  # dynamic (traced) hyper-parameters cannot be baked into the branch
-        if isinstance(value, Node) and value is not args.get(in_name) and _param_of(gm, value) is None:
+    # Hyper-parameters (stride, padding, beta...) computed in the graph cannot be baked into the branch;
+    # the input, the weight and the bias may be anything (the branch reads only the input).
+    data_args = {in_name, _WEIGHT_ARG.get(fn, "weight"), "bias", "input"}
+    for key, value in args.items():
+        if key in data_args:
+            continue
+        if isinstance(value, Node):
             cand.kind, cand.reason = None, f"{cand.type_name} has an argument computed in the graph ({value.name})"
             return cand
     return cand
@@ -445,12 +450,23 @@ def _describe_use(node: Node) -> str:
     return f"{fn}(...) at node '{node.name}'{where}"
 
 
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad", "is_sparse"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "get_device", "nelement", "is_contiguous", "is_floating_point"})
+
+
+def _reads_only_metadata(node: Node) -> bool:
+    """``W.shape``, ``W.dtype``, ``W.size(0)``...: a use that a LoRA update leaves unchanged."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS
+
+
 def weight_uses(gm: GraphModule) -> nx.Graph:
     """The bipartite graph of parameters and the nodes that read them.
 
     A parameter node is ``("param", id(p))``; a use is the FX node of a ``call_module`` whose module
-    holds the parameter, or of an op that takes it from a ``get_attr``.  A parameter with more than one
-    use is tied or shared.
+    holds the parameter, or of an op that takes its values from a ``get_attr`` (reading ``.shape``,
+    ``.dtype`` or ``.size()`` is not a use).  A parameter with more than one use is tied or shared.
     """
     g = nx.Graph()
     params = {name: p for name, p in gm.named_parameters(remove_duplicate=False)}
@@ -460,7 +476,8 @@ def weight_uses(gm: GraphModule) -> nx.Graph:
                 g.add_edge(("param", id(p)), node)
         elif node.op == "get_attr" and node.target in params:
             for user in node.users:
-                g.add_edge(("param", id(params[node.target])), user)
+                if not _reads_only_metadata(user):
+                    g.add_edge(("param", id(params[node.target])), user)
     return g
 
 

@@ -303,3 +303,19 @@ def test_cli_fuzzed_arguments_exit_cleanly(capsys, argv):
     err = capsys.readouterr().err
     assert code in (0, 1, 2)
     assert "Traceback" not in err
+
+
+def test_reading_a_weights_shape_or_dtype_is_not_a_second_use():
+    class Peeks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x.to(self.fc.weight.dtype)) * self.fc.weight.shape[0] + self.fc.weight.size(1)
+
+    model = Peeks()
+    gm = fxlora.rewrite(model, [Rule("fc", r=1, alpha=1)])
+    randomize_lora(gm)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(fxlora.fold(gm)(x), gm(x), atol=1e-5, rtol=1e-5)
