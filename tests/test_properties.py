@@ -2,9 +2,10 @@
 and fold must keep.
 
 The generator draws dense models (optional Embedding, nn.Linear, F.linear and ``x @ W`` on raw
-parameters, a module called twice, residual branches, Conv1d with groups) and conv models (Conv2d with
+parameters, a module called twice, residual branches, two projections of one input, Conv1d with groups) and conv models (Conv2d with
 stride, dilation, padding modes and groups), in float32, float64 or bfloat16, and a random rule set
-(exact names, globs, regexes and type rules; ranks, alphas, fused-projection masks).  Invariants:
+(exact names, globs, regexes and type rules; ranks, alphas, fused-projection masks), with or without
+the fuse-siblings pass.  Invariants:
 
 1. at init the rewritten module computes exactly the base function;
 2. the input model is unchanged (bits, keys, requires_grad flags);
@@ -50,6 +51,9 @@ class RandomNet(nn.Module):
             kind = op["kind"]
             if kind in ("linear", "twice", "residual"):
                 setattr(self, f"l{i}", nn.Linear(op["din"], op["dout"], bias=op["bias"]))
+            elif kind == "parallel":  # siblings: two projections of the same input (gate and up)
+                setattr(self, f"p{i}a", nn.Linear(op["din"], op["dout"], bias=op["bias"]))
+                setattr(self, f"p{i}b", nn.Linear(op["din"], op["dout"], bias=False))
             elif kind == "functional":
                 setattr(self, f"w{i}", nn.Parameter(torch.randn(op["dout"], op["din"]) * 0.3))
                 if op["bias"]:
@@ -76,6 +80,8 @@ class RandomNet(nn.Module):
                 x = lin(torch.tanh(lin(x)))
             elif kind == "residual":
                 x = x + getattr(self, f"l{i}")(x)
+            elif kind == "parallel":
+                x = torch.tanh(getattr(self, f"p{i}a")(x)) * getattr(self, f"p{i}b")(x)
             elif kind == "functional":
                 x = F.linear(x, getattr(self, f"w{i}"), getattr(self, f"b{i}") if op["bias"] else None)
             elif kind == "matmul":
@@ -101,7 +107,7 @@ def dense_spec(draw):
         spec["vocab"] = draw(st.integers(3, 20))
         spec["padding_idx"] = draw(st.one_of(st.none(), st.integers(0, spec["vocab"] - 1)))
     for _ in range(draw(st.integers(1, 5))):
-        kind = draw(st.sampled_from(["linear", "functional", "matmul", "twice", "residual", "conv1d", "act"]))
+        kind = draw(st.sampled_from(["linear", "functional", "matmul", "twice", "residual", "parallel", "conv1d", "act"]))
         if kind in ("twice", "residual"):
             spec["ops"].append({"kind": kind, "din": d, "dout": d, "bias": draw(st.booleans())})
         elif kind == "conv1d":
@@ -113,7 +119,7 @@ def dense_spec(draw):
             d = dout
         elif kind == "act":
             spec["ops"].append({"kind": kind})
-        else:
+        else:  # linear, functional, matmul, parallel
             dout = draw(st.integers(1, 12))
             spec["ops"].append({"kind": kind, "din": d, "dout": dout, "bias": draw(st.booleans())})
             d = dout
@@ -164,6 +170,11 @@ def case(draw):
     model = RandomNet(spec).to(dtype).eval()
     candidates = [c for c in fxlora.report(model).rows]
     chosen = [c for c in candidates if draw(st.booleans())] or [draw(st.sampled_from(candidates))]
+    fuse = draw(st.booleans())
+    if fuse:  # give the fuse-siblings pass something to do: adapt both projections of a parallel pair
+        names = {c.name for c in chosen}
+        pairs = {c.name[:-1] for c in candidates if c.name.startswith("p") and c.name[:-1] + "a" in names}
+        chosen += [c for c in candidates if c.name[:-1] in pairs and c.name not in names]
     rules = []
     for c in chosen:
         groups = 1
@@ -173,17 +184,18 @@ def case(draw):
         alpha = draw(st.sampled_from([1, 2, 4.0, 8, 0.5]))
         mask = None
         out = c.weight_shape[0] if not c.name.startswith("m") else c.weight_shape[1]
-        if c.kind == "linear" and draw(st.booleans()):
+        if c.kind == "linear" and not fuse and draw(st.booleans()):
             n = draw(st.sampled_from([2, 3]))
             if out % n == 0:
                 mask = draw(st.lists(st.booleans(), min_size=n, max_size=n).filter(any))
         target = draw(st.sampled_from(["exact", "glob", "regex"]))
         # each form selects exactly the drawn site: an exact name, a glob with a character class, a regex
         name = {"exact": c.name, "glob": f"[{c.name[0]}]{c.name[1:]}", "regex": "re:" + re.escape(c.name)}[target]
-        rules.append(Rule(name, r=r, alpha=alpha, dropout=draw(st.sampled_from([0.0, 0.0, 0.2])), enable_lora=mask))
+        dropout = 0.0 if fuse else draw(st.sampled_from([0.0, 0.0, 0.2]))
+        rules.append(Rule(name, r=r, alpha=alpha, dropout=dropout, enable_lora=mask))
     if any(isinstance(m, nn.Linear) for m in model.modules()) and draw(st.booleans()):  # low precedence
         rules.append(Rule(nn.Linear, r=1, alpha=1))
-    return spec, dtype, model, rules
+    return spec, dtype, model, rules, fuse
 
 
 @seed(SEED)
@@ -191,9 +203,9 @@ def case(draw):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(case())
 def test_rewrite_and_fold_invariants(tmp_path_factory, drawn):
-    spec, dtype, model, rules = drawn
+    spec, dtype, model, rules, fuse = drawn
     note(f"FXLORA_HYPOTHESIS_SEED={SEED}")
-    note(f"spec={spec} dtype={dtype} rules={rules}")
+    note(f"spec={spec} dtype={dtype} rules={rules} fuse_siblings={fuse}")
     g = torch.Generator().manual_seed(0)
     x = _input(spec, dtype, g)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -205,7 +217,7 @@ def test_rewrite_and_fold_invariants(tmp_path_factory, drawn):
         base_out = frozen(x)
         assert torch.allclose(model(x).double(), base_out.double(), atol=TOL[dtype], rtol=TOL[dtype])
 
-    gm = fxlora.rewrite(model, rules)
+    gm = fxlora.rewrite(model, rules, fuse_siblings=fuse)
     gm.graph.lint()
     gm.eval()
     with torch.no_grad():
@@ -229,7 +241,7 @@ def test_rewrite_and_fold_invariants(tmp_path_factory, drawn):
 
     path = tmp_path_factory.mktemp("ckpt") / "a.safetensors"
     fxlora.save_lora(gm, path)
-    fresh = fxlora.rewrite(model, rules).eval()
+    fresh = fxlora.rewrite(model, rules, fuse_siblings=fuse).eval()
     fxlora.load_lora(fresh, path)
     ours, theirs = fxlora.lora_state_dict(gm), fxlora.lora_state_dict(fresh)
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), "5. round trip"
