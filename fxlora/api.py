@@ -191,7 +191,7 @@ def rewrite(
 def fold(gm: GraphModule, *, dtype: torch.dtype | None = None) -> GraphModule:
     """A new plain ``GraphModule`` with every LoRA update folded into its weight.
 
-    Each merged weight is ``W + delta * scale`` computed in float32 and rounded once, to ``dtype`` when
+    Each merged weight is ``W + delta * scale`` computed in float32 (float64 for float64 weights) and rounded once, to ``dtype`` when
     given (the other floating-point parameters and buffers are cast to it too) or to the base weight's
     dtype.  The result has the base model's graph and state-dict keys; tensors that were not adapted
     are shared with ``gm``, and ``gm`` itself is not modified.
