@@ -2,8 +2,8 @@
 
 For each site recorded in the graph it computes ``W + delta(A, B) * scale`` in float32 (float64 for
 float64 weights), rounds it once to ``W``'s dtype (or to ``dtype`` when given), installs it as a *new*
-parameter in place of the base weight, erases exactly the nodes the rewrite pass added, and removes the LoRA parameters and dropout
-modules.  The result is the base model's graph, node for node.
+parameter in place of the base weight, erases exactly the nodes the rewrite pass added, and removes
+the LoRA parameters and dropout modules.  The result is the base model's graph, node for node.
 
 It never writes into an existing tensor: run on a copy (as :func:`fxlora.fold` does), it leaves the
 original graph module, its LoRA parameters and its base weights bit-identical.
