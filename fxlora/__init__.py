@@ -4,12 +4,34 @@
     ...train gm...
     fxlora.save_lora(gm, "adapter.safetensors")                        # LoRA tensors only
     merged = fxlora.fold(gm)                                            # the base graph, merged weights
+
+Modules: ``pipeline`` (capture -> plan -> rewrite), ``options`` (CaptureOptions), ``tracing``
+(symbolic trace and torch.export), ``sites`` / ``resolution`` / ``ties`` (the plan), ``lora`` (the math),
+``provenance`` (what fxlora records in a graph), ``folding``, ``graph_module`` (LoraGraphModule),
+``state`` and ``peft_format`` (checkpoints), ``reporting``, ``export``, ``zoo``; the passes are
+``fxlora.passes``.
 """
 
-from .api import capture, fold, plan, rewrite
-from .errors import CheckpointError, FoldError, FxLoraError, RuleError, TraceError
-from .lora import SiteSpec, graph_sites
-from .module import LoraGraphModule
+from . import export, zoo
+from .errors import (
+    ArgumentError,
+    CheckpointError,
+    ExportError,
+    FoldError,
+    FxLoraError,
+    NotRewrittenError,
+    RuleError,
+    TraceError,
+)
+from .folding import fold
+from .graph_module import LoraGraphModule
+from .lora import SiteSpec
+from .options import CaptureOptions
+from .peft_format import load_peft_adapter, peft_rules, save_peft_adapter
+from .pipeline import capture, plan, rewrite
+from .provenance import graph_sites
+from .reporting import Report, report
+from .resolution import Plan
 from .rules import Rule, load_rules, rules_from_data
 from .state import (
     load_lora,
@@ -24,10 +46,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Rule",
-    "rewrite",
-    "fold",
+    "load_rules",
+    "rules_from_data",
+    "CaptureOptions",
     "capture",
     "plan",
+    "Plan",
+    "rewrite",
+    "fold",
     "LoraGraphModule",
     "SiteSpec",
     "graph_sites",
@@ -37,16 +63,19 @@ __all__ = [
     "lora_parameter_names",
     "save_lora",
     "load_lora",
+    "peft_rules",
+    "load_peft_adapter",
+    "save_peft_adapter",
+    "report",
+    "Report",
+    "export",
+    "zoo",
     "FxLoraError",
+    "ArgumentError",
     "RuleError",
     "TraceError",
     "CheckpointError",
     "FoldError",
+    "ExportError",
+    "NotRewrittenError",
 ]
-
-from . import export, zoo  # noqa: E402
-from .peft_format import load_peft_adapter, peft_rules, save_peft_adapter  # noqa: E402
-from .report import Report, report  # noqa: E402
-
-__all__ += ["load_peft_adapter", "peft_rules", "save_peft_adapter"]
-__all__ += ["export", "zoo", "report", "Report", "load_rules", "rules_from_data"]

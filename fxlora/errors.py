@@ -1,19 +1,44 @@
-"""fxlora's exceptions.
+"""Every exception fxlora raises on purpose.
 
-Every error fxlora raises on bad input is an :class:`FxLoraError`; its message names the rule, node or
-key at fault and says how to fix it.  Each subclass also derives from the built-in exception a caller
-would otherwise expect (``ValueError`` for bad rules and checkpoints, ``RuntimeError`` for a model that
-cannot be captured), so generic handlers keep working.  fxlora raises them before it changes anything:
-a failed call leaves the model, the graph module and the checkpoint as they were.
+Each is an :class:`FxLoraError` and also derives from the built-in exception a caller would otherwise
+expect, so generic handlers keep working:
+
+=====================  ================  =====================================================
+class                  also a            raised when
+=====================  ================  =====================================================
+``ArgumentError``      ``ValueError``    a keyword argument has a value fxlora does not accept
+``RuleError``          ``ValueError``    a rule is malformed, matches nothing, or selects a site it cannot adapt
+``TraceError``         ``RuntimeError``  the model cannot be captured as a graph
+``CheckpointError``    ``ValueError``    a state dict, file or adapter folder does not fit, or cannot be written
+``FoldError``          ``ValueError``    an update cannot be folded (non-finite values)
+``ExportError``        ``RuntimeError``  an export failed, or the artifact does not reproduce the module
+``NotRewrittenError``  ``TypeError``     a function that needs a module made by :func:`fxlora.rewrite` got another
+=====================  ================  =====================================================
+
+Every message names the rule, node, key or file at fault and says how to fix it.  fxlora raises before
+it changes anything: a failed call leaves the model, the graph module and the files as they were.
 """
 
 from __future__ import annotations
 
-__all__ = ["FxLoraError", "RuleError", "TraceError", "CheckpointError", "FoldError"]
+__all__ = [
+    "FxLoraError",
+    "ArgumentError",
+    "RuleError",
+    "TraceError",
+    "CheckpointError",
+    "FoldError",
+    "ExportError",
+    "NotRewrittenError",
+]
 
 
 class FxLoraError(Exception):
-    """Base class of every error fxlora raises on purpose."""
+    """Base class of every error fxlora raises on purpose (never raised itself)."""
+
+
+class ArgumentError(FxLoraError, ValueError):
+    """A keyword argument has a value fxlora does not accept (``bias="some"``, ``capture="fast"``...)."""
 
 
 class RuleError(FxLoraError, ValueError):
@@ -25,8 +50,20 @@ class TraceError(FxLoraError, RuntimeError):
 
 
 class CheckpointError(FxLoraError, ValueError):
-    """A LoRA state dict or file does not fit the rewritten model; nothing was loaded."""
+    """A LoRA state dict, file or adapter folder does not fit the model, or cannot be read or written;
+    nothing was loaded or replaced."""
 
 
 class FoldError(FxLoraError, ValueError):
-    """An adapter cannot be folded into its base weight (non-finite values, not a LoRA module)."""
+    """An adapter cannot be folded into its base weight (non-finite values)."""
+
+
+class ExportError(FxLoraError, RuntimeError):
+    """An export failed, or the exported artifact does not reproduce the folded module."""
+
+
+class NotRewrittenError(FxLoraError, TypeError):
+    """A function that needs the graph module returned by :func:`fxlora.rewrite` got something else.
+
+    Raised by one helper, :func:`fxlora.provenance.require_sites`, everywhere this can happen.
+    """

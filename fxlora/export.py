@@ -10,6 +10,9 @@ TorchScript, every tensor of the state dict.  A difference above tolerance raise
 * :func:`to_torchscript`: ``torch.jit.script`` (falling back to ``torch.jit.trace`` on
   ``example_inputs`` when the graph is not scriptable), for runtimes that still load TorchScript.
 
+All three take ``(module, example_inputs, path)`` (torch.onnx.export's order) and return an
+:class:`Exported`: the path, the artifact loaded back in its runtime, and the largest difference found.
+
 Pass the module returned by :func:`fxlora.fold`: exporting a module that still has LoRA branches is
 refused, since the point is a plain graph with no extra operators.
 """
@@ -20,6 +23,7 @@ import contextlib
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -27,14 +31,19 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import FxLoraError
-from .lora import graph_sites
+from .errors import ExportError
+from .provenance import graph_sites
 
-__all__ = ["ExportError", "to_torchscript", "to_onnx", "to_exported_program", "onnx_op_counts"]
+__all__ = ["ExportError", "Exported", "to_torchscript", "to_onnx", "to_exported_program", "onnx_op_counts", "compare"]
 
 
-class ExportError(FxLoraError, RuntimeError):
-    """An export failed, or the exported artifact does not reproduce the folded module."""
+@dataclass(frozen=True)
+class Exported:
+    """What an exporter wrote and checked."""
+
+    path: Path  # the artifact's file
+    artifact: Any  # loaded back in its runtime: ExportedProgram, ScriptModule or onnxruntime.InferenceSession
+    max_abs_diff: float  # largest absolute difference of its outputs from the folded module's
 
 
 _TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-10, 1e-8), torch.float16: (1e-3, 1e-2), torch.bfloat16: (1e-2, 1e-2)}
@@ -114,7 +123,7 @@ def to_exported_program(
     *,
     atol: float | None = None,
     rtol: float | None = None,
-) -> torch.export.ExportedProgram:
+) -> Exported:
     """``torch.export`` the folded module, save it with ``torch.export.save`` and verify the saved
     program (loaded back with ``torch.export.load``) against the module."""
     _check_module(folded, "to_exported_program")
@@ -129,21 +138,26 @@ def to_exported_program(
         raise
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
-    compare(expected, _run(loaded.module(), inputs), "exported program", atol, rtol)
-    return loaded
+    diff = compare(expected, _run(loaded.module(), inputs), "exported program", atol, rtol)
+    return Exported(Path(path), loaded, diff)
 
 
 def to_torchscript(
     folded: nn.Module,
+    example_inputs: Any,
     path: str | os.PathLike[str],
-    example_inputs: Any = None,
     *,
     atol: float | None = None,
     rtol: float | None = None,
-) -> torch.jit.ScriptModule:
+) -> Exported:
     """Save the folded module as TorchScript and verify the saved file: every state-dict tensor, and the
-    outputs on ``example_inputs`` when given.  ``torch.jit.script`` is tried first; a graph it cannot
-    compile is traced on ``example_inputs`` instead (so give them for such graphs)."""
+    outputs on ``example_inputs`` unless it is None.  ``torch.jit.script`` is tried first; a graph it
+    cannot compile is traced on ``example_inputs`` instead (so give them for such graphs)."""
+    if isinstance(example_inputs, (str, os.PathLike)) and not isinstance(path, (str, os.PathLike)):
+        raise ExportError(
+            "to_torchscript takes (module, example_inputs, path), like the other exporters: "
+            "to_torchscript(folded, (x,), 'model.pt')."
+        )
     _check_module(folded, "to_torchscript")
     inputs = None if example_inputs is None else _as_tuple(example_inputs)
     with warnings.catch_warnings():
@@ -172,9 +186,10 @@ def to_torchscript(
         if not torch.equal(value, loaded_state[key]):
             diff = float((value.double() - loaded_state[key].double()).abs().max())
             raise ExportError(f"TorchScript tensor '{key}' differs from the folded module by up to {diff:.3g}.")
+    diff = 0.0
     if inputs is not None:
-        compare(_run(folded, inputs), _run(loaded, inputs), "TorchScript module", atol, rtol)
-    return loaded
+        diff = compare(_run(folded, inputs), _run(loaded, inputs), "TorchScript module", atol, rtol)
+    return Exported(Path(path), loaded, diff)
 
 
 def _require_onnx() -> tuple[Any, Any]:
@@ -212,7 +227,7 @@ def to_onnx(
     dynamic_shapes: Any = None,
     atol: float | None = None,
     rtol: float | None = None,
-) -> Path:
+) -> Exported:
     """Export the folded module to ONNX and verify the file in onnxruntime on ``example_inputs``."""
     _check_module(folded, "to_onnx")
     onnx, ort = _require_onnx()
@@ -237,8 +252,8 @@ def to_onnx(
     for meta, tensor in zip(session.get_inputs(), tensors):
         feeds[meta.name] = tensor.detach().cpu().numpy()
     got = session.run(None, feeds)
-    compare(expected, [torch.from_numpy(g) for g in got], "ONNX model in onnxruntime", atol, rtol)
-    return Path(path)
+    diff = compare(expected, [torch.from_numpy(g) for g in got], "ONNX model in onnxruntime", atol, rtol)
+    return Exported(Path(path), session, diff)
 
 
 def onnx_op_counts(path: str | os.PathLike[str]) -> dict[str, int]:

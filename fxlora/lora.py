@@ -5,38 +5,37 @@ conv) one class below says:
 
 * ``shapes(spec)``: the shapes of ``lora_A`` and ``lora_B``;
 * ``init_(A, B)``: their initialisation (loralib's conventions);
-* ``branch(x, A, B, spec)``: the side branch added to the base output, ``B(A(x)) * scale``, written
-  with plain ``torch`` calls so it runs on tensors *and* on ``torch.fx.Proxy`` objects: the rewrite
-  pass records it into the graph by calling it on proxies;
-* ``delta(A, B, spec)``: the same update as a weight-shaped tensor, which the fold pass adds to the
-  base weight.
+* ``shrink(x, A, spec)``: the rank-r projection of the branch input, ``A(x)``;
+* ``expand(h, B, spec)``: from rank r to the base output, scale included, ``B(h) * alpha / r``;
+* ``delta(A, B, spec)``: the same update as a weight-shaped tensor, which fold adds to the weight.
 
-``branch(x) == base_op(x, delta)`` is the invariant the tests check for every kind; nothing outside
-this module knows how a kind's update is computed.
+``shrink`` and ``expand`` are written with plain ``torch`` calls so that they run on tensors *and* on
+``torch.fx.Proxy`` objects: the rewrite pass records them into the graph by calling them on proxies.
+``expand(shrink(x)) == base_op(x, delta)`` is the invariant the tests check for every kind; nothing
+outside this module knows how a kind's update is computed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 
-__all__ = ["SiteSpec", "KINDS", "META_KEY", "kind_of", "delta_weight", "merged_weight", "graph_sites"]
+__all__ = ["SiteSpec", "kind_of", "delta_weight", "merged_weight", "fold_fidelity", "DEFAULT_ADAPTER"]
 
-#: The one ``node.meta`` key under which fxlora records provenance: ``{"site", "role", "spec"}``.
-META_KEY = "fxlora"
+#: The name of the adapter :func:`fxlora.rewrite` creates unless told otherwise.
+DEFAULT_ADAPTER = "default"
 
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """Everything the LoRA math and the passes need to know about one adapted site.
+    """Everything the LoRA math and the passes need to know about one adapted site of one adapter.
 
-    Stored under ``node.meta["fxlora"]["spec"]`` on every node the rewrite pass creates, so that fold,
-    the state-dict helpers and the report read it from the graph instead of parsing names.
+    Recorded by the rewrite pass on the graph module (see :mod:`fxlora.provenance`) and on every node
+    it creates, so that fold, the state-dict helpers and the report read it instead of parsing names.
     """
 
     name: str  # site qualified name, e.g. "encoder.layer.0.attention.self.query"
@@ -58,14 +57,11 @@ class SiteSpec:
     fan_in_fan_out: bool = False
     op: dict[str, Any] = field(default_factory=dict)  # kind-specific base-op arguments
     rule_target: str = ""  # the selecting rule's target text (glob, "re:..." or type path)
+    adapter: str = DEFAULT_ADAPTER
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
-
-    @property
-    def kind_impl(self) -> type[_Kind]:
-        return KINDS[self.kind]
 
 
 class _Kind:
@@ -80,7 +76,11 @@ class _Kind:
         raise NotImplementedError
 
     @staticmethod
-    def branch(x: Any, A: Any, B: Any, spec: SiteSpec) -> Any:
+    def shrink(x: Any, A: Any, spec: SiteSpec) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def expand(h: Any, B: Any, spec: SiteSpec) -> Any:
         raise NotImplementedError
 
     @staticmethod
@@ -88,15 +88,21 @@ class _Kind:
         raise NotImplementedError
 
 
+def _kaiming_A_zero_B(A: torch.Tensor, B: torch.Tensor) -> None:
+    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    torch.nn.init.zeros_(B)
+
+
 class LinearKind(_Kind):
     """``y = x W^T + b`` (or ``x W + b`` with ``fan_in_fan_out``), optionally a fused projection.
 
-    With ``enable_lora`` (length n, k of them True) the output features are n equal slices and only
-    the k enabled ones are adapted, with shapes exactly as loralib's ``MergedLinear``: ``lora_A`` is
-    ``(r*k, in)``, ``lora_B`` is ``(out/n*k, r)``; slice g uses rows ``g*r:(g+1)*r`` of A and rows
-    ``g*out/n:(g+1)*out/n`` of B.  The branch never builds the ``out x in`` delta: one matmul with A,
-    one batched matmul with the k blocks of B, and a concatenation that puts zeros in the disabled
-    slices.
+    With ``enable_lora`` (length n, k of them True) the output features are n equal slices of o
+    features and only the k enabled ones are adapted, with loralib ``MergedLinear``'s shapes:
+    ``lora_A`` is ``(r*k, in)``, ``lora_B`` is ``(o*k, r)``; slice g uses rows ``g*r:(g+1)*r`` of A and
+    rows ``g*o:(g+1)*o`` of B.  The branch is a plain rank ``r*k`` branch whose B is block-structured:
+    ``(out, r*k)``, block g of B in the enabled slice's rows and columns ``g*r:(g+1)*r``, zeros
+    elsewhere.  That matrix is built from the parameters each forward (``out*r*k`` elements, a few
+    kilobytes); no activation-sized zeros, slices or concatenations are ever made.
     """
 
     name = "linear"
@@ -109,46 +115,40 @@ class LinearKind(_Kind):
         k = sum(mask)
         return (spec.r * k, spec.in_features), (spec.out_features // len(mask) * k, spec.r)
 
-    @staticmethod
-    def init_(A: torch.Tensor, B: torch.Tensor) -> None:
-        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        torch.nn.init.zeros_(B)
+    init_ = staticmethod(_kaiming_A_zero_B)
 
     @staticmethod
-    def branch(x: Any, A: Any, B: Any, spec: SiteSpec) -> Any:
-        h = F.linear(x, A)
+    def shrink(x: Any, A: Any, spec: SiteSpec) -> Any:
+        return F.linear(x, A)
+
+    @staticmethod
+    def expand(h: Any, B: Any, spec: SiteSpec) -> Any:
+        return F.linear(h, LinearKind.full_B(B, spec) * spec.scale)
+
+    @staticmethod
+    def full_B(B: Any, spec: SiteSpec) -> Any:
+        """``B`` as the ``(out, r*k)`` factor of a plain branch (``B`` itself without ``enable_lora``)."""
         mask = spec.enable_lora
         if mask is None:
-            return F.linear(h, B) * spec.scale
-        n, k, r = len(mask), sum(mask), spec.r
+            return B
+        n, k = len(mask), sum(mask)
         o = spec.out_features // n
-        # (..., k, r) x (k, o, r) -> (..., k, o): slice g of the output from block g of A and B.
-        y = torch.einsum("...kr,kor->...ko", h.unflatten(-1, (k, r)), B.view(k, o, r))
+        diag = torch.block_diag(*[B[g * o : (g + 1) * o] for g in range(k)]) if k > 1 else B  # (o*k, r*k)
         if k == n:
-            return y.flatten(-2) * spec.scale
-        zeros = torch.zeros_like(y.select(-2, 0))
-        pieces, g = [], 0
+            return diag
+        zeros = B.new_zeros(o, spec.r * k)
+        rows, g = [], 0
         for enabled in mask:
             if enabled:
-                pieces.append(y.select(-2, g))
+                rows.append(diag[g * o : (g + 1) * o])
                 g += 1
             else:
-                pieces.append(zeros)
-        return torch.cat(pieces, -1) * spec.scale
+                rows.append(zeros)
+        return torch.cat(rows, 0)
 
     @staticmethod
     def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
-        mask = spec.enable_lora
-        if mask is None:
-            d = B @ A
-        else:
-            n, k, r = len(mask), sum(mask), spec.r
-            o = spec.out_features // n
-            blocks = B.view(k, o, r) @ A.view(k, r, spec.in_features)  # (k, o, in)
-            d = blocks.new_zeros(n, o, spec.in_features)
-            d[torch.tensor(mask, device=d.device)] = blocks
-            d = d.view(spec.out_features, spec.in_features)
-        d = d * spec.scale
+        d = (LinearKind.full_B(B, spec) @ A) * spec.scale
         return d.t() if spec.fan_in_fan_out else d
 
 
@@ -167,16 +167,19 @@ class EmbeddingKind(_Kind):
         torch.nn.init.normal_(B)
 
     @staticmethod
-    def branch(x: Any, A: Any, B: Any, spec: SiteSpec) -> Any:
+    def shrink(x: Any, A: Any, spec: SiteSpec) -> Any:
         op = spec.op
-        h = F.embedding(
+        return F.embedding(
             x, A.t(), op.get("padding_idx"), None, 2.0, op.get("scale_grad_by_freq", False), op.get("sparse", False)
         )
-        return F.linear(h, B) * spec.scale
+
+    @staticmethod
+    def expand(h: Any, B: Any, spec: SiteSpec) -> Any:
+        return F.linear(h, B * spec.scale)
 
     @staticmethod
     def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
-        return (B @ A).t() * spec.scale
+        return ((B * spec.scale) @ A).t()
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -198,38 +201,40 @@ class ConvKind(_Kind):
         kernel = spec.weight_shape[2:]
         return (spec.r, spec.in_features // g, *kernel), (spec.out_features, spec.r // g, *(1,) * len(kernel))
 
-    @staticmethod
-    def init_(A: torch.Tensor, B: torch.Tensor) -> None:
-        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        torch.nn.init.zeros_(B)
+    init_ = staticmethod(_kaiming_A_zero_B)
 
     @staticmethod
-    def branch(x: Any, A: Any, B: Any, spec: SiteSpec) -> Any:
+    def shrink(x: Any, A: Any, spec: SiteSpec) -> Any:
         op = spec.op
         conv = _CONV[len(spec.weight_shape) - 2]
         padding = op["padding"]
         if op.get("padding_mode", "zeros") != "zeros":
             x = F.pad(x, op["reversed_padding"], mode=op["padding_mode"])
             padding = 0
-        h = conv(x, A, None, op["stride"], padding, op["dilation"], op["groups"])
-        return conv(h, B, None, 1, 0, 1, op["groups"]) * spec.scale
+        return conv(x, A, None, op["stride"], padding, op["dilation"], op["groups"])
+
+    @staticmethod
+    def expand(h: Any, B: Any, spec: SiteSpec) -> Any:
+        conv = _CONV[len(spec.weight_shape) - 2]
+        return conv(h, B * spec.scale, None, 1, 0, 1, spec.op["groups"])
 
     @staticmethod
     def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
         g, r = spec.op["groups"], spec.r
         a = A.reshape(g, r // g, -1)  # (g, r/g, in/g * prod(kernel))
-        b = B.reshape(g, spec.out_features // g, r // g)
-        return (b @ a).reshape(spec.weight_shape) * spec.scale
+        b = B.reshape(g, spec.out_features // g, r // g) * spec.scale
+        return (b @ a).reshape(spec.weight_shape)
 
 
-KINDS: dict[str, type[_Kind]] = {k.name: k for k in (LinearKind, EmbeddingKind, ConvKind)}
+_KINDS: dict[str, type[_Kind]] = {k.name: k for k in (LinearKind, EmbeddingKind, ConvKind)}
 
 
 def kind_of(spec: SiteSpec) -> type[_Kind]:
-    return KINDS[spec.kind]
+    """The class that holds ``spec``'s kind of math."""
+    return _KINDS[spec.kind]
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float32, or float64 when any input is float64: updates are computed at least in float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -237,29 +242,25 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def delta_weight(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
     """The site's update ``delta(B, A) * scale`` in the base weight's layout, in float32 (float64 for
     float64 factors)."""
-    ct = compute_dtype(A, B)
+    ct = _compute_dtype(A, B)
     return kind_of(spec).delta(A.detach().to(ct), B.detach().to(ct), spec)
 
 
 def merged_weight(
-    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, spec: SiteSpec, dtype: torch.dtype | None = None
+    W: torch.Tensor,
+    updates: Iterable[tuple[torch.Tensor, torch.Tensor, SiteSpec, float]],
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``W + delta`` computed in float32 (float64 for float64 inputs) and rounded once to ``dtype``
-    (default ``W``'s dtype).  Returns a new tensor; ``W``, ``A`` and ``B`` are never written.
+    """``W + sum(coeff * delta(A, B))`` over ``updates`` (``(A, B, spec, coeff)`` each), computed in
+    float32 (float64 when any input is float64) and rounded once to ``dtype`` (default ``W``'s dtype).
+    Returns a new tensor; ``W`` and the factors are never written.
     """
-    ct = compute_dtype(W, A, B)
-    d = delta_weight(A, B, spec).to(ct)
-    return (W.detach().to(ct) + d).to(W.dtype if dtype is None else dtype)
-
-
-def graph_sites(gm: torch.fx.GraphModule) -> dict[str, SiteSpec]:
-    """The LoRA sites recorded in ``gm``'s graph, by site name, in graph order."""
-    sites: dict[str, SiteSpec] = {}
-    for node in gm.graph.nodes:
-        info = node.meta.get(META_KEY)
-        if info is not None:
-            sites.setdefault(info["site"], info["spec"])
-    return sites
+    updates = list(updates)
+    ct = _compute_dtype(W, *(t for a, b, _, _ in updates for t in (a, b)))
+    out = W.detach().to(ct, copy=True)
+    for A, B, spec, coeff in updates:
+        out += delta_weight(A, B, spec).to(ct) * coeff
+    return out.to(W.dtype if dtype is None else dtype)
 
 
 def fold_fidelity(

@@ -27,7 +27,8 @@ import torch
 from torch.fx import GraphModule
 
 from .errors import CheckpointError
-from .lora import SiteSpec, graph_sites
+from .lora import SiteSpec
+from .provenance import require_sites
 from .rules import Rule
 from .state import load_lora_state_dict
 
@@ -128,15 +129,13 @@ def _check_module_site(spec: SiteSpec, what: str) -> None:
         raise CheckpointError(f"{what}: site '{spec.name}' is a grouped convolution; PEFT factorises those differently.")
 
 
-def load_peft_adapter(gm: GraphModule, folder: str | os.PathLike[str]) -> None:
+def load_peft_adapter(gm: GraphModule, folder: str | os.PathLike[str]) -> Any:
     """Load a PEFT LoRA adapter folder into ``gm`` (rewritten with :func:`peft_rules` or equivalent rules).
 
     Every adapted module of the file must be a site of ``gm`` with the same rank and scale, and the
     other way round; on any mismatch a :class:`CheckpointError` says what differs and nothing is loaded.
     """
-    sites = graph_sites(gm) if isinstance(gm, GraphModule) else {}
-    if not sites:
-        raise CheckpointError("load_peft_adapter expects the module returned by fxlora.rewrite.")
+    sites = require_sites(gm, "load_peft_adapter")
     config, tensors = _read(folder)
     file_sites, others = _sites_in_file(tensors)
     missing = [n for n in sites if n not in file_sites]
@@ -170,7 +169,7 @@ def load_peft_adapter(gm: GraphModule, folder: str | os.PathLike[str]) -> None:
         state[spec.lora_A], state[spec.lora_B] = a, b
     for name, value in others.items():  # biases trained with bias="all" / "lora_only"
         state[name] = value
-    load_lora_state_dict(gm, state)
+    return load_lora_state_dict(gm, state)
 
 
 def save_peft_adapter(
@@ -179,9 +178,7 @@ def save_peft_adapter(
     """Write ``gm``'s LoRA tensors as a PEFT adapter folder (replacing the two files if present)."""
     from safetensors.torch import save_file
 
-    sites = graph_sites(gm) if isinstance(gm, GraphModule) else {}
-    if not sites:
-        raise CheckpointError("save_peft_adapter expects the module returned by fxlora.rewrite.")
+    sites = require_sites(gm, "save_peft_adapter")
     for spec in sites.values():
         _check_module_site(spec, "save_peft_adapter")
     specs = list(sites.values())

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.nn.modules.module import _IncompatibleKeys
 
-from .errors import CheckpointError, FxLoraError
-from .lora import SiteSpec, graph_sites
+from .errors import ArgumentError, CheckpointError
+from .lora import SiteSpec
+from .provenance import require_sites
 
 __all__ = [
     "lora_parameter_names",
@@ -33,23 +35,14 @@ BIAS_MODES = ("none", "all", "lora_only")
 _FORMAT = "fxlora.lora/1"
 
 
-def _sites(gm: nn.Module, what: str) -> dict[str, SiteSpec]:
-    sites = graph_sites(gm) if isinstance(gm, GraphModule) else {}
-    if not sites:
-        raise FxLoraError(
-            f"{what}: {type(gm).__name__} has no LoRA sites. Pass the graph module returned by fxlora.rewrite."
-        )
-    return sites
-
-
 def _check_bias(bias: str) -> None:
     if bias not in BIAS_MODES:
-        raise FxLoraError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
+        raise ArgumentError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
 
 
 def lora_parameter_names(gm: GraphModule) -> list[str]:
     """Qualified names of every LoRA parameter, in graph order (``lora_A`` before ``lora_B``)."""
-    return [name for spec in _sites(gm, "lora_parameter_names").values() for name in (spec.lora_A, spec.lora_B)]
+    return [name for spec in require_sites(gm, "lora_parameter_names").values() for name in (spec.lora_A, spec.lora_B)]
 
 
 def _bias_names(gm: GraphModule, bias: str, sites: Mapping[str, SiteSpec]) -> list[str]:
@@ -80,7 +73,7 @@ def mark_only_lora_as_trainable(gm: GraphModule, bias: str = "none") -> None:
     writes into the model that was passed to :func:`fxlora.rewrite`.
     """
     _check_bias(bias)
-    sites = _sites(gm, "mark_only_lora_as_trainable")
+    sites = require_sites(gm, "mark_only_lora_as_trainable")
     lora = {name for spec in sites.values() for name in (spec.lora_A, spec.lora_B)}
     train_bias = set(_bias_names(gm, bias, sites))
     for name, p in list(gm.named_parameters()):
@@ -95,19 +88,24 @@ def mark_only_lora_as_trainable(gm: GraphModule, bias: str = "none") -> None:
 def lora_state_dict(gm: GraphModule, bias: str = "none") -> dict[str, torch.Tensor]:
     """The LoRA tensors (and biases per ``bias``), keyed by their qualified names, detached."""
     _check_bias(bias)
-    sites = _sites(gm, "lora_state_dict")
+    sites = require_sites(gm, "lora_state_dict")
     names = [n for spec in sites.values() for n in (spec.lora_A, spec.lora_B)] + _bias_names(gm, bias, sites)
     return {name: gm.get_parameter(name).detach() for name in dict.fromkeys(names)}
 
 
-def load_lora_state_dict(gm: GraphModule, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load LoRA tensors (and optionally biases) into ``gm``: every key, shape and dtype is checked
-    first, then all tensors are copied; on any problem nothing is loaded.
+def load_lora_state_dict(
+    gm: GraphModule, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> _IncompatibleKeys:
+    """Load LoRA tensors (and optionally biases) into ``gm``, all or nothing: every key, shape, dtype and
+    value is checked first, then all tensors are copied; on any problem nothing is loaded.
 
-    Every LoRA parameter must be present; a ``*.bias`` key is accepted when ``gm`` has that bias.
-    Floating-point values are converted to the parameter's dtype.
+    With ``strict=True`` every LoRA parameter must be present and every key known; with
+    ``strict=False`` the known keys present are loaded (still all or nothing) and the others reported.
+    A ``*.bias`` key is accepted when ``gm`` has that bias.  Floating-point values are converted to the
+    parameter's dtype.  Returns torch's ``(missing_keys, unexpected_keys)`` named tuple, as
+    ``nn.Module.load_state_dict`` does.
     """
-    sites = _sites(gm, "load_lora_state_dict")
+    sites = require_sites(gm, "load_lora_state_dict")
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"expected a mapping of names to tensors, got {type(state_dict).__name__}.")
     lora = [n for spec in sites.values() for n in (spec.lora_A, spec.lora_B)]
@@ -116,9 +114,9 @@ def load_lora_state_dict(gm: GraphModule, state_dict: Mapping[str, torch.Tensor]
     missing = [n for n in lora if n not in state_dict]
     unexpected = [k for k in state_dict if k not in lora and k not in biases]
     problems = []
-    if missing:
+    if strict and missing:
         problems.append(f"missing LoRA keys: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-    if unexpected:
+    if strict and unexpected:
         problems.append(
             f"unexpected keys: {', '.join(map(str, unexpected[:6]))}{' ...' if len(unexpected) > 6 else ''}"
         )
@@ -145,8 +143,11 @@ def load_lora_state_dict(gm: GraphModule, state_dict: Mapping[str, torch.Tensor]
     lora_set = set(lora)
     with torch.no_grad():
         for key, value in state_dict.items():
+            if key in unexpected:
+                continue
             target = params[key] if key in lora_set else _private(gm, key)
             target.copy_(value)
+    return _IncompatibleKeys(missing, unexpected)
 
 
 def _metadata(sites: Mapping[str, SiteSpec]) -> dict[str, str]:
@@ -169,7 +170,7 @@ def save_lora(gm: GraphModule, path: str | os.PathLike[str], *, bias: str = "non
     """
     from safetensors.torch import save_file
 
-    sites = _sites(gm, "save_lora")
+    sites = require_sites(gm, "save_lora")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(gm, bias).items()}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp.", suffix=path.suffix or ".tmp", dir=path.parent if str(path.parent) else ".")
@@ -206,20 +207,20 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
-def load_lora(gm: GraphModule, path: str | os.PathLike[str]) -> None:
+def load_lora(gm: GraphModule, path: str | os.PathLike[str], *, strict: bool = True) -> _IncompatibleKeys:
     """Load a LoRA checkpoint into ``gm``: a safetensors file written by :func:`save_lora` (its metadata
     is checked against the model), or a ``torch.save``-d state dict such as loralib's
-    ``torch.save(lora.lora_state_dict(model), "ckpt.pt")``, read with ``weights_only=True``."""
+    ``torch.save(lora.lora_state_dict(model), "ckpt.pt")``, read with ``weights_only=True``.  ``strict`` and
+    the result are :func:`load_lora_state_dict`'s."""
     from safetensors import SafetensorError
     from safetensors import safe_open
 
-    sites = _sites(gm, "load_lora")
+    sites = require_sites(gm, "load_lora")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no LoRA checkpoint at '{path}'.")
     if path.suffix in _PICKLE_SUFFIXES:
-        load_lora_state_dict(gm, _load_torch_file(path))
-        return
+        return load_lora_state_dict(gm, _load_torch_file(path), strict=strict)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -245,4 +246,4 @@ def load_lora(gm: GraphModule, path: str | os.PathLike[str]) -> None:
                     f"alpha={spec.alpha}, enable_lora={spec.enable_lora}. Rewrite with the checkpoint's rule. "
                     "Nothing was loaded."
                 )
-    load_lora_state_dict(gm, tensors)
+    return load_lora_state_dict(gm, tensors, strict=strict)

@@ -1,12 +1,37 @@
 """fxlora's graph passes (installed as ``fxlora.passes``).
 
-Each pass is a small function ``pass(gm, ...) -> torch.fx.passes.infra.pass_base.PassResult`` that
-edits ``gm`` in place and reports honestly whether it changed anything, so it plugs into torch's
-``PassManager``.  The public API in ``fxlora`` copies what must not be shared and runs them.
+Each pass is a :class:`torch.fx.passes.infra.pass_base.PassBase` with ``requires`` / ``ensures``
+checks, in a file of its own named for what it does, with a function of the same purpose that runs it:
+
+* :func:`rewrite` (``RewritePass(plan)``): add LoRA branches at the sites of a plan;
+* :func:`fold` (``FoldPass(dtype, weights)``): fold the branches into the weights, giving back the
+  base graph;
+* :func:`fuse_siblings` (``FuseSiblings()``): sibling branches that read one input share one shrink;
+* :func:`make_mode_aware` (``MakeModeAware()``): ops torch.export fixed to the capture mode follow
+  ``.train()`` / ``.eval()``.
+
+Each edits the graph module in place and returns ``PassResult(gm, modified)`` with ``modified`` true
+only when the graph changed, so the passes plug into torch's ``PassManager``.  The public API in
+``fxlora`` copies what must not be shared and runs them.
 """
 
-from .fold import fold
-from .fuse_siblings import fuse_siblings
-from .rewrite import rewrite
+from .fold_pass import FoldPass, fold
+from .fuse_siblings_pass import FuseSiblings, fuse_siblings
+from .infra import FxLoraPass, PassContractError, counters
+from .mode_aware_pass import MakeModeAware, TrainingFlag, make_mode_aware
+from .rewrite_pass import RewritePass, rewrite
 
-__all__ = ["rewrite", "fold", "fuse_siblings"]
+__all__ = [
+    "rewrite",
+    "fold",
+    "fuse_siblings",
+    "make_mode_aware",
+    "RewritePass",
+    "FoldPass",
+    "FuseSiblings",
+    "MakeModeAware",
+    "TrainingFlag",
+    "FxLoraPass",
+    "PassContractError",
+    "counters",
+]

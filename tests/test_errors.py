@@ -169,13 +169,24 @@ def test_rewriting_twice_is_refused():
 
 
 def test_bad_bias_mode_and_non_lora_modules():
-    with pytest.raises(FxLoraError, match="bias must be one of"):
+    with pytest.raises(fxlora.ArgumentError, match="bias must be one of"):
         fxlora.rewrite(TinyTransformer(), [fxlora.Rule("head", r=1, alpha=1)], bias="some")
     plain = torch.fx.symbolic_trace(TinyTransformer())
-    with pytest.raises(FoldError, match="no LoRA sites"):
-        fxlora.fold(plain)
-    with pytest.raises(FxLoraError, match="no LoRA sites"):
-        fxlora.lora_state_dict(plain)
+    calls = [
+        lambda m: fxlora.fold(m),
+        lambda m: fxlora.lora_state_dict(m),
+        lambda m: fxlora.load_lora_state_dict(m, {}),
+        lambda m: fxlora.mark_only_lora_as_trainable(m),
+        lambda m: fxlora.save_lora(m, "unused.safetensors"),
+        lambda m: fxlora.load_lora(m, "unused.safetensors"),
+        lambda m: fxlora.save_peft_adapter(m, "unused"),
+        lambda m: fxlora.load_peft_adapter(m, "unused"),
+        lambda m: fxlora.lora_parameter_names(m),
+    ]
+    for module in (plain, TinyTransformer()):  # one error type, from one helper, everywhere
+        for call in calls:
+            with pytest.raises(fxlora.NotRewrittenError, match="expects the graph module returned by fxlora.rewrite"):
+                call(module)
 
 
 def _gm():

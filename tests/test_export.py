@@ -68,10 +68,11 @@ def test_onnx_of_folded_model_has_the_base_operator_count(case, tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_torchscript_and_exported_program_are_verified(case, tmp_path):
     _, folded, gm, x = _folded(case)
-    ts = export.to_torchscript(folded, tmp_path / "m.pt", x)
-    torch.testing.assert_close(ts(*x), gm(*x), atol=1e-5, rtol=1e-5)
+    ts = export.to_torchscript(folded, x, tmp_path / "m.pt")
+    torch.testing.assert_close(ts.artifact(*x), gm(*x), atol=1e-5, rtol=1e-5)
     ep = export.to_exported_program(folded, x, tmp_path / "m.pt2")
-    torch.testing.assert_close(ep.module()(*x), gm(*x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ep.artifact.module()(*x), gm(*x), atol=1e-5, rtol=1e-5)
+    assert ts.path == tmp_path / "m.pt" and ep.path == tmp_path / "m.pt2" and ts.max_abs_diff <= 1e-5
     assert (tmp_path / "m.pt").exists() and (tmp_path / "m.pt2").exists()
     assert not list(tmp_path.glob(".*tmp*"))
 
@@ -97,6 +98,10 @@ def test_mismatch_reports_the_largest_difference():
     assert export.compare((a, b), [a, b], "artifact") == 0.0
 
 
-def test_export_refuses_a_non_module(tmp_path):
+def test_export_refuses_a_non_module_and_the_old_argument_order(tmp_path):
     with pytest.raises(ExportError, match="expects an nn.Module"):
-        export.to_torchscript("model", tmp_path / "x.pt")
+        export.to_torchscript("model", None, tmp_path / "x.pt")
+    _, folded, _, x = _folded("linear")
+    with pytest.raises(ExportError, match=r"takes \(module, example_inputs, path\)"):
+        export.to_torchscript(folded, tmp_path / "x.pt", x)
+    assert not (tmp_path / "x.pt").exists()

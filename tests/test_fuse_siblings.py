@@ -76,13 +76,23 @@ def test_gradients_reach_every_fused_factor():
         torch.testing.assert_close(fused.get_parameter(name).grad, plain.get_parameter(name).grad, atol=1e-6, rtol=1e-5)
 
 
-def test_branches_with_dropout_or_masks_keep_their_own_matmul():
+def test_branches_with_dropout_keep_their_own_matmul_and_masked_ones_fuse():
     torch.manual_seed(0)
     rules = [Rule("q", r=4, alpha=8, dropout=0.1), Rule("k", r=2, alpha=2), Rule("v", r=4, alpha=8, enable_lora=[True, False])]
-    gm = fxlora.rewrite(Attention(), rules, fuse_siblings=True)
-    assert not _fused_groups(gm) and _a_matmuls(gm) == 3
+    model = Attention()
+    plain = fxlora.rewrite(model, rules)
+    randomize_lora(plain)
+    before = fxlora.passes.counters["fuse_siblings"]["groups"]
+    gm = fxlora.rewrite(model, rules, fuse_siblings=True)
+    fxlora.load_lora_state_dict(gm, fxlora.lora_state_dict(plain))
+    assert fxlora.passes.counters["fuse_siblings"]["groups"] == before + 1
+    assert _fused_groups(gm) == [["k", "v"]] and _a_matmuls(gm) == 2  # q reads its own dropout output
+    plain.eval(), gm.eval()
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(gm(x), plain(x), atol=1e-6, rtol=1e-6)
     result = fxlora.passes.fuse_siblings(gm)
-    assert result.modified is False  # nothing to fuse: the pass says so
+    assert result.modified is False  # nothing left to fuse: the pass says so
+    assert fxlora.passes.counters["fuse_siblings"]["groups"] == before + 1
 
 
 def test_merge_on_eval_with_fused_branches():

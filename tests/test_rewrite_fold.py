@@ -174,7 +174,7 @@ def test_graph_records_provenance():
     assert sites["blocks.0.qkv"].rule == repr(rules[0]) and sites["blocks.0.qkv"].rule_index == 0
     assert sites["blocks.1.proj"].rule_index == 1 and sites["emb"].rule_index == 2
     roles = {n.meta["fxlora"]["role"] for n in gm.graph.nodes if "fxlora" in n.meta}
-    assert roles == {"base", "lora_A", "lora_B", "branch", "add"}
+    assert roles == {"base", "lora_A", "lora_B", "shrink", "expand", "add"}
     for n in gm.graph.nodes:
         if n.meta.get("fxlora", {}).get("role") == "add":
             assert n.args[0].meta["fxlora"]["role"] == "base"

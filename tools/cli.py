@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import fxlora
-from fxlora.report import FORMATS
+from fxlora.reporting import FORMATS
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE = 0, 1, 2
 

@@ -143,7 +143,7 @@ def run_demo(steps: int = 120, out: str | None = None, onnx: bool = True, seed: 
         check(same_graph, f"folded graph is the base graph: {len(folded.graph.nodes)} nodes, no LoRA node left")
         example = (x_eval[:4],)
         try:
-            export.to_torchscript(folded, workdir / "folded.torchscript.pt", example)
+            export.to_torchscript(folded, example, workdir / "folded.torchscript.pt")
             check(True, "TorchScript file saved, reloaded and verified")
         except fxlora.FxLoraError as e:
             check(False, f"TorchScript export: {e}")

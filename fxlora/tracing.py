@@ -1,4 +1,4 @@
-"""Capturing a model as a ``torch.fx`` graph without touching the model.
+"""Capturing a model as a ``torch.fx`` graph without touching the model: symbolic tracing and torch.export.
 
 :func:`shadow_copy` gives a module tree made of *new* module and parameter objects over the *same*
 parameter storage: fxlora can then register LoRA parameters, freeze or unfreeze, and swap weights on
@@ -10,7 +10,6 @@ them in place during training, which must not leak into the caller's model).
 from __future__ import annotations
 
 import copy
-import operator
 import os
 import traceback
 from typing import Any, Iterable, Sequence
@@ -20,10 +19,12 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Tracer
 
 from .errors import TraceError
+from .passes import make_mode_aware
 
-__all__ = ["shadow_copy", "trace", "copy_graph_module", "export_capture", "make_mode_aware", "TrainingFlag"]
+__all__ = ["shadow_copy", "trace", "copy_graph_module", "export_capture"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_FXLORA_DIR = os.path.dirname(__file__)
 
 
 def shadow_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
@@ -76,12 +77,17 @@ def _clone_buffer(b: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
 
 
 class _Tracer(Tracer):
-    """``torch.fx.Tracer`` with extra leaf modules, by type or by qualified name."""
+    """``torch.fx.Tracer`` with extra leaf modules, by type or by qualified name.
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
+    Constructible without arguments: a ``GraphModule`` keeps its tracer class and calls it with none when
+    it is unpickled.
+    """
+
+    def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
         super().__init__()
-        self._leaf_types = leaf_types
-        self._leaf_names = leaf_names
+        leaves = list(leaf_modules)
+        self._leaf_types = tuple(leaf for leaf in leaves if isinstance(leaf, type))
+        self._leaf_names = frozenset(leaf for leaf in leaves if isinstance(leaf, str))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
@@ -91,23 +97,18 @@ class _Tracer(Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _split_leaves(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], frozenset[str]]:
-    types, names = [], []
-    for leaf in leaf_modules:
-        if isinstance(leaf, type) and issubclass(leaf, nn.Module):
-            types.append(leaf)
-        elif isinstance(leaf, str):
-            names.append(leaf)
-        else:
-            raise TraceError(f"leaf_modules entries must be nn.Module subclasses or qualified names, got {leaf!r}.")
-    return tuple(types), frozenset(names)
-
-
-def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
-    """The innermost traceback frame outside torch: the model code that failed to trace."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    frames = [f for f in frames if not f.filename.endswith(os.path.join("fxlora", "capture.py"))]
-    return frames[-1] if frames else None
+def _failing_line(exc: BaseException) -> str:
+    """A sentence naming the innermost traceback frame outside torch and fxlora (the model code that
+    could not be captured), or "" when there is none."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_FXLORA_DIR)
+    ]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" The failing line is {f.filename}:{f.lineno} in {f.name}(): {(f.line or '').strip()!r}."
 
 
 def trace(
@@ -127,17 +128,12 @@ def trace(
     if isinstance(model, GraphModule):
         return _shadow_graph_module_root(model), copy.deepcopy(model.graph)
     root = shadow_copy(model)
-    leaf_types, leaf_names = _split_leaves(leaf_modules)
-    tracer = _Tracer(leaf_types, leaf_names)
+    tracer = _Tracer(leaf_modules)
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one TraceError
-        frame = _user_frame(e)
-        where = ""
-        if frame is not None:
-            where = f" The failing line is {frame.filename}:{frame.lineno} in {frame.name}(): {(frame.line or '').strip()!r}."
         raise TraceError(
-            f"torch.fx.symbolic_trace could not trace {type(model).__name__}: {type(e).__name__}: {e}.{where} "
+            f"torch.fx.symbolic_trace could not trace {type(model).__name__}: {type(e).__name__}: {e}.{_failing_line(e)} "
             "Symbolic tracing runs forward() on Proxy objects, so Python control flow on tensor values, "
             "calls into non-torch code and shape-dependent logic fail. Try: concrete_args={...} to fix the "
             "inputs that drive the branch; leaf_modules=[SubmoduleType or 'qualified.name'] to keep the "
@@ -148,87 +144,17 @@ def trace(
 
 
 def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, **kwargs: Any) -> GraphModule:
-    """A new ``cls`` over a shadow copy of ``gm``'s modules and a copy of its graph (meta included)."""
+    """A new ``cls`` over a shadow copy of ``gm``'s modules and a copy of its graph and ``meta`` (the
+    nodes' and the module's: fxlora's records travel with the copy)."""
     root = _shadow_graph_module_root(gm)
-    return cls(root, copy.deepcopy(gm.graph), type(gm).__name__, **kwargs)
+    out = cls(root, copy.deepcopy(gm.graph), type(gm).__name__, **kwargs)
+    out.meta = copy.deepcopy(getattr(gm, "meta", {}))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- #
 # torch.export capture
 # --------------------------------------------------------------------------------------------- #
-
-
-class TrainingFlag(nn.Module):
-    """Returns its own ``training`` flag, so graph ops that torch.export fixed to the capture mode
-    (``aten.dropout(x, p, train)``, ``scaled_dot_product_attention(..., dropout_p)``,
-    ``batch_norm(..., training, ...)``) follow ``.train()`` / ``.eval()`` again."""
-
-    def forward(self) -> bool:
-        return self.training
-
-
-_FLAG = "_fxlora_training"
-
-
-def _mode_dependent_args() -> dict[Any, tuple[int, str, str]]:
-    """op -> (position, name, how) of its mode-dependent argument: ``how`` is "bool" (pass the flag) or
-    "scale" (multiply the captured value by it)."""
-    aten = torch.ops.aten
-    table: dict[Any, tuple[int, str, str]] = {
-        aten.dropout.default: (2, "train", "bool"),
-        aten.feature_dropout.default: (2, "train", "bool"),
-        aten.alpha_dropout.default: (2, "train", "bool"),
-        aten.feature_alpha_dropout.default: (2, "train", "bool"),
-        aten.scaled_dot_product_attention.default: (4, "dropout_p", "scale"),
-        aten.batch_norm.default: (5, "training", "bool"),
-        aten._native_batch_norm_legit_functional.default: (5, "training", "bool"),
-    }
-    return table
-
-
-def make_mode_aware(gm: GraphModule) -> int:
-    """Replace the capture-time constants of mode-dependent ops by the module's live training flag.
-
-    Returns how many ops were changed.
-    """
-    table = _mode_dependent_args()
-    graph = gm.graph
-    flag: torch.fx.Node | None = None
-    changed = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in table:
-            continue
-        position, name, how = table[node.target]
-        if position < len(node.args):
-            value = node.args[position]
-        else:
-            value = node.kwargs.get(name, None)
-        if isinstance(value, torch.fx.Node):
-            continue
-        if how == "bool" and value is not True:
-            continue  # captured in eval mode: nothing to make live
-        if how == "scale" and not value:
-            continue
-        if flag is None:
-            gm.add_submodule(_FLAG, TrainingFlag())
-            first = next(n for n in graph.nodes if n.op != "placeholder")
-            with graph.inserting_before(first):
-                flag = graph.call_module(_FLAG, ())
-        new_value: Any = flag
-        if how == "scale":
-            with graph.inserting_before(node):
-                new_value = graph.call_function(operator.mul, (float(value), flag))
-        if position < len(node.args):
-            args = list(node.args)
-            args[position] = new_value
-            node.args = tuple(args)
-        else:
-            node.kwargs = {**node.kwargs, name: new_value}
-        changed += 1
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return changed
 
 
 def export_capture(
@@ -239,7 +165,7 @@ def export_capture(
     dynamic_shapes: Any = "auto",
 ) -> tuple[nn.Module, GraphModule]:
     """Capture a shadow copy of ``model`` with ``torch.export`` (non-strict), in training mode, and
-    return ``(root, graph_module)`` with mode-dependent ops made live (see :func:`make_mode_aware`).
+    return ``(root, graph_module)`` with mode-dependent ops made live (``fxlora.passes.make_mode_aware``).
 
     ``dynamic_shapes="auto"`` marks every dimension of every tensor input ``Dim.AUTO``; pass ``None`` for
     a graph specialised to the example shapes, or torch.export's own ``dynamic_shapes`` spec.
@@ -267,13 +193,9 @@ def export_capture(
             error = e
     else:
         assert error is not None
-        frame = _user_frame(error)
-        where = ""
-        if frame is not None:
-            where = f" The failing line is {frame.filename}:{frame.lineno} in {frame.name}(): {(frame.line or '').strip()!r}."
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TraceError(
-            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {first}.{where} "
+            f"torch.export could not capture {type(model).__name__}: {type(error).__name__}: {first}.{_failing_line(error)} "
             "Check that the example inputs are what forward() expects (for Hugging Face decoders pass "
             "example_kwargs={'use_cache': False}); see torch.export's documentation for unsupported constructs."
         ) from error

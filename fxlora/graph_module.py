@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule
 
+from .folding import fold
+
 
 __all__ = ["LoraGraphModule"]
 
@@ -73,8 +75,6 @@ class LoraGraphModule(GraphModule):
 
     def merged_module(self) -> GraphModule:
         """The folded module that eval mode runs with ``merge_on_eval`` (built or refreshed on demand)."""
-        from .api import fold
-
         stamp = self._stamp()
         cache = self.__dict__.get("_fxlora_cache")
         if cache is None or cache[0] != stamp:

@@ -20,8 +20,12 @@ from tabulate import tabulate
 from torch import nn
 from torch.fx import GraphModule
 
-from .errors import FxLoraError
-from .lora import SiteSpec, fold_fidelity, graph_sites, kind_of
+from .errors import ArgumentError
+from .lora import SiteSpec, fold_fidelity, kind_of
+from .options import CaptureOptions
+from .pipeline import plan as make_plan
+from .provenance import graph_sites
+from .resolution import Plan
 from .rules import Rule
 
 __all__ = ["Report", "ReportRow", "report", "FORMATS"]
@@ -42,6 +46,8 @@ class ReportRow:
     lora_params: int
     erased: float | None = None  # fidelity: fraction of the update rounding erases
     rel_error: float | None = None  # fidelity: relative error of the effective update
+    shadowed: tuple[str, ...] = ()  # other rules that also selected the site, and lost to ``rule``
+    rule_repr: str = ""  # the winning rule in full
 
     @property
     def rank_text(self) -> str:
@@ -102,6 +108,7 @@ class Report:
             d = asdict(row)
             d["weight_shape"] = list(row.weight_shape)
             d["enable_lora"] = None if row.enable_lora is None else list(row.enable_lora)
+            d["shadowed"] = list(row.shadowed)
             rows.append(d)
         return {
             "sites": rows,
@@ -147,7 +154,7 @@ class Report:
 
     def render(self, fmt: str = "table") -> str:
         if fmt not in FORMATS:
-            raise FxLoraError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+            raise ArgumentError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2)
         if fmt == "csv":
@@ -160,7 +167,17 @@ class Report:
         tablefmt = "github" if fmt == "markdown" else "simple"
         colalign = ["left"] * 7 + ["right"] * (len(self._headers()) - 7)
         table = tabulate([self._cells(r) for r in self.rows], headers=self._headers(), tablefmt=tablefmt, colalign=colalign)
-        return table + "\n\n" + "\n".join(self.summary_lines())
+        return table + "\n\n" + "\n".join(self.summary_lines() + self.shadow_lines())
+
+    def shadow_lines(self) -> list[str]:
+        """One line per site that several rules select: which rule won, which lost (the precedence is an
+        exact name over a pattern over a type, then the rule listed first)."""
+        return [
+            f"note: '{row.name}' is also selected by {', '.join(row.shadowed)}, which lose to the rule "
+            f"{row.rule_repr}"
+            for row in self.rows
+            if row.shadowed
+        ]
 
     def __str__(self) -> str:
         return self.render("table")
@@ -197,7 +214,13 @@ def _site_base_params(gm: GraphModule, spec_weight_shape: Sequence[int], bias: s
     return n
 
 
-def _row(gm: GraphModule, spec: SiteSpec, lora_params: int, fidelity: tuple[float, float] | None) -> ReportRow:
+def _row(
+    gm: GraphModule,
+    spec: SiteSpec,
+    lora_params: int,
+    fidelity: tuple[float, float] | None,
+    shadowed: tuple[Rule, ...] = (),
+) -> ReportRow:
     return ReportRow(
         name=spec.name,
         kind=spec.kind,
@@ -210,6 +233,8 @@ def _row(gm: GraphModule, spec: SiteSpec, lora_params: int, fidelity: tuple[floa
         lora_params=lora_params,
         erased=None if fidelity is None else fidelity[0],
         rel_error=None if fidelity is None else fidelity[1],
+        shadowed=tuple(map(repr, shadowed)),
+        rule_repr=spec.rule,
     )
 
 
@@ -219,29 +244,23 @@ def _model_totals(module: nn.Module, exclude: set[str]) -> tuple[int, int]:
 
 
 def report(
-    model: nn.Module,
+    model: nn.Module | Plan,
     rules: Rule | Sequence[Rule] | None = None,
     *,
     fidelity: torch.dtype | None = None,
-    example_inputs: Sequence[Any] | None = None,
-    example_kwargs: dict[str, Any] | None = None,
-    capture: str = "auto",
-    concrete_args: dict[str, Any] | None = None,
-    leaf_modules: Sequence[type | str] = (),
-    dynamic_shapes: Any = "auto",
+    capture: CaptureOptions | str | None = None,
+    **capture_kwargs: Any,
 ) -> Report:
-    """The parameter budget of adapting ``model`` with ``rules`` (see the module docstring); the capture
-    arguments are :func:`fxlora.capture`'s."""
-    from .api import CaptureOptions, _capture, _capture_and_plan
-    from .plan import find_candidates
-    from .rules import as_rules
+    """The parameter budget of adapting ``model`` with ``rules`` (see the module docstring).
 
-    opts = CaptureOptions(example_inputs, example_kwargs, capture, concrete_args, leaf_modules, dynamic_shapes)
-
-    sites = graph_sites(model) if isinstance(model, GraphModule) else {}
+    ``model`` may be a model (captured and planned by :func:`fxlora.plan`, with the same capture options),
+    a :class:`~fxlora.resolution.Plan`, or a module returned by :func:`fxlora.rewrite` (its sites, and
+    with ``fidelity=dtype`` how much of each update survives folding into ``dtype`` weights).
+    """
+    sites = graph_sites(model)
     if sites:
         if rules is not None:
-            raise FxLoraError("this module is already rewritten: report it without rules, or pass the base model.")
+            raise ArgumentError("this module is already rewritten: report it without rules, or pass the base model.")
         lora = {n for s in sites.values() for n in (s.lora_A, s.lora_B)}
         rows = []
         for spec in sites.values():
@@ -254,13 +273,20 @@ def report(
         return Report(rows, base, nbytes, adapted=True, fidelity_dtype=fidelity)
 
     if fidelity is not None:
-        raise FxLoraError(
+        raise ArgumentError(
             "fidelity needs trained LoRA weights: pass the module returned by fxlora.rewrite (with its adapter "
             "loaded), not the base model."
         )
-    base, nbytes = _model_totals(model, set())
-    if rules is None:
-        gm, root = _capture(model, opts)
+    if isinstance(model, Plan):
+        if rules is not None or capture is not None or capture_kwargs:
+            raise ArgumentError("report(plan) reports the plan as it is: give no rules or capture options.")
+        the_plan = model
+        base, nbytes = _model_totals(the_plan.graph_module, set())
+    else:
+        the_plan = make_plan(model, rules, capture=capture, **capture_kwargs)
+        base, nbytes = _model_totals(model, set())
+    gm = the_plan.graph_module
+    if not the_plan.rules:
         rows = [
             ReportRow(
                 name=c.name,
@@ -273,13 +299,12 @@ def report(
                 base_params=_site_base_params(gm, c.weight_shape, c.bias),
                 lora_params=0,
             )
-            for c in find_candidates(gm, root)
+            for c in the_plan.candidates
             if c.kind
         ]
         return Report(rows, base, nbytes, adapted=False)
-    gm, _, plan = _capture_and_plan(model, as_rules(rules), opts)
     rows = []
-    for site in plan.sites:
+    for site in the_plan.sites:
         shape_a, shape_b = kind_of(site.spec).shapes(site.spec)
-        rows.append(_row(gm, site.spec, _numel(shape_a) + _numel(shape_b), None))
+        rows.append(_row(gm, site.spec, _numel(shape_a) + _numel(shape_b), None, site.shadowed))
     return Report(rows, base, nbytes, adapted=True)

@@ -1,0 +1,195 @@
+"""fxlora's pipeline: capture -> plan -> rewrite, one path for every entry point.
+
+:func:`capture`, :func:`plan` and :func:`rewrite` (and :func:`fxlora.report`, which calls :func:`plan`)
+take the model positionally and every option by keyword; the capture options are one
+:class:`~fxlora.options.CaptureOptions` (``capture=``, or its fields as keywords), resolved by
+:func:`~fxlora.options.capture_options` and run by the one internal function :func:`_capture`.  The
+model passed in is never modified: capture works on a shadow copy (new module objects over the same
+parameter storage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+from torch import nn
+from torch.fx import GraphModule
+
+from .errors import ArgumentError, RuleError, TraceError
+from .graph_module import LoraGraphModule
+from .lora import DEFAULT_ADAPTER
+from .options import CaptureOptions, capture_options
+from .passes import FuseSiblings, RewritePass
+from .resolution import Plan, make_plan
+from .rules import Rule, as_rules
+from .state import BIAS_MODES, mark_only_lora_as_trainable
+from .tracing import copy_graph_module, export_capture, trace
+
+__all__ = ["capture", "plan", "rewrite"]
+
+logger = logging.getLogger("fxlora")
+
+CAPTURE_META = "fxlora_capture"  # gm.meta key: "symbolic_trace", "torch.export" or "graph_module"
+
+
+def _capture(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, nn.Module]:
+    """The captured graph module, and the full module tree it was captured from (for names and types)."""
+    if isinstance(model, GraphModule):
+        root, graph = trace(model)
+        gm = LoraGraphModule(root, graph, type(model).__name__)
+        gm.meta[CAPTURE_META] = model.meta.get(CAPTURE_META, "graph_module")
+        return gm, root
+    if opts.method in ("auto", "symbolic"):
+        try:
+            root, graph = trace(model, concrete_args=opts.concrete_args, leaf_modules=opts.leaf_modules)
+            gm = LoraGraphModule(root, graph, type(model).__name__)
+            gm.meta[CAPTURE_META] = "symbolic_trace"
+            return gm, root
+        except TraceError as e:
+            if opts.method == "symbolic":
+                raise
+            if not opts.has_examples:
+                raise TraceError(
+                    f"{e} Or pass example_inputs=(...) (and example_kwargs) so that fxlora can capture "
+                    "the model with torch.export instead."
+                ) from e.__cause__
+            logger.info("symbolic tracing failed (%s); capturing with torch.export", str(e).split(". ")[0])
+    root, exported = export_capture(
+        model, tuple(opts.example_inputs or ()), dict(opts.example_kwargs or {}), dynamic_shapes=opts.dynamic_shapes
+    )
+    gm = LoraGraphModule(exported, exported.graph, type(model).__name__)
+    gm.meta[CAPTURE_META] = "torch.export"
+    gm.train(model.training)  # captured in training mode; hand it back in the caller's mode
+    return gm, root
+
+
+def _plan(model: nn.Module, rules: list[Rule], opts: CaptureOptions, adapter: str) -> Plan:
+    """Capture and resolve the rules (raising before any change).  With ``method="auto"`` and example
+    inputs, a symbolic graph in which the rules cannot select their sites (they sit inside a module the
+    symbolic tracer keeps opaque, such as ``nn.MultiheadAttention``) is captured again with torch.export."""
+    gm, root = _capture(model, opts)
+    try:
+        return make_plan(gm, rules, root, adapter=adapter)
+    except RuleError:
+        if not (opts.method == "auto" and gm.meta.get(CAPTURE_META) == "symbolic_trace" and opts.has_examples):
+            raise
+    logger.info("the rules do not resolve on the symbolic graph; capturing with torch.export")
+    gm, root = _capture(model, dataclasses.replace(opts, method="export"))
+    return make_plan(gm, rules, root, adapter=adapter)
+
+
+def _check_model(model: Any, where: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"{where} expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}.")
+
+
+def _check_adapter_name(adapter: Any) -> str:
+    if not isinstance(adapter, str) or not adapter.isidentifier():
+        raise ArgumentError(
+            f"an adapter name must be a Python identifier (letters, digits and underscores, such as 'sst2'), got "
+            f"{adapter!r}: it becomes part of the LoRA parameters' attribute names."
+        )
+    return adapter
+
+
+def capture(model: nn.Module, *positional: Any, capture: CaptureOptions | str | None = None, **capture_kwargs: Any) -> LoraGraphModule:
+    """Capture ``model`` as a graph module without modifying it.
+
+    ``capture`` is a :class:`CaptureOptions` or its ``method`` (``"auto"``, ``"symbolic"``, ``"export"``);
+    the other keywords are fields of :class:`CaptureOptions` (``example_inputs``, ``example_kwargs``,
+    ``concrete_args``, ``leaf_modules``, ``dynamic_shapes``) and override it.
+    ``gm.meta["fxlora_capture"]`` says which capture was used (``"symbolic_trace"`` or
+    ``"torch.export"``).  The result can be passed to :func:`rewrite`.
+    """
+    if positional:
+        raise ArgumentError(
+            "fxlora.capture takes the capture options as keywords: capture(model, example_inputs=(...), "
+            "example_kwargs={...})."
+        )
+    _check_model(model, "fxlora.capture")
+    return _capture(model, capture_options(capture, capture_kwargs, "capture"))[0]
+
+
+def plan(
+    model: nn.Module,
+    rules: Rule | Sequence[Rule] | None = None,
+    *,
+    adapter: str = DEFAULT_ADAPTER,
+    capture: CaptureOptions | str | None = None,
+    **capture_kwargs: Any,
+) -> Plan:
+    """Resolve ``rules`` against ``model`` without rewriting anything: which site gets which rule.
+
+    Returns a :class:`~fxlora.resolution.Plan` bound to the graph module it captured; pass it to
+    :func:`rewrite` (``fxlora.rewrite(plan)``) to apply it, or to :func:`fxlora.report` to print it.
+    Without rules, the plan selects nothing and lists every candidate site.  Capture options as for
+    :func:`capture`.
+    """
+    _check_model(model, "fxlora.plan")
+    opts = capture_options(capture, capture_kwargs, "plan")
+    return _plan(model, [] if rules is None else as_rules(rules), opts, _check_adapter_name(adapter))
+
+
+def rewrite(
+    model: nn.Module | Plan,
+    rules: Rule | Sequence[Rule] | None = None,
+    *,
+    adapter: str = DEFAULT_ADAPTER,
+    bias: str = "none",
+    merge_on_eval: bool = False,
+    fuse_siblings: bool = False,
+    capture: CaptureOptions | str | None = None,
+    **capture_kwargs: Any,
+) -> LoraGraphModule:
+    """Add a LoRA side branch ``B(A(dropout(x))) * alpha / r`` at every site the rules select.
+
+    Args:
+        model: any ``nn.Module`` (captured as :func:`capture` says), a ``GraphModule``, or a
+            :class:`~fxlora.resolution.Plan` from :func:`plan` (then give no rules and no capture options).
+        rules: one :class:`fxlora.Rule` or a list; see :mod:`fxlora.rules` for matching and precedence.
+        adapter: the adapter's name; its parameters are ``<site>.lora_A`` / ``<site>.lora_B`` for the
+            default adapter (loralib's keys) and ``<site>.lora_A_<adapter>`` otherwise.
+        bias: which biases train besides the LoRA parameters: ``"none"``, ``"all"`` or ``"lora_only"``
+            (the biases of adapted sites), as loralib's ``mark_only_lora_as_trainable``.
+        merge_on_eval: run the folded model in eval mode (see :class:`fxlora.LoraGraphModule`; costs a
+            copy of each adapted weight while in eval mode).
+        fuse_siblings: run ``fxlora.passes.fuse_siblings``: linear branches that read the same input
+            (q, k and v projections) share one shrink matmul.  Same parameters and state dict.
+        capture, **capture_kwargs: how to capture the model: see :func:`capture`.  Hugging Face
+            transformers models need ``torch.export``: pass example inputs (and
+            ``example_kwargs={"use_cache": False}`` for decoders).  Dropout, attention dropout and batch
+            norm captured by ``torch.export`` follow ``.train()`` / ``.eval()`` of the result.
+
+    Returns:
+        A new :class:`LoraGraphModule`.  It shares the base weights' storage with ``model`` (nothing is
+        copied but buffers and trainable biases) and leaves ``model`` unchanged.  Each site's nodes carry
+        ``node.meta["fxlora"]`` with the site, its role and its :class:`fxlora.SiteSpec`, which records
+        the rule that selected it.
+    """
+    if bias not in BIAS_MODES:
+        raise ArgumentError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
+    if isinstance(model, Plan):
+        if rules is not None or capture is not None or capture_kwargs or adapter != DEFAULT_ADAPTER:
+            raise ArgumentError(
+                "rewrite(plan) applies the plan as it is: give no rules, adapter or capture options (make a new "
+                "plan with fxlora.plan(model, rules, ...) instead)."
+            )
+        the_plan = model
+        gm = copy_graph_module(the_plan.graph_module, LoraGraphModule)
+    else:
+        _check_model(model, "fxlora.rewrite")
+        if rules is None:
+            raise RuleError("rewrite needs rules: fxlora.rewrite(model, [fxlora.Rule('*.q', r=8, alpha=16)]).")
+        opts = capture_options(capture, capture_kwargs, "rewrite")
+        the_plan = _plan(model, as_rules(rules), opts, _check_adapter_name(adapter))
+        gm = the_plan.graph_module
+    if not the_plan.sites:
+        raise RuleError("the plan selects no site: give rules that select at least one site.")
+    RewritePass(the_plan)(gm)
+    if fuse_siblings:
+        FuseSiblings()(gm)
+    gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
+    mark_only_lora_as_trainable(gm, bias)
+    return gm

@@ -1,0 +1,269 @@
+"""Rule resolution: which candidate site gets which rule, validated, before anything changes.
+
+Like FX quantization's qconfig resolution, every candidate site of the graph is found first
+(:mod:`fxlora.sites`), every rule is resolved against them with a documented precedence (an exact
+name beats a pattern, which beats a type; within a tier the rule listed first wins), every selected
+site is validated (:mod:`fxlora.ties` included) and given its :class:`~fxlora.lora.SiteSpec`.  The
+result is a :class:`Plan`, bound to the graph module it was made for and keyed by node *names*; the
+rewrite pass applies it, the report prints it.  A rule that selects nothing, or a site that cannot be
+adapted as asked, raises :class:`~fxlora.errors.RuleError` with an explanation before any change.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from torch import nn
+from torch.fx import GraphModule
+
+from .errors import RuleError
+from .lora import DEFAULT_ADAPTER, SiteSpec
+from .provenance import node_info
+from .rules import Rule
+from .sites import SUPPORTED, Candidate, find_candidates, try_submodule
+from .ties import check_ties
+
+__all__ = ["Plan", "PlannedSite", "make_plan", "lora_names"]
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    """One site of a plan: its spec, where its branches go, and the rules that chose it."""
+
+    spec: SiteSpec
+    calls: tuple[tuple[str, int | str], ...]  # (call node name, where it takes the branch input), one per call
+    rule: Rule
+    shadowed: tuple[Rule, ...] = ()  # other rules that also matched this site, and lost to ``rule``
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved rules of one graph module: what :func:`fxlora.rewrite` would do, with nothing done.
+
+    ``graph_module`` is the captured module the plan was made for; ``sites`` are the selected sites in
+    graph order; ``candidates`` every site a rule could have selected (their nodes belong to
+    ``graph_module``).  :func:`fxlora.rewrite` accepts a plan in place of a model; the rewrite pass
+    refuses a graph the plan was not made for.
+    """
+
+    graph_module: GraphModule
+    sites: tuple[PlannedSite, ...]
+    rules: tuple[Rule, ...]
+    candidates: tuple[Candidate, ...] = field(repr=False)
+    adapter: str = DEFAULT_ADAPTER
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __iter__(self):
+        return iter(self.sites)
+
+    def mismatch(self, gm: GraphModule) -> str | None:
+        """Why this plan does not fit ``gm``'s graph (a call it names is missing or different), or None."""
+        ours = {n.name: n for n in self.graph_module.graph.nodes}
+        theirs = {n.name: n for n in gm.graph.nodes}
+        for site in self.sites:
+            for call, _ in site.calls:
+                mine, other = ours.get(call), theirs.get(call)
+                if other is None:
+                    return f"node '{call}' of site '{site.name}' is not in the graph"
+                if mine is not None and (mine.op, mine.target) != (other.op, other.target):
+                    return f"node '{call}' of site '{site.name}' is {other.format_node()} in the graph"
+        return None
+
+
+def lora_names(owner: str, prefix: str, adapter: str) -> tuple[str, str, str]:
+    """Qualified names of a site's ``lora_A``, ``lora_B`` and dropout module for ``adapter``.
+
+    The default adapter uses loralib's names (``<module>.lora_A``); another adapter ``name`` appends it
+    (``<module>.lora_A_name``).  A functional site on a parameter not called ``weight`` prefixes the
+    parameter's name (``w1_lora_A``).
+    """
+    suffix = "" if adapter == DEFAULT_ADAPTER else f"_{adapter}"
+
+    def qual(attr: str) -> str:
+        return f"{owner}.{prefix}{attr}{suffix}" if owner else f"{prefix}{attr}{suffix}"
+
+    return qual("lora_A"), qual("lora_B"), qual("lora_dropout")
+
+
+def _rule_matches(rule: Rule, cand: Candidate) -> bool:
+    if isinstance(rule.target, type):
+        return rule.matches_module(cand.module)
+    return any(rule.matches_name(n) for n in cand.names)
+
+
+def make_plan(
+    gm: GraphModule,
+    rules: Sequence[Rule],
+    root: nn.Module | None = None,
+    *,
+    adapter: str = DEFAULT_ADAPTER,
+) -> Plan:
+    """Resolve ``rules`` against ``gm``'s candidate sites and validate every site; change nothing.
+
+    ``root`` is the module tree ``gm`` was captured from (for names and types; default ``gm``).
+    """
+    root = gm if root is None else root
+    candidates = find_candidates(gm, root)
+    for cand in candidates:
+        if any(node_info(n) is not None for n in cand.nodes):
+            raise RuleError(
+                f"'{cand.name}' already carries a LoRA branch (this graph module was made by fxlora.rewrite). "
+                "Fold it first (fxlora.fold) to stack a new adapter on the merged weights."
+            )
+    winners: dict[int, tuple[Rule, int, list[Rule]]] = {}
+    for index, rule in enumerate(rules):
+        matched_any = False
+        for cand in candidates:
+            if not cand.kind or not _rule_matches(rule, cand):
+                continue
+            matched_any = True
+            current = winners.get(id(cand))
+            if current is None or (rule.tier, index) < (current[0].tier, current[1]):
+                lost = [] if current is None else [current[0], *current[2]]
+                winners[id(cand)] = (rule, index, lost)
+            else:
+                current[2].append(rule)
+        if not matched_any:
+            raise RuleError(explain_unmatched(rule, candidates, root))
+    selected = [(c, *winners[id(c)]) for c in candidates if c.kind and id(c) in winners]
+    check_ties(gm, [(cand, repr(rule)) for cand, rule, _, _ in selected])
+    sites = tuple(
+        PlannedSite(
+            spec=_make_spec(gm, cand, rule, index, adapter),
+            calls=tuple((node.name, where) for node, where in zip(cand.nodes, cand.inputs)),
+            rule=rule,
+            shadowed=tuple(lost),
+        )
+        for cand, rule, index, lost in selected
+    )
+    return Plan(graph_module=gm, sites=sites, rules=tuple(rules), candidates=tuple(candidates), adapter=adapter)
+
+
+def explain_unmatched(rule: Rule, candidates: Sequence[Candidate], root: nn.Module) -> str:
+    """Why ``rule`` selects no site, with the names or types the user may have meant."""
+    module_names = [n for n, _ in root.named_modules(remove_duplicate=False) if n]
+    called = {n for c in candidates for n in c.names}
+    site_names = [c.name for c in candidates if c.kind]
+    if isinstance(rule.target, type):
+        hits = [n for n, m in root.named_modules() if n and isinstance(m, rule.target)]
+        if hits:
+            return (
+                f"{rule!r} selects no site: modules of type {rule.target.__name__} exist ({', '.join(hits[:5])}) "
+                f"but none is called in the traced graph (they run inside a leaf module, or are unused). "
+                f"Sites fxlora can adapt here: {', '.join(site_names[:8]) or 'none'}."
+            )
+        present = sorted({type(m).__name__ for _, m in root.named_modules()})
+        return (
+            f"{rule!r} selects no site: the model has no {rule.target.__name__}. Module types present: "
+            f"{', '.join(present[:12])}."
+        )
+    matched = [n for n in module_names if rule.matches_name(n)]
+    if matched:
+        lines = []
+        for n in matched[:5]:
+            cand = next((c for c in candidates if n in c.names), None)
+            if cand is not None and cand.reason:
+                lines.append(f"'{n}' ({cand.reason})")
+            elif n not in called:
+                mod = root.get_submodule(n)
+                if list(mod.children()):
+                    child_sites = [s for s in site_names if s.startswith(n + ".")][:4]
+                    hint = f"; its sites are {', '.join(child_sites)}" if child_sites else ""
+                    lines.append(f"'{n}' ({type(mod).__name__} is a container, not a site{hint})")
+                else:
+                    lines.append(
+                        f"'{n}' ({type(mod).__name__} is never called as a module in the traced graph: it is "
+                        "unused or runs inside a leaf module)"
+                    )
+        return f"{rule!r} matched only modules fxlora cannot adapt: " + "; ".join(lines) + f". fxlora adapts {SUPPORTED}."
+    text = rule.target[3:] if rule.target.startswith("re:") else rule.target  # type: ignore[union-attr]
+    pool = list(dict.fromkeys(site_names + module_names))
+    close = difflib.get_close_matches(text, pool, n=5, cutoff=0.4)
+    if not close:
+        close = pool[:5]
+    return f"{rule!r} matched no module or site. Closest qualified names: {', '.join(close) or '(the model has none)'}."
+
+
+def _make_spec(gm: GraphModule, cand: Candidate, rule: Rule, rule_index: int, adapter: str) -> SiteSpec:
+    def fail(why: str) -> RuleError:
+        return RuleError(f"{rule!r} selects '{cand.name}' ({cand.type_name}), but {why}")
+
+    shape = cand.weight_shape
+    kind = cand.kind
+    fan = False
+    if kind == "linear":
+        if cand.layout_from_graph is not None:
+            fan = cand.layout_from_graph
+            if rule.fan_in_fan_out is not None and rule.fan_in_fan_out != fan:
+                how = "x @ W (weight stored (in, out))" if fan else "F.linear(x, W) (weight stored (out, in))"
+                raise fail(
+                    f"the graph computes {how}, which contradicts fan_in_fan_out={rule.fan_in_fan_out}. "
+                    "Drop fan_in_fan_out from the rule: fxlora reads the layout from the graph."
+                )
+        elif cand.custom_leaf:
+            fan = bool(rule.fan_in_fan_out)
+        elif rule.fan_in_fan_out:
+            raise fail(
+                "nn.Linear always stores its weight as (out, in); fan_in_fan_out=True is for modules that compute "
+                "x @ W + b with W stored (in, out), such as GPT-2's Conv1D. Drop fan_in_fan_out from the rule."
+            )
+        out_f, in_f = (shape[1], shape[0]) if fan else (shape[0], shape[1])
+    elif kind == "embedding":
+        in_f, out_f = shape
+    else:
+        out_f, in_f = shape[0], shape[1] * cand.op["groups"]
+    if rule.enable_lora is not None:
+        if kind != "linear":
+            raise fail("enable_lora applies only to linear (fused projection) sites. Use a separate rule for it.")
+        if out_f % len(rule.enable_lora) != 0:
+            raise fail(
+                f"enable_lora has {len(rule.enable_lora)} entries, which does not divide its {out_f} output "
+                f"features. Give one entry per equal slice of the fused output (e.g. 3 for q, k, v)."
+            )
+    if rule.fan_in_fan_out is not None and kind != "linear":
+        raise fail("fan_in_fan_out applies only to linear sites.")
+    if kind == "conv" and rule.r % cand.op["groups"] != 0:
+        raise fail(
+            f"it is a grouped convolution (groups={cand.op['groups']}) and r={rule.r} is not divisible by the "
+            "number of groups; each group gets rank r / groups. Choose r as a multiple of groups."
+        )
+    lora_A, lora_B, dropout_module = lora_names(cand.owner, cand.prefix, adapter)
+    owner_mod = try_submodule(gm, cand.owner)
+    for qualname in (lora_A, lora_B, dropout_module):
+        attr = qualname.rpartition(".")[2]
+        if owner_mod is not None and hasattr(owner_mod, attr):
+            raise fail(
+                f"'{cand.owner or '<root>'}' already has an attribute '{attr}' (a LoRA layer from another "
+                "library?). Apply fxlora to the plain base model."
+            )
+    dropout = rule.dropout if kind != "embedding" else 0.0
+    return SiteSpec(
+        name=cand.name,
+        kind=kind,  # type: ignore[arg-type]
+        weight=cand.weight,
+        bias=cand.bias,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        dropout_module=dropout_module if dropout > 0 else None,
+        weight_shape=shape,
+        in_features=in_f,
+        out_features=out_f,
+        r=rule.r,
+        alpha=rule.alpha,
+        dropout=dropout,
+        rule=repr(rule),
+        rule_index=rule_index,
+        rule_target=rule.target_text,
+        enable_lora=rule.enable_lora,
+        fan_in_fan_out=fan,
+        op=dict(cand.op),
+        adapter=adapter,
+    )

@@ -1,0 +1,110 @@
+"""Fold pass: constant-fold the LoRA branches into their base weights and remove them.
+
+For each adapted weight it computes ``W + sum(coeff * delta(A, B))`` over the adapters being folded
+(by default the active ones, each with coefficient 1) in float32 (float64 for float64 weights), rounds
+it once to ``W``'s dtype (or to ``dtype`` when given), and installs it as a *new* parameter in place of
+the base weight.  Then it erases exactly the nodes the rewrite pass added (found by their role), and
+removes every adapter's LoRA parameters and dropout modules and fxlora's records.  The result is the
+base model's graph, node for node.
+
+It never writes into an existing tensor: run on a copy (as :func:`fxlora.fold` does), it leaves the
+original graph module, its LoRA parameters and its base weights bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from fxlora import provenance
+from fxlora.errors import FoldError
+from fxlora.lora import merged_weight
+
+from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
+
+__all__ = ["FoldPass", "fold"]
+
+
+class FoldPass(FxLoraPass):
+    """Fold the adapters named in ``weights`` (name -> coefficient; default: the active ones, 1 each)."""
+
+    name = "fold"
+
+    def __init__(self, dtype: torch.dtype | None = None, weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.weights = None if weights is None else dict(weights)
+
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        if self.weights is not None:
+            known = provenance.adapters_of(gm)
+            check_contract(all(name in known for name in self.weights), f"fold: unknown adapters in {self.weights}")
+
+    def call(self, gm: GraphModule) -> PassResult:
+        adapters = provenance.adapters_of(gm)
+        if not adapters:
+            return PassResult(gm, False)
+        weights = self.weights if self.weights is not None else {a: 1.0 for a in provenance.active_adapters(gm)}
+
+        updates: dict[str, list] = defaultdict(list)  # weight name -> [(A, B, spec, coeff)]
+        for name, coeff in weights.items():
+            for spec in adapters[name].values():
+                updates[spec.weight].append((gm.get_parameter(spec.lora_A), gm.get_parameter(spec.lora_B), spec, coeff))
+        merged: dict[str, torch.Tensor] = {}
+        for weight, terms in updates.items():  # compute and check everything before changing anything
+            w = merged_weight(gm.get_parameter(weight), terms, dtype=self.dtype)
+            if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+                spec = terms[0][2]
+                raise FoldError(
+                    f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its lora_A/lora_B or base "
+                    "weight hold NaN or Inf (diverged training?). Nothing was folded; reload a good checkpoint."
+                )
+            merged[weight] = w
+
+        for weight, value in merged.items():
+            owner, _, attr = weight.rpartition(".")
+            old = gm.get_parameter(weight)
+            setattr(gm.get_submodule(owner), attr, nn.Parameter(value, requires_grad=old.requires_grad))
+
+        graph = gm.graph
+        for node in list(graph.nodes):
+            info = provenance.node_info(node)
+            if info is not None and info["role"] == provenance.ADD:
+                node.replace_all_uses_with(node.args[0])
+        for node in reversed(list(graph.nodes)):
+            info = provenance.node_info(node)
+            if info is None:
+                continue
+            if info["role"] == provenance.BASE:
+                del node.meta[provenance.META_KEY]
+            else:
+                graph.erase_node(node)
+
+        for specs in adapters.values():
+            for spec in specs.values():
+                for qualname in (spec.lora_A, spec.lora_B, spec.dropout_module):
+                    if qualname is None:
+                        continue
+                    owner, _, attr = qualname.rpartition(".")
+                    delattr(gm.get_submodule(owner), attr)
+        provenance.forget_sites(gm)
+        counters[self.name]["weights"] += len(merged)
+        finalize(gm)
+        return PassResult(gm, True)
+
+    def ensures(self, gm: GraphModule) -> None:
+        super().ensures(gm)
+        check_contract(
+            not any(provenance.node_info(n) for n in gm.graph.nodes) and not provenance.adapters_of(gm),
+            "fold left LoRA nodes or records in the graph",
+        )
+
+
+def fold(gm: GraphModule, dtype: torch.dtype | None = None, weights: Mapping[str, float] | None = None) -> PassResult:
+    """Run :class:`FoldPass` on ``gm`` (in place)."""
+    return FoldPass(dtype, weights)(gm)

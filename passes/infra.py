@@ -1,0 +1,51 @@
+"""What every fxlora pass shares: torch's ``PassBase`` contract, a firing counter, and the finish.
+
+A pass is a :class:`torch.fx.passes.infra.pass_base.PassBase`: ``pass_(gm)`` runs ``requires(gm)``,
+``call(gm) -> PassResult`` and ``ensures(gm)``, so it plugs into torch's ``PassManager``.  ``call``
+edits ``gm`` in place and says ``modified=True`` only when it changed the graph.  Each pass counts
+what it did in :data:`counters` (``counters["fuse_siblings"]["groups"]``...), as Inductor's passes do,
+so that a caller can tell how often it fired.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+__all__ = ["FxLoraPass", "PassResult", "counters", "finalize", "check_contract", "PassContractError"]
+
+#: pass name -> Counter of what it did, over the life of the process.
+counters: defaultdict[str, Counter[str]] = defaultdict(Counter)
+
+
+class PassContractError(AssertionError):
+    """A pass's ``requires`` or ``ensures`` check failed: a bug in the caller or in the pass, not bad user
+    input (user input is validated before any pass runs)."""
+
+
+class FxLoraPass(PassBase):
+    """Base of fxlora's passes: ``requires`` checks the graph is well formed before the pass, ``ensures``
+    that it still is after; subclasses add their own conditions."""
+
+    name = "fxlora_pass"
+
+    def requires(self, graph_module: GraphModule) -> None:
+        check_contract(isinstance(graph_module, GraphModule), f"{self.name} runs on a torch.fx.GraphModule")
+
+    def ensures(self, graph_module: GraphModule) -> None:
+        graph_module.graph.lint()
+
+
+def check_contract(condition: bool, what: str) -> None:
+    if not condition:
+        raise PassContractError(what)
+
+
+def finalize(gm: GraphModule) -> None:
+    """Check the edited graph and regenerate ``gm``'s code (recompile last).  Passes erase the nodes they
+    make obsolete themselves: no dead-code elimination here, which would also drop the *model's* unused
+    nodes and make the graph differ from the captured one."""
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,161 @@
+"""Rewrite pass: add a LoRA side branch at every site of a plan.
+
+For each planned site it registers ``lora_A`` / ``lora_B`` (and an ``nn.Dropout`` when the rule has
+dropout) on the module that owns the site, then after every call node of the site inserts::
+
+    a   = get_attr <site>.lora_A                       # role lora_A
+    b   = get_attr <site>.lora_B                       # role lora_B
+    xd  = call_module <site>.lora_dropout (x)          # role dropout, only with dropout > 0
+    h   = ... the kind's shrink(xd, a) ...             # role shrink
+    y   = ... the kind's expand(h, b) ...              # role expand
+    out = add(base_out, y)                             # role add
+
+and redirects the users of ``base_out`` to ``out``.  The math is recorded from :mod:`fxlora.lora` by
+calling it on proxies.  A module called several times gets one pair of parameters read by every
+call's branch.  Every created node gets the base node's ``nn_module_stack`` and ``stack_trace`` and
+``meta["fxlora"]`` (see :mod:`fxlora.provenance`); the site's spec is recorded on the module.
+
+The pass is idempotent: a site already adapted for the plan's adapter is left alone, so it reports
+``modified=False`` when run again.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node, Proxy
+from torch.fx.proxy import GraphAppendingTracer
+
+from fxlora import provenance
+from fxlora.lora import SiteSpec, kind_of
+from fxlora.resolution import Plan
+
+from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
+
+__all__ = ["RewritePass", "rewrite", "add_branch", "input_of", "module_at"]
+
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+class RewritePass(FxLoraPass):
+    """Apply a :class:`~fxlora.resolution.Plan` made for this graph (see the module docstring)."""
+
+    name = "rewrite"
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        why = self.plan.mismatch(gm)
+        check_contract(why is None, f"the plan was made for another graph: {why}")
+
+    def call(self, gm: GraphModule) -> PassResult:
+        done = provenance.graph_sites(gm, self.plan.adapter)
+        todo = [site for site in self.plan.sites if site.name not in done]
+        if not todo:
+            return PassResult(gm, False)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for site in todo:
+            _add_parameters(gm, site.spec)
+            for call, where in site.calls:
+                node = nodes[call]
+                add_branch(gm, site.spec, node, input_of(node, where))
+            provenance.record_site(gm, site.spec)
+        counters[self.name]["sites"] += len(todo)
+        finalize(gm)
+        return PassResult(gm, True)
+
+    def ensures(self, gm: GraphModule) -> None:
+        super().ensures(gm)
+        adds = {
+            n.args[0].name
+            for n in gm.graph.nodes
+            if (info := provenance.node_info(n)) is not None and info["role"] == provenance.ADD
+            and info["adapter"] == self.plan.adapter
+        }
+        for site in self.plan.sites:
+            check_contract(all(call in adds for call, _ in site.calls), f"site '{site.name}' has a call without a branch")
+
+
+def rewrite(gm: GraphModule, plan: Plan) -> PassResult:
+    """Run :class:`RewritePass` with ``plan`` on ``gm`` (in place)."""
+    return RewritePass(plan)(gm)
+
+
+def input_of(node: Node, where: int | str) -> Node:
+    """The node a site's call ``node`` takes as the branch input, read when the branch is added (an
+    earlier branch may have redirected it: a module called twice reads its first call's adapted output)."""
+    return node.args[where] if isinstance(where, int) else node.kwargs[where]  # type: ignore[return-value]
+
+
+def _add_parameters(gm: GraphModule, spec: SiteSpec) -> None:
+    weight = gm.get_parameter(spec.weight)
+    shape_a, shape_b = kind_of(spec).shapes(spec)
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    A = nn.Parameter(torch.empty(shape_a, **factory))
+    B = nn.Parameter(torch.empty(shape_b, **factory))
+    with torch.no_grad():
+        kind_of(spec).init_(A, B)
+    # Registered before any get_attr reads them.
+    for qualname, value in ((spec.lora_A, A), (spec.lora_B, B)):
+        owner, _, attr = qualname.rpartition(".")
+        module_at(gm, owner).register_parameter(attr, value)
+    if spec.dropout_module is not None:
+        owner, _, attr = spec.dropout_module.rpartition(".")
+        module_at(gm, owner).add_module(attr, nn.Dropout(spec.dropout))
+
+
+def module_at(gm: GraphModule, path: str) -> nn.Module:
+    """The submodule at ``path``, creating empty containers on the way (a captured graph module holds
+    only the modules and attributes its graph reads)."""
+    mod: nn.Module = gm
+    for part in path.split(".") if path else []:
+        child = mod._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    return mod
+
+
+def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, x: Node) -> Node:
+    """Insert ``spec``'s branch after the call ``node`` (whose branch input is ``x``) and return the new
+    ``add`` node, which the former users of ``node`` now read."""
+    graph = gm.graph
+    tracer = GraphAppendingTracer(graph)
+    kind = kind_of(spec)
+    anchor = node.next
+    roles: dict[Node, str] = {}
+
+    def mark(role: str) -> None:  # every node recorded since the last mark plays ``role``
+        cursor = anchor.prev
+        while cursor is not node and cursor not in roles:
+            roles[cursor] = role
+            cursor = cursor.prev
+
+    with graph.inserting_before(anchor):  # keeps the inserted nodes in program order
+        a = graph.get_attr(spec.lora_A)
+        mark(provenance.LORA_A)
+        b = graph.get_attr(spec.lora_B)
+        mark(provenance.LORA_B)
+        if spec.dropout_module is not None:
+            x = graph.call_module(spec.dropout_module, (x,))
+            mark(provenance.DROPOUT)
+        h = kind.shrink(Proxy(x, tracer), Proxy(a, tracer), spec)
+        mark(provenance.SHRINK)
+        y = kind.expand(h, Proxy(b, tracer), spec)
+        mark(provenance.EXPAND)
+        out = graph.call_function(operator.add, (node, y.node))
+        mark(provenance.ADD)
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+
+    base_meta = {k: node.meta[k] for k in _COPIED_META if k in node.meta}
+    provenance.tag(node, spec, provenance.BASE)
+    for new, role in roles.items():
+        new.meta.update(base_meta)
+        provenance.tag(new, spec, role)
+    return out
