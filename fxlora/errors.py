@@ -13,6 +13,7 @@ class                  also a            raised when
 ``FoldError``          ``ValueError``    an update cannot be folded (non-finite values)
 ``ExportError``        ``RuntimeError``  an export failed, or the artifact does not reproduce the module
 ``NotRewrittenError``  ``TypeError``     a function that needs a module made by :func:`fxlora.rewrite` got another
+``LoraOpError``        ``ValueError``    a LoRA op (``fxlora.ops``) got tensors of mismatched shapes, dtypes or devices
 =====================  ================  =====================================================
 
 Every message names the rule, node, key or file at fault and says how to fix it.  fxlora raises before
@@ -30,6 +31,7 @@ __all__ = [
     "FoldError",
     "ExportError",
     "NotRewrittenError",
+    "LoraOpError",
 ]
 
 
@@ -67,3 +69,8 @@ class NotRewrittenError(FxLoraError, TypeError):
 
     Raised by one helper, :func:`fxlora.provenance.require_sites`, everywhere this can happen.
     """
+
+
+class LoraOpError(FxLoraError, ValueError):
+    """A LoRA op (:mod:`fxlora.ops`) got tensors of mismatched shapes, dtypes or devices, or a bad path
+    name."""

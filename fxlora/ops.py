@@ -96,7 +96,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .errors import FxLoraError
+from .errors import LoraOpError
 
 __all__ = [
     "lora_linear",
@@ -115,10 +115,6 @@ __all__ = [
     "triton_available",
     "LoraOpError",
 ]
-
-
-class LoraOpError(FxLoraError, ValueError):
-    """A LoRA op was called with tensors of mismatched shapes, dtypes or devices, or a bad path name."""
 
 
 #: The paths :func:`set_path` accepts.

@@ -46,7 +46,7 @@ def test_rewrite_train_fold_on_cuda(dtype):
     for name, spec in fxlora.graph_sites(gm).items():
         W, A, B = (gm.get_parameter(n) for n in (spec.weight, spec.lora_A, spec.lora_B))
         assert folded.get_parameter(spec.weight).device.type == "cuda"
-        expected = fxlora.lora.merged_weight(W.cpu(), A.cpu(), B.cpu(), spec)
+        expected = fxlora.lora.merged_weight(W.cpu(), [(A.cpu(), B.cpu(), spec, 1.0)])
         torch.testing.assert_close(folded.get_parameter(spec.weight).cpu(), expected, atol=1e-6, rtol=0)
 
 
