@@ -12,10 +12,9 @@ import importlib
 import inspect
 from pathlib import Path
 
-import networkx as nx
-
 import fxlora
 import fxlora.errors
+import networkx as nx
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"fxlora": ROOT / "fxlora", "fxlora.passes": ROOT / "passes", "fxlora.tools": ROOT / "tools"}

@@ -7,11 +7,12 @@ import subprocess
 import sys
 import textwrap
 
+import fxlora
 import pytest
 import torch
-
-import fxlora
 from fxlora.tools.cli import main, parse_budget
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROBERTA_RULES = """
 [[rule]]
@@ -184,3 +185,38 @@ def test_demo_runs_end_to_end(capsys):
     out = capsys.readouterr().out
     assert "every check passed" in out and "FAIL" not in out
     assert "ONNX operator count equals the base model's" in out and "latency" in out
+
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=200))
+def test_cli_never_shows_a_traceback_on_any_rules_file(tmp_path, capsys, text):
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    code = main(["report", "fxlora.zoo:gpt2_tiny", "--rules", str(path), "--format", "json"])
+    err = capsys.readouterr().err
+    assert code in (0, 2)
+    assert "Traceback" not in err
+    if code == 2:
+        assert err.startswith("fxlora report: ") and len(err.strip().splitlines()) == 1
+
+
+_arg = st.one_of(
+    st.sampled_from(["report", "paper", "demo", "--rules", "--format", "--budget", "--meta", "--fidelity", "--adapter",
+                     "fxlora.zoo:gpt2_tiny", "fxlora.zoo:nope", "os:getcwd", "json", "1%", "-1", "bf16", "x:y:z", ""]),
+    st.text(max_size=10),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(_arg, max_size=6))
+def test_cli_fuzzed_arguments_exit_cleanly(capsys, argv):
+    if argv[:1] == ["demo"]:
+        argv = ["demo", "--steps", "x"]  # keep the fuzz fast: a demo run is tested elsewhere
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own exits (--help, usage errors)
+        code = e.code
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2)
+    assert "Traceback" not in err

@@ -6,11 +6,10 @@ and the same behaviour is covered on CPU by the rest of the suite.
 
 from __future__ import annotations
 
+import fxlora
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fxlora
 from fxlora import Rule, zoo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

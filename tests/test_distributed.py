@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import socket
 
+import fxlora
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
-import fxlora
 from fxlora import zoo
 
 RULES = [fxlora.Rule("transformer.h.*.attn.c_attn", r=4, alpha=8, enable_lora=[True, False, True])]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import fxlora
 import pytest
 import torch
-from torch import nn
-
-import fxlora
 from fxlora import export
 from fxlora.export import ExportError
+from torch import nn
+
 from helpers import ConvNet, TinyTransformer, randomize_lora
 
 

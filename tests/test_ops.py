@@ -18,10 +18,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from fxlora import ops
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from fxlora import ops
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24, torch.float64: 2**-53}
 ROUNDINGS = {"triton": 2, "addmm": 3, "composite": 4}

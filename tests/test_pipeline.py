@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import fxlora
 import pytest
 import torch
+from fxlora import passes
 from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-import fxlora
-from fxlora import passes
 from helpers import TinyTransformer, op_sequence, randomize_lora
 
 RULES = [fxlora.Rule("blocks.*.qkv", r=2, alpha=4, enable_lora=[True, False, True]), fxlora.Rule("head", r=3, alpha=3)]

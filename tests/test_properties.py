@@ -13,27 +13,25 @@ the fuse-siblings pass.  Invariants:
 4. fold's graph has the base graph's op sequence and state-dict keys;
 5. save -> load into a fresh rewrite round-trips every LoRA tensor and the output bit-exactly.
 
-The run is seeded from FXLORA_HYPOTHESIS_SEED (random when unset) and the seed is printed with any
-failure: rerun with FXLORA_HYPOTHESIS_SEED=<seed> to reproduce.
+The run is seeded from FXLORA_HYPOTHESIS_SEED (0 when unset, so a CI failure reproduces; set it to explore
+other cases) and the seed is printed with any failure: rerun with FXLORA_HYPOTHESIS_SEED=<seed>.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import random
 import re
 
+import fxlora
 import torch
 import torch.nn.functional as F
+from fxlora import Rule
 from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import fxlora
-from fxlora import Rule
-
-SEED = int(os.environ.get("FXLORA_HYPOTHESIS_SEED", random.randrange(2**32)))
+SEED = int(os.environ.get("FXLORA_HYPOTHESIS_SEED", "0"))
 EXAMPLES = int(os.environ.get("FXLORA_HYPOTHESIS_EXAMPLES", "520"))
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2}
 
@@ -199,7 +197,7 @@ def case(draw):
 
 
 @seed(SEED)
-@settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
+@settings(max_examples=EXAMPLES, deadline=None, print_blob=True, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(case())
 def test_rewrite_and_fold_invariants(tmp_path_factory, drawn):

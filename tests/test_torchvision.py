@@ -4,10 +4,9 @@ carries the same tests, see test_hf.py), and a check that the zoo model is torch
 
 from __future__ import annotations
 
+import fxlora
 import pytest
 import torch
-
-import fxlora
 from fxlora import Rule, zoo
 
 torchvision = pytest.importorskip("torchvision")

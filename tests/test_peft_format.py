@@ -6,12 +6,11 @@ from __future__ import annotations
 import copy
 import json
 
+import fxlora
 import pytest
 import torch
-from torch import nn
-
-import fxlora
 from fxlora import CheckpointError, Rule
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

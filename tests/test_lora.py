@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
+import fxlora
 import pytest
 import torch
 import torch.nn.functional as F
+from fxlora.lora import delta_weight
 from torch import nn
 
-import fxlora
-from fxlora.lora import delta_weight
 from helpers import op_sequence, randomize_lora
 
 CONVS = {

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import copy
 
+import fxlora
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import fxlora
 from fxlora import Rule, zoo
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import fxlora
 import loralib
 import torch
 from torch import nn
 
-import fxlora
 from helpers import TinyTransformer, randomize_lora
 
 RULES = [fxlora.Rule("blocks.*.qkv", r=4, alpha=8, enable_lora=[True, False, True]), fxlora.Rule("head", r=2, alpha=4)]
@@ -42,8 +42,12 @@ def test_off_keeps_the_branches_in_eval():
 
 
 def test_1000_toggles_leave_every_weight_bit_identical():
-    gm = _gm()
-    x = torch.randint(0, 40, (2, 6))
+    # a model small enough that 1000 refolds are cheap; the drift loralib shows needs no more (see below)
+    torch.manual_seed(0)
+    tiny = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    gm = fxlora.rewrite(tiny, [fxlora.Rule("0", r=2, alpha=4), fxlora.Rule("2", r=2, alpha=3)], merge_on_eval=True)
+    randomize_lora(gm)
+    x = torch.randn(3, 8)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     for _ in range(1000):
         gm.eval()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import fxlora
 import torch
 import torch.nn.functional as F
+from fxlora import Rule
 from torch import nn
 
-import fxlora
-from fxlora import Rule
 from helpers import op_sequence, randomize_lora
 
 

@@ -6,13 +6,13 @@ the same architecture with loralib's layers swapped in by hand, as loralib's use
 
 from __future__ import annotations
 
+import fxlora
 import loralib
 import pytest
 import torch
+import torch.fx.passes.shape_prop  # noqa: F401
 from torch import nn
 
-import fxlora
-import torch.fx.passes.shape_prop  # noqa: F401
 from helpers import Conv1D
 
 ATOL = 1e-5

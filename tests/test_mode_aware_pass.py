@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import copy
 
+import fxlora
 import torch
 from torch import nn
-
-import fxlora
 
 
 class ConvBNDrop(nn.Module):
