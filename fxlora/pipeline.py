@@ -22,7 +22,7 @@ from .graph_module import LoraGraphModule
 from .lora import DEFAULT_ADAPTER
 from .options import CaptureOptions, capture_options
 from .passes import FuseSiblings, RewritePass
-from .resolution import Plan, make_plan
+from .resolution import MODULE_TYPES_META, Plan, make_plan
 from .rules import Rule, as_rules
 from .state import BIAS_MODES, mark_only_lora_as_trainable
 from .tracing import copy_graph_module, export_capture, trace
@@ -35,7 +35,15 @@ CAPTURE_META = "fxlora_capture"  # gm.meta key: "symbolic_trace", "torch.export"
 
 
 def _capture(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, nn.Module]:
-    """The captured graph module, and the full module tree it was captured from (for names and types)."""
+    """The captured graph module, and the full module tree it was captured from (for names and types;
+    the types are also recorded in ``gm.meta["fxlora_module_types"]`` for later plans on the graph)."""
+    gm, root = _capture_graph(model, opts)
+    types = getattr(model, "meta", {}).get(MODULE_TYPES_META) if isinstance(model, GraphModule) else None
+    gm.meta[MODULE_TYPES_META] = dict(types) if types else {n: type(m) for n, m in root.named_modules() if n}
+    return gm, root
+
+
+def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, nn.Module]:
     if isinstance(model, GraphModule):
         root, graph = trace(model)
         gm = LoraGraphModule(root, graph, type(model).__name__)

@@ -32,6 +32,7 @@ __all__ = [
     "EXPAND",
     "ADD",
     "tag",
+    "tag_base",
     "node_info",
     "record_site",
     "forget_sites",
@@ -58,8 +59,14 @@ ROLES = (BASE, LORA_A, LORA_B, DROPOUT, SHRINK, EXPAND, ADD)
 
 def tag(node: Node, spec: SiteSpec, role: str) -> None:
     """Record that ``node`` plays ``role`` in ``spec``'s branch."""
-    assert role in ROLES, role
+    assert role in ROLES and role != BASE, role
     node.meta[META_KEY] = {"site": spec.name, "adapter": spec.adapter, "role": role, "spec": spec}
+
+
+def tag_base(node: Node, site: str, where: int | str) -> None:
+    """Record that ``node`` is a call of ``site`` (shared by every adapter of the site), taking the
+    branch input at ``where`` (an index into ``node.args`` or a keyword)."""
+    node.meta[META_KEY] = {"site": site, "adapter": None, "role": BASE, "input": where}
 
 
 def node_info(node: Node) -> dict[str, Any] | None:
@@ -110,7 +117,7 @@ def adapters_of(gm: Any) -> dict[str, dict[str, SiteSpec]]:
     found: dict[str, dict[str, SiteSpec]] = {}
     for node in gm.graph.nodes:
         info = node_info(node)
-        if info is not None:
+        if info is not None and info["role"] != BASE:
             found.setdefault(info["adapter"], {}).setdefault(info["site"], info["spec"])
     return found
 

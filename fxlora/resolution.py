@@ -25,7 +25,10 @@ from .rules import Rule
 from .sites import SUPPORTED, Candidate, find_candidates, try_submodule
 from .ties import check_ties
 
-__all__ = ["Plan", "PlannedSite", "make_plan", "lora_names"]
+__all__ = ["Plan", "PlannedSite", "make_plan", "lora_names", "MODULE_TYPES_META"]
+
+#: ``gm.meta`` key of the model's module types by qualified name, recorded at capture.
+MODULE_TYPES_META = "fxlora_module_types"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def lora_names(owner: str, prefix: str, adapter: str) -> tuple[str, str, str]:
 
 def _rule_matches(rule: Rule, cand: Candidate) -> bool:
     if isinstance(rule.target, type):
-        return rule.matches_module(cand.module)
+        return rule.matches_type(cand.module_type)
     return any(rule.matches_name(n) for n in cand.names)
 
 
@@ -105,19 +108,26 @@ def make_plan(
     root: nn.Module | None = None,
     *,
     adapter: str = DEFAULT_ADAPTER,
+    add_to_existing: bool = False,
 ) -> Plan:
     """Resolve ``rules`` against ``gm``'s candidate sites and validate every site; change nothing.
 
-    ``root`` is the module tree ``gm`` was captured from (for names and types; default ``gm``).
+    ``root`` is the module tree ``gm`` was captured from (for names and types; default ``gm``, with the
+    types recorded at capture in ``gm.meta["fxlora_module_types"]``).  A graph that already carries
+    LoRA branches is refused unless ``add_to_existing`` (:func:`fxlora.add_adapter`), which plans one
+    more adapter beside the others.
     """
+    types = getattr(gm, "meta", {}).get(MODULE_TYPES_META) if root is None else None
     root = gm if root is None else root
-    candidates = find_candidates(gm, root)
-    for cand in candidates:
-        if any(node_info(n) is not None for n in cand.nodes):
-            raise RuleError(
-                f"'{cand.name}' already carries a LoRA branch (this graph module was made by fxlora.rewrite). "
-                "Fold it first (fxlora.fold) to stack a new adapter on the merged weights."
-            )
+    candidates = find_candidates(gm, root, types)
+    if not add_to_existing:
+        for cand in candidates:
+            if any(node_info(n) is not None for n in cand.nodes):
+                raise RuleError(
+                    f"'{cand.name}' already carries a LoRA branch (this graph module was made by fxlora.rewrite). "
+                    "Add another adapter with fxlora.add_adapter, or fold it first (fxlora.fold) to stack a new "
+                    "adapter on the merged weights."
+                )
     winners: dict[int, tuple[Rule, int, list[Rule]]] = {}
     for index, rule in enumerate(rules):
         matched_any = False
@@ -153,7 +163,8 @@ def explain_unmatched(rule: Rule, candidates: Sequence[Candidate], root: nn.Modu
     called = {n for c in candidates for n in c.names}
     site_names = [c.name for c in candidates if c.kind]
     if isinstance(rule.target, type):
-        hits = [n for n, m in root.named_modules() if n and isinstance(m, rule.target)]
+        types = {n: type(m) for n, m in root.named_modules() if n}
+        hits = [n for n, t in types.items() if issubclass(t, rule.target)]
         if hits:
             return (
                 f"{rule!r} selects no site: modules of type {rule.target.__name__} exist ({', '.join(hits[:5])}) "

@@ -132,8 +132,9 @@ class Rule:
             return re.fullmatch(t[3:], name) is not None
         return fnmatch.fnmatchcase(name, t)
 
-    def matches_module(self, module: torch.nn.Module | None) -> bool:
-        return isinstance(self.target, type) and module is not None and isinstance(module, self.target)
+    def matches_type(self, module_type: type | None) -> bool:
+        """Whether this type rule selects modules of ``module_type`` (always False for name rules)."""
+        return isinstance(self.target, type) and module_type is not None and issubclass(module_type, self.target)
 
     def __repr__(self) -> str:
         t = self.target_text if isinstance(self.target, type) else repr(self.target)

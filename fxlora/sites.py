@@ -32,6 +32,8 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.operator_schemas import normalize_function
 
+from .provenance import BASE, node_info
+
 __all__ = [
     "Candidate",
     "SiteOp",
@@ -170,6 +172,7 @@ class Candidate:
     inputs: list[int | str] = field(default_factory=list)  # where each call takes its branch input (arg index or kwarg)
     views: list[Node] = field(default_factory=list)  # transposes of the weight that feed the calls
     module: nn.Module | None = None
+    module_type: type | None = None  # the model's own type for the module (type rules match it)
     names: tuple[str, ...] = ()  # every qualified name a rule may use for it
     weight: str = ""  # qualified name of the weight parameter in the graph module
     bias: str | None = None
@@ -275,7 +278,9 @@ def _tuple(value: Any, default: int, ndim: int) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * ndim
 
 
-def _functional_candidate(gm: GraphModule, node: Node, root: nn.Module) -> Candidate | None:
+def _functional_candidate(
+    gm: GraphModule, node: Node, root: nn.Module, module_types: dict[str, type]
+) -> Candidate | None:
     site_op = SITE_OPS[node.target]  # type: ignore[index]
     args = op_arguments(node)
     source = weight_source(gm, args.get(site_op.weight))
@@ -290,6 +295,8 @@ def _functional_candidate(gm: GraphModule, node: Node, root: nn.Module) -> Candi
     else:
         name, prefix, module = (f"{owner}.{attr}" if owner else attr), f"{attr}_", None
     cand = Candidate(name=name, kind=None, names=(name,), weight=wname, owner=owner, prefix=prefix, module=module)
+    if prefix == "":
+        cand.module_type = module_types.get(owner, type(module) if module is not None else None)
     cand.weight_shape = tuple(weight.shape)
     cand.type_name = getattr(node.target, "__name__", str(node.target))
     cand.nodes = [node]
@@ -353,16 +360,24 @@ def _where(node: Node, x: Node) -> int | str:
     return next(k for k, v in node.kwargs.items() if v is x)
 
 
-def find_candidates(gm: GraphModule, root: nn.Module | None = None) -> list[Candidate]:
+def find_candidates(
+    gm: GraphModule, root: nn.Module | None = None, module_types: dict[str, type] | None = None
+) -> list[Candidate]:
     """Every call site in ``gm`` that a rule may select, in graph order, one per module or weight *use*.
 
     ``root`` is the module tree the graph was captured from (for qualified names, aliases and types);
-    it defaults to ``gm`` itself.
+    it defaults to ``gm`` itself.  ``module_types`` (qualified name -> type, recorded at capture) gives
+    the model's own types where ``root`` holds plain containers (a torch.export graph module).  Nodes
+    that fxlora added (LoRA branches) are never candidates.
     """
     root = gm if root is None else root
+    module_types = module_types or {}
     aliases = _module_names(root)
     by_key: dict[tuple[Any, ...], Candidate] = {}
     for node in gm.graph.nodes:
+        info = node_info(node)
+        if info is not None and info["role"] != BASE:
+            continue
         if node.op == "call_module":
             key: tuple[Any, ...] = ("module", node.target)
             if key not in by_key:
@@ -371,6 +386,7 @@ def find_candidates(gm: GraphModule, root: nn.Module | None = None) -> list[Cand
                 names = tuple(dict.fromkeys([node.target, *aliases.get(id(original), [])]))
                 cand = Candidate(name=node.target, kind=None, module=mod, names=names, owner=node.target)
                 _classify_module(cand, mod)
+                cand.module_type = module_types.get(node.target, type(original))
                 cand.weight = f"{node.target}.weight" if cand.kind else ""
                 by_key[key] = cand
             cand = by_key[key]
@@ -380,7 +396,7 @@ def find_candidates(gm: GraphModule, root: nn.Module | None = None) -> list[Cand
             cand.nodes.append(node)
             cand.inputs.append(0 if node.args else next(iter(node.kwargs), ""))
         elif node.op == "call_function" and node.target in SITE_OPS:
-            fc = _functional_candidate(gm, node, root)
+            fc = _functional_candidate(gm, node, root, module_types)
             if fc is None:
                 continue
             key = ("function", fc.name, fc.kind, fc.layout_from_graph)

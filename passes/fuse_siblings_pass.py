@@ -32,9 +32,9 @@ __all__ = ["FuseSiblings", "fuse_siblings"]
 
 
 def _groups(gm: GraphModule) -> list[list[Node]]:
-    """Groups (in graph order, two or more each) of linear shrink nodes ``F.linear(x, A)`` that read the
-    same ``x`` and whose A factors share a dtype."""
-    by_input: dict[tuple[Node, torch.dtype], list[Node]] = defaultdict(list)
+    """Groups (in graph order, two or more each) of one adapter's linear shrink nodes ``F.linear(x, A)``
+    that read the same ``x`` and whose A factors share a dtype."""
+    by_input: dict[tuple[Node, torch.dtype, str], list[Node]] = defaultdict(list)
     for node in gm.graph.nodes:
         info = provenance.node_info(node)
         if info is None or info["role"] != provenance.SHRINK or info["spec"].kind != "linear":
@@ -44,7 +44,7 @@ def _groups(gm: GraphModule) -> list[list[Node]]:
         x, a = node.args
         if not (isinstance(a, Node) and a.op == "get_attr" and isinstance(x, Node)):
             continue
-        by_input[(x, gm.get_parameter(a.target).dtype)].append(node)
+        by_input[(x, gm.get_parameter(a.target).dtype, info["adapter"])].append(node)
     return [members for members in by_input.values() if len(members) > 1]
 
 

@@ -62,8 +62,7 @@ class RewritePass(FxLoraPass):
         for site in todo:
             _add_parameters(gm, site.spec)
             for call, where in site.calls:
-                node = nodes[call]
-                add_branch(gm, site.spec, node, input_of(node, where))
+                add_branch(gm, site.spec, nodes[call], where)
             provenance.record_site(gm, site.spec)
         counters[self.name]["sites"] += len(todo)
         finalize(gm)
@@ -122,9 +121,14 @@ def module_at(gm: GraphModule, path: str) -> nn.Module:
     return mod
 
 
-def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, x: Node) -> Node:
-    """Insert ``spec``'s branch after the call ``node`` (whose branch input is ``x``) and return the new
-    ``add`` node, which the former users of ``node`` now read."""
+def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, where: int | str) -> Node:
+    """Insert ``spec``'s branch after the call ``node`` (which takes the branch input at ``where``) and
+    return the new ``add`` node, which the former users of ``node`` now read.
+
+    Several adapters at one site chain: ``node -> add(node, y_b) -> add(., y_a)``; each branch reads the
+    call's own input, and removing one adapter's nodes splices its ``add`` out of the chain.
+    """
+    x = input_of(node, where)
     graph = gm.graph
     tracer = GraphAppendingTracer(graph)
     kind = kind_of(spec)
@@ -154,7 +158,7 @@ def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, x: Node) -> Node:
     node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
     base_meta = {k: node.meta[k] for k in _COPIED_META if k in node.meta}
-    provenance.tag(node, spec, provenance.BASE)
+    provenance.tag_base(node, spec.name, where)
     for new, role in roles.items():
         new.meta.update(base_meta)
         provenance.tag(new, spec, role)

@@ -30,7 +30,7 @@ def test_untraceable_model_names_the_construct():
     with pytest.raises(TraceError) as info:
         fxlora.rewrite(Branchy(), [fxlora.Rule("fc", r=1, alpha=1)])
     msg = str(info.value)
-    assert "Branchy" in msg and "if x.sum() > 0" in msg and "test_errors.py" in msg and "concrete_args" in msg
+    assert "Branchy" in msg and "if x.sum() > 0" in msg and "test_tracing.py" in msg and "concrete_args" in msg
     assert isinstance(info.value, FxLoraError)
 
 
