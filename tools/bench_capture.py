@@ -1,6 +1,6 @@
 """Benchmark: the cost of fxlora's capture + rewrite against torch.export alone.
 
-    python -m fxlora.tools.bench_capture [--layers 12] [--hidden 768] [--repeats 3]
+    python -m fxlora.tools.bench_capture [--layers 12] [--hidden 768] [--repeats 3] [--out FILE.json]
 
 Builds a BERT-base-size ``transformers.BertModel`` from a config (random weights, no download), then
 times, interleaved and repeated, (a) ``torch.export.export`` of the model and (b)
@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--out", metavar="FILE.json", help="write the results here (e.g. tools/results/capture-cpu.json)")
     args = parser.parse_args(argv)
 
     import transformers
@@ -73,6 +74,10 @@ def main(argv=None) -> int:
         print(f"  {name:<26} {value:7.2f} s")
     ratio = med["fxlora capture + rewrite"] / med["torch.export"]
     print(f"  ratio: {ratio:.2f}x torch.export alone")
+    from fxlora.tools import results
+
+    results.write(args.out, {"layers": args.layers, "hidden": args.hidden, "seq": args.seq, "parameters": params,
+                             "repeats": args.repeats, "median_s": med, "ratio": ratio})
     return 0
 
 

@@ -2,7 +2,7 @@
 models, as ratios to the base.
 
     python -m fxlora.tools.bench_latency [--model gpt2_medium] [--device cuda] [--dtype bf16]
-                                         [--batch 8] [--seq 256] [--repeats 30]
+                                         [--batch 8] [--seq 256] [--repeats 30] [--out FILE.json]
 
 The base is ``torch.fx.symbolic_trace`` of the zoo model, so all three run as GraphModules. Runs are
 interleaved (base, folded, unmerged, base, ...) and the median of each is reported, with CUDA
@@ -19,6 +19,7 @@ import torch
 
 import fxlora
 from fxlora import zoo
+from fxlora.tools import results
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--out", metavar="FILE.json", help="write the results here (e.g. tools/results/latency-cpu.json)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     model = getattr(zoo, a.model)().to(a.device, _DTYPES[a.dtype]).eval()
@@ -71,6 +73,11 @@ def main(argv=None) -> int:
           f"r={a.r}; median of {a.repeats} interleaved runs, torch {torch.__version__}")
     for name in fns:
         print(f"  {name:<25} {med[name]:8.2f} ms   {med[name] / med['base']:.3f}x base")
+    results.write(a.out, {
+        "model": a.model, "dtype": a.dtype, "batch": a.batch, "seq": a.seq, "r": a.r, "repeats": a.repeats,
+        "sites": len(fxlora.graph_sites(unmerged)), "median_ms": med,
+        "ratio_to_base": {k: v / med["base"] for k, v in med.items()},
+    })
     return 0
 
 
