@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -71,7 +71,6 @@ class Report:
     model_bytes: int  # the base model's parameter bytes at its dtypes
     adapted: bool  # rules were given (or the module is rewritten)
     fidelity_dtype: torch.dtype | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def lora_params(self) -> int:
