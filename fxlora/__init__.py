@@ -13,6 +13,7 @@ Modules: ``pipeline`` (capture -> plan -> rewrite), ``options`` (CaptureOptions)
 """
 
 from . import export, zoo
+from .named_adapters import active_adapters, adapters, add_adapter, delete_adapter, disable_adapter, set_adapter, unload
 from .errors import (
     ArgumentError,
     CheckpointError,
@@ -54,6 +55,13 @@ __all__ = [
     "Plan",
     "rewrite",
     "fold",
+    "add_adapter",
+    "adapters",
+    "active_adapters",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "unload",
     "LoraGraphModule",
     "SiteSpec",
     "graph_sites",

@@ -21,8 +21,9 @@ from .errors import ArgumentError, RuleError, TraceError
 from .graph_module import LoraGraphModule
 from .lora import DEFAULT_ADAPTER
 from .options import CaptureOptions, capture_options
+from .provenance import adapter_state
 from .passes import FuseSiblings, RewritePass
-from .resolution import MODULE_TYPES_META, Plan, make_plan
+from .resolution import MODULE_TYPES_META, Plan, check_adapter_name, make_plan
 from .rules import Rule, as_rules
 from .state import BIAS_MODES, mark_only_lora_as_trainable
 from .tracing import copy_graph_module, export_capture, trace
@@ -93,15 +94,6 @@ def _check_model(model: Any, where: str) -> None:
         raise TraceError(f"{where} expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}.")
 
 
-def _check_adapter_name(adapter: Any) -> str:
-    if not isinstance(adapter, str) or not adapter.isidentifier():
-        raise ArgumentError(
-            f"an adapter name must be a Python identifier (letters, digits and underscores, such as 'sst2'), got "
-            f"{adapter!r}: it becomes part of the LoRA parameters' attribute names."
-        )
-    return adapter
-
-
 def capture(model: nn.Module, *positional: Any, capture: CaptureOptions | str | None = None, **capture_kwargs: Any) -> LoraGraphModule:
     """Capture ``model`` as a graph module without modifying it.
 
@@ -137,7 +129,7 @@ def plan(
     """
     _check_model(model, "fxlora.plan")
     opts = capture_options(capture, capture_kwargs, "plan")
-    return _plan(model, [] if rules is None else as_rules(rules), opts, _check_adapter_name(adapter))
+    return _plan(model, [] if rules is None else as_rules(rules), opts, check_adapter_name(adapter))
 
 
 def rewrite(
@@ -191,12 +183,13 @@ def rewrite(
         if rules is None:
             raise RuleError("rewrite needs rules: fxlora.rewrite(model, [fxlora.Rule('*.q', r=8, alpha=16)]).")
         opts = capture_options(capture, capture_kwargs, "rewrite")
-        the_plan = _plan(model, as_rules(rules), opts, _check_adapter_name(adapter))
+        the_plan = _plan(model, as_rules(rules), opts, check_adapter_name(adapter))
         gm = the_plan.graph_module
     if not the_plan.sites:
         raise RuleError("the plan selects no site: give rules that select at least one site.")
     RewritePass(the_plan)(gm)
     if fuse_siblings:
+        adapter_state(gm)["fuse_siblings"] = True  # kept when adapters are switched
         FuseSiblings()(gm)
     gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
     mark_only_lora_as_trainable(gm, bias)

@@ -35,6 +35,7 @@ __all__ = [
     "tag_base",
     "node_info",
     "record_site",
+    "adapter_state",
     "forget_sites",
     "adapters_of",
     "active_adapters",
@@ -86,14 +87,23 @@ def _state(gm: GraphModule, create: bool = False) -> dict[str, Any] | None:
     return state
 
 
-def record_site(gm: GraphModule, spec: SiteSpec) -> None:
-    """Register ``spec`` on ``gm`` (its adapter becomes active if it is new)."""
-    state = _state(gm, create=True)
-    assert state is not None
+def record_site(gm: GraphModule, spec: SiteSpec, active: bool = True) -> None:
+    """Register ``spec`` on ``gm``; a new adapter joins the active ones when its branches are in the graph
+    (``active``)."""
+    state = adapter_state(gm)
     if spec.adapter not in state["adapters"]:
         state["adapters"][spec.adapter] = {}
-        state["active"].append(spec.adapter)
+        if active:
+            state["active"].append(spec.adapter)
     state["adapters"][spec.adapter][spec.name] = spec
+
+
+def adapter_state(gm: GraphModule) -> dict[str, Any]:
+    """``gm.meta["fxlora"]``, created empty when missing: ``{"adapters": {name: {site: SiteSpec}}, "active":
+    [names], ...}``, the one mutable record of which adapters a graph module holds and runs."""
+    state = _state(gm, create=True)
+    assert state is not None
+    return state
 
 
 def forget_sites(gm: GraphModule) -> None:

@@ -18,14 +18,14 @@ from typing import Sequence
 from torch import nn
 from torch.fx import GraphModule
 
-from .errors import RuleError
+from .errors import ArgumentError, RuleError
 from .lora import DEFAULT_ADAPTER, SiteSpec
 from .provenance import node_info
 from .rules import Rule
 from .sites import SUPPORTED, Candidate, find_candidates, try_submodule
 from .ties import check_ties
 
-__all__ = ["Plan", "PlannedSite", "make_plan", "lora_names", "MODULE_TYPES_META"]
+__all__ = ["Plan", "PlannedSite", "make_plan", "lora_names", "canonical_name", "check_adapter_name", "MODULE_TYPES_META"]
 
 #: ``gm.meta`` key of the model's module types by qualified name, recorded at capture.
 MODULE_TYPES_META = "fxlora_module_types"
@@ -79,6 +79,24 @@ class Plan:
                 if mine is not None and (mine.op, mine.target) != (other.op, other.target):
                     return f"node '{call}' of site '{site.name}' is {other.format_node()} in the graph"
         return None
+
+
+def check_adapter_name(adapter: object) -> str:
+    """``adapter``, or :class:`~fxlora.errors.ArgumentError` when it cannot name an adapter."""
+    if not isinstance(adapter, str) or not adapter.isidentifier() or adapter.startswith("_"):
+        raise ArgumentError(
+            f"an adapter name must be a Python identifier that does not start with '_' (letters, digits and "
+            f"underscores, such as 'sst2'), got {adapter!r}: it becomes part of the LoRA parameters' names."
+        )
+    return adapter
+
+
+def canonical_name(qualname: str, adapter: str) -> str:
+    """The name ``qualname`` (a LoRA parameter or module of ``adapter``) has for the default adapter: what
+    a graph rewritten with this adapter alone calls it (``q.lora_A_sst2`` -> ``q.lora_A``)."""
+    suffix = "" if adapter == DEFAULT_ADAPTER else f"_{adapter}"
+    assert qualname.endswith(suffix), (qualname, adapter)
+    return qualname[: len(qualname) - len(suffix)] if suffix else qualname
 
 
 def lora_names(owner: str, prefix: str, adapter: str) -> tuple[str, str, str]:

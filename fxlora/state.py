@@ -20,7 +20,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from .errors import ArgumentError, CheckpointError
 from .lora import SiteSpec
-from .provenance import require_sites
+from .provenance import active_adapters, adapter_state, adapters_of, require_sites
 
 __all__ = [
     "lora_parameter_names",
@@ -66,16 +66,20 @@ def _private(gm: GraphModule, name: str) -> nn.Parameter:
 
 
 def mark_only_lora_as_trainable(gm: GraphModule, bias: str = "none") -> None:
-    """Freeze everything but the LoRA parameters; with ``bias="all"`` every ``*.bias`` also trains, with
-    ``bias="lora_only"`` the biases of adapted sites do (loralib's modes).
+    """Freeze everything but the LoRA parameters of the *active* adapters; with ``bias="all"`` every
+    ``*.bias`` also trains, with ``bias="lora_only"`` the biases of the active adapters' sites do
+    (loralib's modes).  The mode is remembered: :func:`fxlora.set_adapter` applies it again.
 
     A bias made trainable is first given its own storage (a copy of a few kilobytes), so training never
     writes into the model that was passed to :func:`fxlora.rewrite`.
     """
     _check_bias(bias)
-    sites = require_sites(gm, "mark_only_lora_as_trainable")
-    lora = {name for spec in sites.values() for name in (spec.lora_A, spec.lora_B)}
+    require_sites(gm, "mark_only_lora_as_trainable")
+    active = [spec for name in active_adapters(gm) for spec in adapters_of(gm)[name].values()]
+    sites = {spec.name: spec for spec in active}
+    lora = {name for spec in active for name in (spec.lora_A, spec.lora_B)}
     train_bias = set(_bias_names(gm, bias, sites))
+    adapter_state(gm)["bias"] = bias
     for name, p in list(gm.named_parameters()):
         if name in lora:
             p.requires_grad_(True)

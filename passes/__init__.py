@@ -8,13 +8,16 @@ checks, in a file of its own named for what it does, with a function of the same
   base graph;
 * :func:`fuse_siblings` (``FuseSiblings()``): sibling branches that read one input share one shrink;
 * :func:`make_mode_aware` (``MakeModeAware()``): ops torch.export fixed to the capture mode follow
-  ``.train()`` / ``.eval()``.
+  ``.train()`` / ``.eval()``;
+* :func:`set_active_adapters` (``SetActiveAdapters(names)``) and :func:`remove_adapter`
+  (``RemoveAdapter(name)``): which of a module's adapters the graph runs, and deleting one.
 
 Each edits the graph module in place and returns ``PassResult(gm, modified)`` with ``modified`` true
 only when the graph changed, so the passes plug into torch's ``PassManager``.  The public API in
 ``fxlora`` copies what must not be shared and runs them.
 """
 
+from .adapters_pass import RemoveAdapter, SetActiveAdapters, remove_adapter, set_active_adapters
 from .fold_pass import FoldPass, fold
 from .fuse_siblings_pass import FuseSiblings, fuse_siblings
 from .infra import FxLoraPass, PassContractError, counters
@@ -26,7 +29,11 @@ __all__ = [
     "fold",
     "fuse_siblings",
     "make_mode_aware",
+    "set_active_adapters",
+    "remove_adapter",
     "RewritePass",
+    "SetActiveAdapters",
+    "RemoveAdapter",
     "FoldPass",
     "FuseSiblings",
     "MakeModeAware",

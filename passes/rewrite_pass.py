@@ -40,13 +40,18 @@ _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
 class RewritePass(FxLoraPass):
-    """Apply a :class:`~fxlora.resolution.Plan` made for this graph (see the module docstring)."""
+    """Apply a :class:`~fxlora.resolution.Plan` made for this graph (see the module docstring).
+
+    With ``activate=False`` the adapter's parameters are registered and its sites recorded, but no branch
+    is added: the adapter is inactive (``fxlora.add_adapter``) until ``SetActiveAdapters`` adds it.
+    """
 
     name = "rewrite"
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, activate: bool = True) -> None:
         super().__init__()
         self.plan = plan
+        self.activate = activate
 
     def requires(self, gm: GraphModule) -> None:
         super().requires(gm)
@@ -62,14 +67,22 @@ class RewritePass(FxLoraPass):
         for site in todo:
             _add_parameters(gm, site.spec)
             for call, where in site.calls:
-                add_branch(gm, site.spec, nodes[call], where)
-            provenance.record_site(gm, site.spec)
+                if self.activate:
+                    add_branch(gm, site.spec, nodes[call], where)
+                else:
+                    provenance.tag_base(nodes[call], site.name, where)
+            provenance.record_site(gm, site.spec, active=self.activate)
         counters[self.name]["sites"] += len(todo)
         finalize(gm)
         return PassResult(gm, True)
 
     def ensures(self, gm: GraphModule) -> None:
         super().ensures(gm)
+        recorded = provenance.graph_sites(gm, self.plan.adapter)
+        for site in self.plan.sites:
+            check_contract(site.name in recorded, f"site '{site.name}' was not recorded")
+        if not self.activate:
+            return
         adds = {
             n.args[0].name
             for n in gm.graph.nodes
