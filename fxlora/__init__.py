@@ -13,6 +13,7 @@ Modules: ``pipeline`` (capture -> plan -> rewrite), ``options`` (CaptureOptions)
 """
 
 from . import export, zoo
+from .combine import combine_adapters
 from .named_adapters import active_adapters, adapters, add_adapter, delete_adapter, disable_adapter, set_adapter, unload
 from .errors import (
     ArgumentError,
@@ -62,6 +63,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapter",
     "unload",
+    "combine_adapters",
     "LoraGraphModule",
     "SiteSpec",
     "graph_sites",
