@@ -35,6 +35,7 @@ from .provenance import graph_sites
 from .reporting import Report, report
 from .resolution import Plan
 from .rules import Rule, load_rules, rules_from_data
+from .serving import serve
 from .state import (
     load_lora,
     load_lora_state_dict,
@@ -64,6 +65,7 @@ __all__ = [
     "disable_adapter",
     "unload",
     "combine_adapters",
+    "serve",
     "LoraGraphModule",
     "SiteSpec",
     "graph_sites",

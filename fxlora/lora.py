@@ -284,3 +284,51 @@ def fold_fidelity(
     erased = float(((effective == 0) & nonzero).sum()) / count
     rel = float(torch.linalg.vector_norm(effective - ref) / torch.linalg.vector_norm(ref))
     return erased, rel
+
+
+# --------------------------------------------------------------------------------------------- #
+# Mixed batches: one sample, one adapter
+# --------------------------------------------------------------------------------------------- #
+#
+# A served module (``fxlora.serve``) holds, per site, the factors of N adapters stacked along a leading
+# dimension, plus one all-zero slot N for samples that run the base model alone:
+#
+#   A_stack   (N+1, R, in)        each adapter's A, zero-padded to the site's largest rank R
+#   B_stack   (N+1, out, R)       each adapter's B (for enable_lora sites: the compact (o*k, r) blocks)
+#   row_scale (N+1, R)            alpha/r on each adapter's own rank rows, 0 on the padding
+#
+# ``slots`` (one entry per sample) picks each sample's factors; the rank-r products are batched matmuls
+# over the samples, with no loop over adapters.  Scaling ``h`` by ``row_scale`` also zeroes the padding,
+# so padded rows and columns neither contribute nor receive gradients: training a mixed batch trains
+# each sample's own adapter.  Activations must be batch-major (rows of sample 0 first), as in Hugging
+# Face models.
+
+
+def mixed_rows(x: Any, slots: Any) -> Any:
+    """``x`` (..., features) as (samples, rows per sample, features), batch-major."""
+    return x.reshape(slots.shape[0], -1, x.shape[-1])
+
+
+def slice_blocks(B_stack: Any, slices: Any, n1: int, k: int, o: int, r: int) -> Any:
+    """Compact enable_lora factors ``(n1, k*o, r)`` -> ``(n1, n*o, k*r)``: slice i of the output reads rank
+    block g when ``slices[i, g]`` is 1 (a one-hot ``(n, k)`` placement), zeros elsewhere."""
+    full = torch.einsum("ig,bgpq->bipgq", slices, B_stack.view(n1, k, o, r))
+    return full.reshape(n1, slices.shape[0] * o, k * r)
+
+
+def mixed_linear(x: Any, slots: Any, A_stack: Any, B_stack: Any, row_scale: Any, out_like: Any) -> Any:
+    """The linear branch of each sample's adapter: ``(x_s A_s^T) * scale_s B_s^T``, shaped like ``out_like``."""
+    rows = mixed_rows(x, slots)
+    h = torch.bmm(rows, A_stack[slots].transpose(1, 2)) * row_scale[slots].unsqueeze(1)
+    return torch.bmm(h, B_stack[slots].transpose(1, 2)).reshape(out_like.shape)
+
+
+def mixed_embedding(
+    idx: Any, slots: Any, A_stack: Any, B_stack: Any, row_scale: Any, out_like: Any, padding_idx: int | None
+) -> Any:
+    """The embedding branch of each sample's adapter: ``A_s^T[idx] * scale_s B_s^T``, shaped like ``out_like``."""
+    rows = idx.reshape(slots.shape[0], -1)
+    h = A_stack.transpose(1, 2)[slots.unsqueeze(1), rows] * row_scale[slots].unsqueeze(1)
+    if padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+        h = torch.where((rows == padding_idx).unsqueeze(-1), h.detach(), h)
+    return torch.bmm(h, B_stack[slots].transpose(1, 2)).reshape(out_like.shape)

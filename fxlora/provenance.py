@@ -31,6 +31,7 @@ __all__ = [
     "SHRINK",
     "EXPAND",
     "ADD",
+    "MIXED",
     "tag",
     "tag_base",
     "node_info",
@@ -55,7 +56,8 @@ DROPOUT = "dropout"  # the branch's dropout module call
 SHRINK = "shrink"  # the rank-r projection A(x): what sibling fusion shares
 EXPAND = "expand"  # B(h) * scale and whatever the kind needs to build it
 ADD = "add"  # base output + branch output: the node users of the site read
-ROLES = (BASE, LORA_A, LORA_B, DROPOUT, SHRINK, EXPAND, ADD)
+MIXED = "mixed"  # a served module's mixed-batch branch (one adapter per sample; see fxlora.serve)
+ROLES = (BASE, LORA_A, LORA_B, DROPOUT, SHRINK, EXPAND, ADD, MIXED)
 
 
 def tag(node: Node, spec: SiteSpec, role: str) -> None:

@@ -10,7 +10,9 @@ checks, in a file of its own named for what it does, with a function of the same
 * :func:`make_mode_aware` (``MakeModeAware()``): ops torch.export fixed to the capture mode follow
   ``.train()`` / ``.eval()``;
 * :func:`set_active_adapters` (``SetActiveAdapters(names)``) and :func:`remove_adapter`
-  (``RemoveAdapter(name)``): which of a module's adapters the graph runs, and deleting one.
+  (``RemoveAdapter(name)``): which of a module's adapters the graph runs, and deleting one;
+* :func:`serve_adapters` (``ServeAdapters(names)``): one graph running each sample of a batch with its
+  own adapter.
 
 Each edits the graph module in place and returns ``PassResult(gm, modified)`` with ``modified`` true
 only when the graph changed, so the passes plug into torch's ``PassManager``.  The public API in
@@ -23,6 +25,7 @@ from .fuse_siblings_pass import FuseSiblings, fuse_siblings
 from .infra import FxLoraPass, PassContractError, counters
 from .mode_aware_pass import MakeModeAware, TrainingFlag, make_mode_aware
 from .rewrite_pass import RewritePass, rewrite
+from .serve_pass import ServeAdapters, serve_adapters
 
 __all__ = [
     "rewrite",
@@ -31,7 +34,9 @@ __all__ = [
     "make_mode_aware",
     "set_active_adapters",
     "remove_adapter",
+    "serve_adapters",
     "RewritePass",
+    "ServeAdapters",
     "SetActiveAdapters",
     "RemoveAdapter",
     "FoldPass",

@@ -25,7 +25,7 @@ from .fuse_siblings_pass import FuseSiblings
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
 from .rewrite_pass import add_branch
 
-__all__ = ["SetActiveAdapters", "RemoveAdapter", "set_active_adapters", "remove_adapter", "adapter_nodes"]
+__all__ = ["SetActiveAdapters", "RemoveAdapter", "set_active_adapters", "remove_adapter", "adapter_nodes", "drop_branches"]
 
 
 def adapter_nodes(gm: GraphModule, adapter: str) -> list[Node]:
@@ -33,7 +33,8 @@ def adapter_nodes(gm: GraphModule, adapter: str) -> list[Node]:
     return [n for n in gm.graph.nodes if (info := provenance.node_info(n)) is not None and info["adapter"] == adapter]
 
 
-def _drop_branches(gm: GraphModule, adapter: str) -> bool:
+def drop_branches(gm: GraphModule, adapter: str) -> bool:
+    """Remove ``adapter``'s branch nodes, splicing each ``add`` out of its site's chain."""
     nodes = adapter_nodes(gm, adapter)
     for node in nodes:
         if provenance.node_info(node)["role"] == provenance.ADD:
@@ -76,7 +77,7 @@ class SetActiveAdapters(FxLoraPass):
         # the history: drop all branches, then add them last adapter first (each add goes right after the
         # base call, so the chain reads base -> names[0] -> names[1] ...).
         for name in state["active"]:
-            _drop_branches(gm, name)
+            drop_branches(gm, name)
         calls = _base_calls(gm)
         adapters = provenance.adapters_of(gm)
         for name in reversed(self.names):
@@ -109,7 +110,7 @@ class RemoveAdapter(FxLoraPass):
         state = provenance.adapter_state(gm)
         if state is None or self.adapter not in state["adapters"]:
             return PassResult(gm, False)
-        _drop_branches(gm, self.adapter)
+        drop_branches(gm, self.adapter)
         for spec in state["adapters"][self.adapter].values():
             for qualname in (spec.lora_A, spec.lora_B, spec.dropout_module):
                 if qualname is not None:

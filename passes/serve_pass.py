@@ -1,0 +1,263 @@
+"""Serve pass: one graph that runs every sample of a batch with its own adapter.
+
+Given N adapters of a rewritten graph module, this pass
+
+1. removes every adapter's branches and parameters, and stacks their factors per site into parameters of
+   its own (``<site>.lora_A_stack`` ``(N+1, R, in)``, ``<site>.lora_B_stack``, and the buffer
+   ``<site>.lora_scale_stack`` ``(N+1, R)``; slot N is all zeros, for samples that run the base model),
+   each adapter stored once, zero-padded to the site's largest rank; ``enable_lora`` sites keep their
+   compact per-slice blocks (a constant one-hot ``<site>.lora_slices`` places them);
+2. adds an ``adapter_ids`` input (one entry per sample, ``-1`` = base model only) and one node that
+   checks it and maps it to slots;
+3. after every call of every site adds the mixed-batch branch of :mod:`fxlora.lora` (gather each
+   sample's factors by slot, two batched matmuls, no loop over adapters) and the add.
+
+The result is recorded in ``gm.meta["fxlora"]["served"]`` (:class:`ServedSite` per site), which the
+state-dict helpers read to load or save one adapter's slot in place: no graph change, so a compiled
+served module is not recompiled.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node, Proxy
+from torch.fx.proxy import GraphAppendingTracer
+from torch.utils import _pytree as pytree
+
+from fxlora import provenance
+from fxlora.errors import ArgumentError
+from fxlora.lora import SiteSpec, mixed_embedding, mixed_linear, slice_blocks
+from fxlora.resolution import canonical_name
+
+from .adapters_pass import drop_branches
+from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
+from .rewrite_pass import input_of, module_at
+
+__all__ = ["ServeAdapters", "ServedSite", "serve_adapters", "adapter_slots", "stack_factors", "IDS_INPUT"]
+
+IDS_INPUT = "adapter_ids"
+
+
+@dataclass
+class ServedSite:
+    """Where a site's stacked factors live in a served module, and how each adapter fills its slot."""
+
+    name: str
+    kind: str  # "linear" | "embedding"
+    A: str  # qualified names in the served module
+    B: str
+    scale: str
+    slices: str | None  # enable_lora sites: the one-hot (n, k) placement buffer
+    rank: int  # rank rows per block (the largest r among the adapters)
+    blocks: int  # enable_lora: slice blocks (k, the union of the adapters' masks); else 1
+    rows: int  # B's rows per block (o = out / n for enable_lora, else out)
+    specs: dict[str, SiteSpec] = field(default_factory=dict)  # adapter -> its spec at this site
+    block_of: dict[str, tuple[int, ...]] = field(default_factory=dict)  # adapter -> the block of each of its slices
+
+
+def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
+    """``adapter_ids`` checked and mapped to stack slots (``-1`` -> ``num_adapters``, the base slot)."""
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dim() != 1 or adapter_ids.dtype not in (
+        torch.int64, torch.int32
+    ):
+        got = adapter_ids.dtype if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__
+        shape = tuple(adapter_ids.shape) if isinstance(adapter_ids, torch.Tensor) else ""
+        raise ArgumentError(
+            f"adapter_ids must be a 1-D integer tensor with one entry per sample (an index into the served "
+            f"adapters, -1 for the base model), got {got} {shape}."
+        )
+    if not torch.compiler.is_compiling() and adapter_ids.numel() and (
+        int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= num_adapters
+    ):
+        raise ArgumentError(
+            f"adapter_ids holds {int(adapter_ids.min())}..{int(adapter_ids.max())}, but this module serves "
+            f"{num_adapters} adapters: use 0..{num_adapters - 1}, or -1 for the base model."
+        )
+    return torch.where(adapter_ids < 0, num_adapters, adapter_ids).long()
+
+
+def _rows_check(x: torch.Tensor, slots: torch.Tensor, site: str) -> torch.Tensor:
+    """``x`` when its rows split evenly over the samples of ``slots``, else an ArgumentError naming the site."""
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() > 1 else x.numel()
+    if slots.shape[0] == 0 or rows % slots.shape[0] != 0:
+        raise ArgumentError(
+            f"adapter_ids has {slots.shape[0]} entries, but the input of site '{site}' has {rows} rows, which "
+            "do not split evenly over the samples: give one adapter id per sample of the batch."
+        )
+    return x
+
+
+def _layout(gm: GraphModule, site: str, specs: dict[str, SiteSpec]) -> ServedSite:
+    kinds = {s.kind for s in specs.values()}
+    if kinds - {"linear", "embedding"} or len(kinds) != 1:
+        raise ArgumentError(
+            f"serve: site '{site}' is a {'/'.join(sorted(kinds))} site; mixed batches support linear and embedding "
+            "sites (fold, or fxlora.set_adapter, for the others)."
+        )
+    kind = kinds.pop()
+    masks = {s.enable_lora for s in specs.values()}
+    first = next(iter(specs.values()))
+    stem = canonical_name(first.lora_A, first.adapter).rpartition("lora_A")[0]
+    names = dict(A=f"{stem}lora_A_stack", B=f"{stem}lora_B_stack", scale=f"{stem}lora_scale_stack")
+    rank = max(s.r for s in specs.values())
+    if masks == {None}:
+        return ServedSite(site, kind, **names, slices=None, rank=rank, blocks=1, rows=first.out_features,
+                          specs=dict(specs), block_of={a: (0,) for a in specs})
+    if None in masks or len({len(m) for m in masks}) != 1:
+        raise ArgumentError(
+            f"serve: at site '{site}' some adapters use enable_lora and others do not (or with different slice "
+            "counts); serve them separately, or rewrite them with the same kind of rule."
+        )
+    n = len(next(iter(masks)))
+    union = [any(m[i] for m in masks) for i in range(n)]
+    enabled = [i for i in range(n) if union[i]]
+    block_of = {a: tuple(enabled.index(i) for i in range(n) if s.enable_lora[i]) for a, s in specs.items()}
+    return ServedSite(site, kind, **names, slices=f"{stem}lora_slices", rank=rank, blocks=len(enabled),
+                      rows=first.out_features // n, specs=dict(specs), block_of=block_of)
+
+
+def stack_factors(gm: GraphModule, layout: ServedSite, adapters: list[str]) -> tuple[torch.Tensor, ...]:
+    """The site's stacked ``(A, B, scale)`` (and the slices placement) from the adapters' own factors."""
+    first = next(iter(layout.specs.values()))
+    W = gm.get_parameter(first.weight)
+    n1, R, k, o = len(adapters) + 1, layout.rank, layout.blocks, layout.rows
+    factory = {"dtype": W.dtype, "device": W.device}
+    A = torch.zeros(n1, k * R, first.in_features, **factory)
+    B = torch.zeros(n1, k * o, R, **factory)
+    scale = torch.zeros(n1, k * R, **factory)
+    for slot, adapter in enumerate(adapters):
+        spec = layout.specs.get(adapter)
+        if spec is None:
+            continue
+        a, b = gm.get_parameter(spec.lora_A).detach(), gm.get_parameter(spec.lora_B).detach()
+        for g, block in enumerate(layout.block_of[adapter]):
+            A[slot, block * R : block * R + spec.r] = a[g * spec.r : (g + 1) * spec.r]
+            B[slot, block * o : (block + 1) * o, : spec.r] = b[g * o : (g + 1) * o]
+            scale[slot, block * R : block * R + spec.r] = spec.scale
+    if layout.slices is None:
+        return A, B, scale
+    n = len(first.enable_lora)
+    union = [i for i in range(n) if any(s.enable_lora[i] for s in layout.specs.values())]
+    slices = torch.zeros(n, k, **factory)
+    for g, i in enumerate(union):
+        slices[i, g] = 1
+    return A, B, scale, slices
+
+
+def _add_ids_input(gm: GraphModule) -> Node:
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(next(iter(graph.nodes))):
+        ids = graph.placeholder(IDS_INPUT)
+    codegen = graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:  # torch.export graphs: (args, kwargs) in a pytree
+        args, kwargs = pytree.tree_unflatten([object()] * info.in_spec.num_leaves, info.in_spec)
+        _, in_spec = pytree.tree_flatten((args, {**kwargs, IDS_INPUT: object()}))
+        codegen.pytree_info = info._replace(orig_args=[*info.orig_args, IDS_INPUT], in_spec=in_spec)
+    return ids
+
+
+class ServeAdapters(FxLoraPass):
+    """Turn a rewritten graph module into a mixed-batch module serving ``adapters`` (see the module
+    docstring)."""
+
+    name = "serve_adapters"
+
+    def __init__(self, adapters: list[str]) -> None:
+        super().__init__()
+        self.adapters = list(adapters)
+
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        known = provenance.adapters_of(gm)
+        check_contract(bool(self.adapters) and all(a in known for a in self.adapters), f"unknown adapters {self.adapters}")
+        check_contract("served" not in provenance.adapter_state(gm), "the module already serves a mixed batch")
+
+    def call(self, gm: GraphModule) -> PassResult:
+        state = provenance.adapter_state(gm)
+        known = provenance.adapters_of(gm)
+        per_site: dict[str, dict[str, SiteSpec]] = {}
+        for adapter in self.adapters:
+            for site, spec in known[adapter].items():
+                per_site.setdefault(site, {})[adapter] = spec
+        layouts = {site: _layout(gm, site, specs) for site, specs in per_site.items()}  # refuse before changing
+        stacks = {site: stack_factors(gm, layout, self.adapters) for site, layout in layouts.items()}
+
+        for adapter in state["active"]:
+            drop_branches(gm, adapter)
+        for specs in known.values():  # every adapter's own factors go: the stacks hold the served ones
+            for spec in specs.values():
+                for qualname in (spec.lora_A, spec.lora_B, spec.dropout_module):
+                    if qualname is not None:
+                        owner, _, attr = qualname.rpartition(".")
+                        delattr(gm.get_submodule(owner), attr)
+        for site, layout in layouts.items():
+            tensors = stacks[site]
+            for qualname, value, trainable in zip(
+                (layout.A, layout.B, layout.scale, layout.slices), tensors, (True, True, False, False)
+            ):
+                owner, _, attr = qualname.rpartition(".")
+                if trainable:
+                    module_at(gm, owner).register_parameter(attr, nn.Parameter(value))
+                else:
+                    module_at(gm, owner).register_buffer(attr, value)
+
+        graph = gm.graph
+        ids = _add_ids_input(gm)
+        first_op = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first_op):
+            slots = graph.call_function(adapter_slots, (ids, len(self.adapters)))
+        tracer = GraphAppendingTracer(graph)
+        calls: dict[str, list[tuple[Node, int | str]]] = {}
+        for node in graph.nodes:
+            info = provenance.node_info(node)
+            if info is not None and info["role"] == provenance.BASE:
+                calls.setdefault(info["site"], []).append((node, info["input"]))
+        for site, layout in layouts.items():
+            for node, where in calls[site]:
+                _add_mixed_branch(gm, tracer, layout, node, input_of(node, where), slots, len(self.adapters))
+        state["served"] = {"adapters": list(self.adapters), "sites": layouts}
+        state["active"] = list(self.adapters)
+        counters[self.name]["sites"] += len(layouts)
+        finalize(gm)
+        return PassResult(gm, True)
+
+
+def _add_mixed_branch(gm, tracer, layout: ServedSite, node: Node, x: Node, slots: Node, num: int) -> None:
+    graph = gm.graph
+    anchor = node.next
+    first = next(iter(layout.specs.values()))
+    with graph.inserting_before(anchor):
+        A, B, scale = (Proxy(graph.get_attr(q), tracer) for q in (layout.A, layout.B, layout.scale))
+        s = Proxy(slots, tracer)
+        xp = Proxy(graph.call_function(_rows_check, (x, slots, layout.name)), tracer)
+        if layout.slices is not None:
+            n1, k, o, r = num + 1, layout.blocks, layout.rows, layout.rank
+            B = slice_blocks(B, Proxy(graph.get_attr(layout.slices), tracer), n1, k, o, r)
+        out_like = Proxy(node, tracer)
+        if layout.kind == "linear":
+            y = mixed_linear(xp, s, A, B, scale, out_like)
+        else:
+            y = mixed_embedding(xp, s, A, B, scale, out_like, first.op.get("padding_idx"))
+        out = graph.call_function(operator.add, (node, y.node))
+    new: set[Node] = set()
+    cursor = anchor.prev
+    while cursor is not node:
+        new.add(cursor)
+        cursor = cursor.prev
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)  # the branch reads the base shape
+    cursor = anchor.prev
+    while cursor is not node:
+        cursor.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+        cursor.meta[provenance.META_KEY] = {"site": layout.name, "adapter": None, "role": provenance.MIXED, "spec": first}
+        cursor = cursor.prev
+
+
+def serve_adapters(gm: GraphModule, adapters: list[str]) -> PassResult:
+    """Run :class:`ServeAdapters` on ``gm`` (in place)."""
+    return ServeAdapters(adapters)(gm)
