@@ -1,0 +1,130 @@
+"""fxlora.serve: one graph runs each sample of a batch with its own adapter, and trains that way too."""
+
+from __future__ import annotations
+
+import fxlora
+import pytest
+import torch
+from fxlora import Rule
+
+from helpers import TinyTransformer, randomize_lora
+
+RULES = {
+    "a": [Rule("blocks.*.qkv", r=2, alpha=4, enable_lora=[True, False, True]), Rule("emb", r=3, alpha=3)],
+    "b": [Rule("blocks.0.qkv", r=4, alpha=8, enable_lora=[True, True, False]), Rule("blocks.*.proj", r=3, alpha=6)],
+    "c": [Rule("head", r=5, alpha=5), Rule("blocks.1.qkv", r=1, alpha=2, enable_lora=[True, False, True])],
+}
+
+
+def _adapters(dtype=torch.float32, names=("a", "b", "c")):
+    torch.manual_seed(0)
+    model = TinyTransformer().to(dtype)
+    gm = fxlora.rewrite(model, RULES[names[0]], adapter=names[0])
+    for name in names[1:]:
+        fxlora.add_adapter(gm, RULES[name], name)
+    randomize_lora(gm, std=0.3)
+    return model, gm
+
+
+def _alone(gm, x):
+    """Each adapter (and None, the base) applied to the whole batch, one at a time."""
+    out = {}
+    for name in [*fxlora.adapters(gm), None]:
+        fxlora.set_adapter(gm, name)
+        out[name] = gm(x).detach()
+    return out
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_each_sample_gets_its_own_adapter(dtype, tol):
+    model, gm = _adapters(dtype)
+    x = torch.randint(0, 40, (6, 7))
+    alone = _alone(gm, x)
+    server = fxlora.serve(gm)
+    ids = torch.tensor([2, 0, -1, 1, 1, 0])
+    names = fxlora.adapters(gm)
+    out = server(x, ids)
+    for i, slot in enumerate(ids.tolist()):
+        expected = alone[None if slot < 0 else names[slot]][i]
+        torch.testing.assert_close(out[i], expected, atol=tol, rtol=tol)
+    assert torch.equal(server(x, torch.full((6,), -1))[2], model(x)[2])  # the base slot is the base, exactly
+    assert out.dtype == dtype
+
+
+def test_one_graph_whatever_the_ids_no_loop_over_adapters_no_retrace(monkeypatch):
+    _, gm = _adapters()
+    server = fxlora.serve(gm)
+    fxlora.add_adapter(gm, RULES["a"], "d")  # a fourth adapter on sites the others already have
+    assert len(fxlora.serve(gm).graph.nodes) == len(server.graph.nodes)  # the graph does not grow with N
+    monkeypatch.setattr("fxlora.tracing.trace", lambda *a, **k: pytest.fail("re-traced"))
+    code = server.code
+    x = torch.randint(0, 40, (4, 5))
+    for ids in ([0, 1, 2, -1], [2, 2, 2, 2], [-1, 0, -1, 0]):
+        server(x, torch.tensor(ids))
+    assert server.code == code
+
+
+def test_mixed_batch_training_gives_each_adapter_its_own_gradients():
+    _, gm = _adapters()
+    x = torch.randint(0, 40, (6, 5))
+    ids = torch.tensor([0, 1, 2, 1, 0, 2])
+    names = fxlora.adapters(gm)
+    server = fxlora.serve(gm)
+    server(x, ids).square().mean(-1).sum().backward()  # a loss summed over samples
+    served_sites = fxlora.provenance.adapter_state(server)["served"]["sites"]
+    for slot, name in enumerate(names):
+        fxlora.set_adapter(gm, name)
+        gm.zero_grad()
+        own = ids == slot
+        gm(x[own]).square().mean(-1).sum().backward()
+        for site, spec in fxlora.graph_sites(gm, name).items():
+            layout = served_sites[site]
+            gA, gB = gm.get_parameter(spec.lora_A).grad, gm.get_parameter(spec.lora_B).grad
+            stack_A = server.get_parameter(layout.A).grad[slot]
+            stack_B = server.get_parameter(layout.B).grad[slot]
+            R, o = layout.rank, layout.rows
+            for g, block in enumerate(layout.block_of[name]):
+                torch.testing.assert_close(stack_A[block * R : block * R + spec.r], gA[g * spec.r : (g + 1) * spec.r],
+                                           atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(stack_B[block * o : (block + 1) * o, : spec.r], gB[g * o : (g + 1) * o],
+                                           atol=1e-5, rtol=1e-4)
+    for layout in served_sites.values():  # padding rows and the base slot get no gradient
+        assert torch.count_nonzero(server.get_parameter(layout.A).grad[-1]) == 0
+
+
+def test_new_weights_in_a_slot_cause_no_recompilation():
+    _, gm = _adapters()
+    server = fxlora.serve(gm).eval()
+    compiled = torch.compile(server, backend="eager", dynamic=False)
+    x = torch.randint(0, 40, (4, 5))
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with torch.no_grad():
+        first = compiled(x, torch.tensor([0, 1, 2, -1]))
+        compiled(x, torch.tensor([2, 2, 0, 1]))  # other ids
+        layout = next(iter(fxlora.provenance.adapter_state(server)["served"]["sites"].values()))
+        server.get_parameter(layout.B)[0].add_(1.0)  # new weights in adapter 0's slot, in place
+        second = compiled(x, torch.tensor([0, 1, 2, -1]))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(second, server(x, torch.tensor([0, 1, 2, -1])))
+
+
+def test_bad_adapter_ids_are_refused():
+    _, gm = _adapters()
+    server = fxlora.serve(gm)
+    x = torch.randint(0, 40, (4, 5))
+    with pytest.raises(fxlora.ArgumentError, match=r"holds -2..1, but this module serves 3 adapters"):
+        server(x, torch.tensor([0, 1, -2, 0]))
+    with pytest.raises(fxlora.ArgumentError, match="holds 0..3"):
+        server(x, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(fxlora.ArgumentError, match="1-D integer tensor"):
+        server(x, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(fxlora.ArgumentError, match="adapter_ids has 3 entries, but the input of site"):
+        server(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(fxlora.ArgumentError, match="no adapter named 'z'"):
+        fxlora.serve(gm, ["a", "z"])
+    with pytest.raises(fxlora.ArgumentError, match="already serves"):
+        fxlora.serve(server)
