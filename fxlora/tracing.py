@@ -148,8 +148,30 @@ def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, **k
     nodes' and the module's: fxlora's records travel with the copy)."""
     root = _shadow_graph_module_root(gm)
     out = cls(root, copy.deepcopy(gm.graph), type(gm).__name__, **kwargs)
+    _carry_unreferenced(out, root)
     out.meta = copy.deepcopy(getattr(gm, "meta", {}))
     return out
+
+
+def _carry_unreferenced(out: GraphModule, root: nn.Module) -> None:
+    """``GraphModule(root, graph)`` copies only what the graph reads; also carry the parameters and buffers
+    it does not read now (an inactive adapter's factors), from the same shadow copy."""
+    for kind, named in (("parameter", root.named_parameters), ("buffer", root.named_buffers)):
+        for name, value in named(remove_duplicate=False):
+            owner_path, _, attr = name.rpartition(".")
+            owner: nn.Module = out
+            for part in owner_path.split(".") if owner_path else []:
+                child = owner._modules.get(part)
+                if child is None:
+                    child = nn.Module()
+                    owner.add_module(part, child)
+                owner = child
+            if attr in owner._parameters or attr in owner._buffers:
+                continue
+            if kind == "parameter":
+                owner.register_parameter(attr, value)
+            else:
+                owner.register_buffer(attr, value)
 
 
 # --------------------------------------------------------------------------------------------- #

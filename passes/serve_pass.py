@@ -209,8 +209,7 @@ class ServeAdapters(FxLoraPass):
 
         graph = gm.graph
         ids = _add_ids_input(gm)
-        first_op = next(n for n in graph.nodes if n.op != "placeholder")
-        with graph.inserting_before(first_op):
+        with graph.inserting_after(ids):
             slots = graph.call_function(adapter_slots, (ids, len(self.adapters)))
         tracer = GraphAppendingTracer(graph)
         calls: dict[str, list[tuple[Node, int | str]]] = {}

@@ -128,3 +128,28 @@ def test_bad_adapter_ids_are_refused():
         fxlora.serve(gm, ["a", "z"])
     with pytest.raises(fxlora.ArgumentError, match="already serves"):
         fxlora.serve(server)
+
+
+def test_a_hugging_face_decoder_captured_with_torch_export():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (4, 8))
+    kw = {"use_cache": False}
+    gm = fxlora.rewrite(model, [Rule("model.layers.*.self_attn.[qv]_proj", r=4, alpha=8)], adapter="a",
+                        example_inputs=(ids,), example_kwargs=kw)
+    fxlora.add_adapter(gm, [Rule("model.layers.*.mlp.*_proj", r=2, alpha=4), Rule("model.layers.0.self_attn.q_proj", r=8, alpha=8)], "b")
+    randomize_lora(gm, std=0.2)
+    alone = {}
+    for name in ("a", "b", None):
+        fxlora.set_adapter(gm, name)
+        alone[name] = gm(ids, **kw).logits.detach()
+    assert not torch.allclose(alone["a"], alone[None]) and not torch.allclose(alone["b"], alone[None])
+    server = fxlora.serve(gm)
+    out = server(ids, adapter_ids=torch.tensor([0, 1, -1, 1]), **kw).logits
+    for i, name in enumerate(("a", "b", None, "b")):
+        torch.testing.assert_close(out[i], alone[name][i], atol=1e-5, rtol=1e-5)
+    assert server(torch.randint(0, 100, (3, 5)), adapter_ids=torch.tensor([0, 1, -1]), **kw).logits.shape == (3, 5, 100)
