@@ -12,7 +12,7 @@ Modules: ``pipeline`` (capture -> plan -> rewrite), ``options`` (CaptureOptions)
 ``fxlora.passes``.
 """
 
-from . import export, zoo
+from . import export, generation, zoo
 from .combine import combine_adapters
 from .named_adapters import active_adapters, adapters, add_adapter, delete_adapter, disable_adapter, set_adapter, unload
 from .errors import (
@@ -81,6 +81,7 @@ __all__ = [
     "report",
     "Report",
     "export",
+    "generation",
     "zoo",
     "FxLoraError",
     "ArgumentError",
