@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 
 from .errors import ArgumentError
 from .passes import FoldPass
-from .provenance import adapters_of, require_sites
+from .provenance import active_adapters, adapter_state, adapters_of, require_sites
 from .tracing import copy_graph_module
 
 __all__ = ["fold"]
@@ -41,6 +41,18 @@ def fold(
                 )
             if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not math.isfinite(coeff):
                 raise ArgumentError(f"fold(adapters=...): the weight of {name!r} must be a finite number, got {coeff!r}.")
+    names = list(adapters) if adapters is not None else active_adapters(gm)
+    trained = adapter_state(gm).get("train_modules", {})
+    owners: dict[str, str] = {}
+    for name in names:
+        for path in trained.get(name, {}):
+            if path in owners:
+                raise ArgumentError(f"fold: adapters {owners[path]!r} and {name!r} both train module '{path}' in full.")
+            owners[path] = name
+            if adapters is not None and adapters[name] != 1:
+                raise ArgumentError(
+                    f"fold: adapter {name!r} trains module '{path}' in full, which cannot be scaled: fold it with weight 1."
+                )
     out = copy_graph_module(gm)
     FoldPass(dtype, adapters)(out)
     if dtype is not None:

@@ -33,7 +33,17 @@ from .rules import Rule, as_rules
 from .state import mark_only_lora_as_trainable
 from .tracing import copy_graph_module
 
-__all__ = ["adapters", "active_adapters", "add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "unload"]
+__all__ = [
+    "adapters",
+    "active_adapters",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "unload",
+    "train_modules_of",
+    "check_train_module_conflicts",
+]
 
 
 def adapters(gm: GraphModule) -> list[str]:
@@ -48,12 +58,15 @@ def _known(gm: GraphModule, name: object, what: str) -> str:
     return name
 
 
-def add_adapter(gm: GraphModule, rules: Rule | Sequence[Rule], name: str) -> None:
+def add_adapter(
+    gm: GraphModule, rules: Rule | Sequence[Rule], name: str, *, train_modules: Sequence[str | type] | None = None
+) -> None:
     """Add adapter ``name`` with its own ``rules`` to ``gm`` (a module made by :func:`fxlora.rewrite`), in
     place.  Its sites are found on ``gm``'s graph with the same rule semantics as ``rewrite``; sites that
     other adapters already adapt get a second pair of factors, the base weights stay shared.  Like PEFT's
     ``add_adapter``, the new adapter is *inactive* (no branch in the graph, parameters frozen) until
-    :func:`set_adapter` selects it.
+    :func:`set_adapter` selects it.  ``train_modules`` are modules the adapter trains in full, as for
+    :func:`fxlora.rewrite`.
     """
     require_sites(gm, "add_adapter")
     check_adapter_name(name)
@@ -62,7 +75,7 @@ def add_adapter(gm: GraphModule, rules: Rule | Sequence[Rule], name: str) -> Non
             f"add_adapter: this module already has an adapter named {name!r}; choose another name or delete it first "
             "(fxlora.delete_adapter)."
         )
-    plan = make_plan(gm, as_rules(rules), None, adapter=name, add_to_existing=True)
+    plan = make_plan(gm, as_rules(rules), None, adapter=name, add_to_existing=True, train_modules=train_modules or ())
     RewritePass(plan, activate=False)(gm)
     _after_change(gm)
 
@@ -84,6 +97,7 @@ def set_adapter(gm: GraphModule, names: str | Sequence[str] | None) -> None:
         _known(gm, name, "set_adapter")
     if len(set(wanted)) != len(wanted):
         raise ArgumentError(f"set_adapter: an adapter is named twice in {wanted}.")
+    check_train_module_conflicts(gm, wanted, "set_adapter")
     SetActiveAdapters(wanted)(gm)
     _after_change(gm)
 
@@ -120,6 +134,24 @@ def unload(gm: GraphModule) -> GraphModule:
     out = copy_graph_module(gm)
     FoldPass(weights={})(out)
     return out
+
+
+def check_train_module_conflicts(gm: GraphModule, names: Sequence[str], what: str) -> None:
+    """Two adapters that train the same module in full cannot run (or fold) together."""
+    owner: dict[str, str] = {}
+    for name in names:
+        for path in train_modules_of(gm).get(name, {}):
+            if path in owner:
+                raise ArgumentError(
+                    f"{what}: adapters {owner[path]!r} and {name!r} both train module '{path}' in full; only one of them "
+                    "can be used at a time."
+                )
+            owner[path] = name
+
+
+def train_modules_of(gm: GraphModule) -> dict[str, dict[str, str]]:
+    """adapter -> {module trained in full -> the adapter's copy of it}."""
+    return dict(adapter_state(gm).get("train_modules", {}))
 
 
 def _after_change(gm: GraphModule) -> None:

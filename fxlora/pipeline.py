@@ -74,19 +74,19 @@ def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphMod
     return gm, root
 
 
-def _plan(model: nn.Module, rules: list[Rule], opts: CaptureOptions, adapter: str) -> Plan:
+def _plan(model: nn.Module, rules: list[Rule], opts: CaptureOptions, adapter: str, train_modules: Any = None) -> Plan:
     """Capture and resolve the rules (raising before any change).  With ``method="auto"`` and example
     inputs, a symbolic graph in which the rules cannot select their sites (they sit inside a module the
     symbolic tracer keeps opaque, such as ``nn.MultiheadAttention``) is captured again with torch.export."""
     gm, root = _capture(model, opts)
     try:
-        return make_plan(gm, rules, root, adapter=adapter)
+        return make_plan(gm, rules, root, adapter=adapter, train_modules=train_modules or ())
     except RuleError:
         if not (opts.method == "auto" and gm.meta.get(CAPTURE_META) == "symbolic_trace" and opts.has_examples):
             raise
     logger.info("the rules do not resolve on the symbolic graph; capturing with torch.export")
     gm, root = _capture(model, dataclasses.replace(opts, method="export"))
-    return make_plan(gm, rules, root, adapter=adapter)
+    return make_plan(gm, rules, root, adapter=adapter, train_modules=train_modules or ())
 
 
 def _check_model(model: Any, where: str) -> None:
@@ -117,6 +117,7 @@ def plan(
     rules: Rule | Sequence[Rule] | None = None,
     *,
     adapter: str = DEFAULT_ADAPTER,
+    train_modules: Sequence[str | type] | None = None,
     capture: CaptureOptions | str | None = None,
     **capture_kwargs: Any,
 ) -> Plan:
@@ -129,7 +130,7 @@ def plan(
     """
     _check_model(model, "fxlora.plan")
     opts = capture_options(capture, capture_kwargs, "plan")
-    return _plan(model, [] if rules is None else as_rules(rules), opts, check_adapter_name(adapter))
+    return _plan(model, [] if rules is None else as_rules(rules), opts, check_adapter_name(adapter), train_modules)
 
 
 def rewrite(
@@ -137,6 +138,7 @@ def rewrite(
     rules: Rule | Sequence[Rule] | None = None,
     *,
     adapter: str = DEFAULT_ADAPTER,
+    train_modules: Sequence[str | type] | None = None,
     bias: str = "none",
     merge_on_eval: bool = False,
     fuse_siblings: bool = False,
@@ -151,6 +153,9 @@ def rewrite(
         rules: one :class:`fxlora.Rule` or a list; see :mod:`fxlora.rules` for matching and precedence.
         adapter: the adapter's name; its parameters are ``<site>.lora_A`` / ``<site>.lora_B`` for the
             default adapter (loralib's keys) and ``<site>.lora_A_<adapter>`` otherwise.
+        train_modules: modules trained in full beside the LoRA factors (PEFT's ``modules_to_save``: a
+            classifier head, a new embedding), written like rule targets; the adapter gets its own copy of
+            each (``<module>_<adapter>``), saved, loaded, switched and folded with it.
         bias: which biases train besides the LoRA parameters: ``"none"``, ``"all"`` or ``"lora_only"``
             (the biases of adapted sites), as loralib's ``mark_only_lora_as_trainable``.
         merge_on_eval: run the folded model in eval mode (see :class:`fxlora.LoraGraphModule`; costs a
@@ -171,9 +176,9 @@ def rewrite(
     if bias not in BIAS_MODES:
         raise ArgumentError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
     if isinstance(model, Plan):
-        if rules is not None or capture is not None or capture_kwargs or adapter != DEFAULT_ADAPTER:
+        if rules is not None or capture is not None or capture_kwargs or adapter != DEFAULT_ADAPTER or train_modules:
             raise ArgumentError(
-                "rewrite(plan) applies the plan as it is: give no rules, adapter or capture options (make a new "
+                "rewrite(plan) applies the plan as it is: give no rules, adapter, train_modules or capture options (make a new "
                 "plan with fxlora.plan(model, rules, ...) instead)."
             )
         the_plan = model
@@ -183,7 +188,7 @@ def rewrite(
         if rules is None:
             raise RuleError("rewrite needs rules: fxlora.rewrite(model, [fxlora.Rule('*.q', r=8, alpha=16)]).")
         opts = capture_options(capture, capture_kwargs, "rewrite")
-        the_plan = _plan(model, as_rules(rules), opts, check_adapter_name(adapter))
+        the_plan = _plan(model, as_rules(rules), opts, check_adapter_name(adapter), train_modules)
         gm = the_plan.graph_module
     if not the_plan.sites:
         raise RuleError("the plan selects no site: give rules that select at least one site.")

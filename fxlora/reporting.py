@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -24,7 +24,7 @@ from .errors import ArgumentError
 from .lora import SiteSpec, fold_fidelity, kind_of
 from .options import CaptureOptions
 from .pipeline import plan as make_plan
-from .provenance import graph_sites
+from .provenance import active_adapters, adapter_state, adapters_of, graph_sites
 from .resolution import Plan
 from .rules import Rule
 
@@ -71,15 +71,25 @@ class Report:
     model_bytes: int  # the base model's parameter bytes at its dtypes
     adapted: bool  # rules were given (or the module is rewritten)
     fidelity_dtype: torch.dtype | None = None
+    trained: dict[str, int] = field(default_factory=dict)  # modules trained in full (train_modules): parameters
 
     @property
     def lora_params(self) -> int:
         return sum(r.lora_params for r in self.rows)
 
     @property
+    def trained_params(self) -> int:
+        return sum(self.trained.values())
+
+    @property
+    def trainable_params(self) -> int:
+        """LoRA factors plus the modules trained in full."""
+        return self.lora_params + self.trained_params
+
+    @property
     def trainable_percent(self) -> float:
         total = self.base_params + self.lora_params
-        return 100.0 * self.lora_params / total if total else 0.0
+        return 100.0 * self.trainable_params / total if total else 0.0
 
     @property
     def lora_bytes_fp32(self) -> int:
@@ -95,6 +105,8 @@ class Report:
             "candidate_sites": len(self.rows),
             "base_params": self.base_params,
             "lora_params": self.lora_params,
+            "trained_modules": dict(self.trained),
+            "trainable_params": self.trainable_params,
             "trainable_percent": self.trainable_percent,
             "lora_bytes_fp32": self.lora_bytes_fp32,
             "lora_bytes_bf16": self.lora_bytes_bf16,
@@ -143,6 +155,14 @@ class Report:
             return [
                 f"{len(self.rows)} candidate sites; base model: {self.base_params:,} parameters "
                 f"({_bytes(self.model_bytes)}). Write rules to select sites."
+            ]
+        if self.trained:
+            modules = ", ".join(f"{name} ({count:,})" for name, count in self.trained.items())
+            return [
+                f"sites: {len(self.rows)}   LoRA parameters: {self.lora_params:,}   trained in full: {modules}",
+                f"trainable: {self.trainable_params:,} of {self.base_params + self.lora_params:,} "
+                f"({self.trainable_percent:.4f}%)   checkpoint: {_bytes(4 * self.trainable_params)} (fp32), "
+                f"{_bytes(2 * self.trainable_params)} (bf16)   full model: {_bytes(self.model_bytes)}",
             ]
         return [
             f"sites: {len(self.rows)}   LoRA parameters: {self.lora_params:,}   base parameters: {self.base_params:,}"
@@ -247,6 +267,7 @@ def report(
     rules: Rule | Sequence[Rule] | None = None,
     *,
     fidelity: torch.dtype | None = None,
+    train_modules: Sequence[str | type] | None = None,
     capture: CaptureOptions | str | None = None,
     **capture_kwargs: Any,
 ) -> Report:
@@ -256,9 +277,9 @@ def report(
     a :class:`~fxlora.resolution.Plan`, or a module returned by :func:`fxlora.rewrite` (its sites, and
     with ``fidelity=dtype`` how much of each update survives folding into ``dtype`` weights).
     """
-    sites = graph_sites(model)
+    sites = {s.name: s for name in active_adapters(model) for s in adapters_of(model)[name].values()} or graph_sites(model)
     if sites:
-        if rules is not None:
+        if rules is not None or train_modules:
             raise ArgumentError("this module is already rewritten: report it without rules, or pass the base model.")
         lora = {n for s in sites.values() for n in (s.lora_A, s.lora_B)}
         rows = []
@@ -268,8 +289,12 @@ def report(
             if fidelity is not None:
                 fid = fold_fidelity(model.get_parameter(spec.weight), A, B, spec, fidelity)
             rows.append(_row(model, spec, A.numel() + B.numel(), fid))
-        base, nbytes = _model_totals(model, lora)
-        return Report(rows, base, nbytes, adapted=True, fidelity_dtype=fidelity)
+        copies = [c for name in active_adapters(model) for c in adapter_state(model).get("train_modules", {}).get(name, {}).items()]
+        trained = {path: sum(p.numel() for p in model.get_submodule(copy).parameters()) for path, copy in copies}
+        every_copy = {c for record in adapter_state(model).get("train_modules", {}).values() for c in record.values()}
+        excluded = lora | {n for n, _ in model.named_parameters() if any(n.startswith(c + ".") for c in every_copy)}
+        base, nbytes = _model_totals(model, excluded)
+        return Report(rows, base, nbytes, adapted=True, fidelity_dtype=fidelity, trained=trained)
 
     if fidelity is not None:
         raise ArgumentError(
@@ -277,12 +302,12 @@ def report(
             "loaded), not the base model."
         )
     if isinstance(model, Plan):
-        if rules is not None or capture is not None or capture_kwargs:
+        if rules is not None or capture is not None or capture_kwargs or train_modules:
             raise ArgumentError("report(plan) reports the plan as it is: give no rules or capture options.")
         the_plan = model
         base, nbytes = _model_totals(the_plan.graph_module, set())
     else:
-        the_plan = make_plan(model, rules, capture=capture, **capture_kwargs)
+        the_plan = make_plan(model, rules, train_modules=train_modules, capture=capture, **capture_kwargs)
         base, nbytes = _model_totals(model, set())
     gm = the_plan.graph_module
     if not the_plan.rules:
@@ -306,4 +331,5 @@ def report(
     for site in the_plan.sites:
         shape_a, shape_b = kind_of(site.spec).shapes(site.spec)
         rows.append(_row(gm, site.spec, _numel(shape_a) + _numel(shape_b), None, site.shadowed))
-    return Report(rows, base, nbytes, adapted=True)
+    trained = {path: sum(p.numel() for p in gm.get_submodule(path).parameters()) for path in the_plan.train_modules}
+    return Report(rows, base, nbytes, adapted=True, trained=trained)

@@ -20,12 +20,22 @@ from torch.fx import GraphModule
 
 from .errors import ArgumentError, RuleError
 from .lora import DEFAULT_ADAPTER, SiteSpec
-from .provenance import node_info
-from .rules import Rule
+from .provenance import BASE, adapters_of, node_info
+from .rules import Rule, module_targets, target_matches
 from .sites import SUPPORTED, Candidate, find_candidates, try_submodule
 from .ties import check_ties
 
-__all__ = ["Plan", "PlannedSite", "make_plan", "lora_names", "canonical_name", "check_adapter_name", "MODULE_TYPES_META"]
+__all__ = [
+    "Plan",
+    "PlannedSite",
+    "make_plan",
+    "lora_names",
+    "canonical_name",
+    "check_adapter_name",
+    "resolve_train_modules",
+    "train_module_copy",
+    "MODULE_TYPES_META",
+]
 
 #: ``gm.meta`` key of the model's module types by qualified name, recorded at capture.
 MODULE_TYPES_META = "fxlora_module_types"
@@ -60,6 +70,7 @@ class Plan:
     rules: tuple[Rule, ...]
     candidates: tuple[Candidate, ...] = field(repr=False)
     adapter: str = DEFAULT_ADAPTER
+    train_modules: tuple[str, ...] = ()  # modules trained in full beside the LoRA factors (PEFT's modules_to_save)
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -127,6 +138,7 @@ def make_plan(
     *,
     adapter: str = DEFAULT_ADAPTER,
     add_to_existing: bool = False,
+    train_modules: Sequence[str | type] = (),
 ) -> Plan:
     """Resolve ``rules`` against ``gm``'s candidate sites and validate every site; change nothing.
 
@@ -172,7 +184,71 @@ def make_plan(
         )
         for cand, rule, index, lost in selected
     )
-    return Plan(graph_module=gm, sites=sites, rules=tuple(rules), candidates=tuple(candidates), adapter=adapter)
+    trained = resolve_train_modules(gm, root, types, train_modules, adapter, [s.name for s in sites])
+    return Plan(graph_module=gm, sites=sites, rules=tuple(rules), candidates=tuple(candidates), adapter=adapter,
+                train_modules=trained)
+
+
+def train_module_copy(path: str, adapter: str) -> str:
+    """Where ``adapter``'s own copy of the fully trained module ``path`` is registered."""
+    return f"{path}_{adapter}"
+
+
+def resolve_train_modules(
+    gm: GraphModule,
+    root: nn.Module,
+    types: dict[str, type] | None,
+    targets: Sequence[str | type],
+    adapter: str,
+    site_names: Sequence[str],
+) -> tuple[str, ...]:
+    """The module paths that ``targets`` (written like rule targets) select to train in full, outermost
+    first; each must be read by the graph (not hidden inside an opaque module) and hold no LoRA site."""
+    targets = module_targets(targets)
+    if not targets:
+        return ()
+    types = dict(types or {})
+    copies = {c for record in (getattr(gm, "meta", {}).get("fxlora") or {}).get("train_modules", {}).values() for c in record.values()}
+    modules = {
+        n: types.get(n, type(m))
+        for n, m in root.named_modules()
+        if n and not any(n == c or n.startswith(c + ".") for c in copies)  # other adapters' copies are not the model's
+    }
+    reads = [  # the model's own reads of modules and attributes (not the LoRA branches')
+        n for n in gm.graph.nodes
+        if n.op in ("call_module", "get_attr") and (node_info(n) is None or node_info(n)["role"] == BASE)
+    ]
+    chosen: list[str] = []
+    for i, target in enumerate(targets):
+        hits = [n for n, t in modules.items() if target_matches(target, n, t)]
+        if not hits:
+            shown = target.__name__ if isinstance(target, type) else repr(target)
+            close = difflib.get_close_matches(str(target), list(modules), n=4, cutoff=0.4)
+            raise RuleError(f"train_modules[{i}] = {shown} selects no module. Closest names: {', '.join(close) or 'none'}.")
+        chosen.extend(h for h in hits if h not in chosen)
+    outermost = [p for p in chosen if not any(p.startswith(q + ".") for q in chosen if q != p)]
+    sites = list(site_names) + [s for specs in adapters_of(gm).values() for s in specs]
+    targets_read = [(n, n.meta.get("fxlora_train", n.target)) for n in reads]  # as the model reads them
+    for path in outermost:
+        under = [n for n, t in targets_read if isinstance(t, str) and (t == path or t.startswith(path + "."))]
+        opaque = [n for n, t in targets_read if n.op == "call_module" and path.startswith(t + ".")]
+        if opaque:
+            raise RuleError(
+                f"train module '{path}' runs inside module '{opaque[0].target}', which the graph calls as a whole; "
+                f"train '{opaque[0].target}' instead, or capture it without keeping it opaque (leaf_modules)."
+            )
+        if not under:
+            raise RuleError(f"train module '{path}' is never read by the captured graph (unused, or not a module of it).")
+        inside = [s for s in sites if s == path or s.startswith(path + ".")]
+        if inside:
+            raise RuleError(
+                f"train module '{path}' contains the LoRA site '{inside[0]}'; a module is either trained in full or "
+                "given a low-rank update, not both. Leave one of them out."
+            )
+        copy = train_module_copy(path, adapter)
+        if try_submodule(gm, copy) is not None:
+            raise RuleError(f"train module '{path}': '{copy}' already exists in the module; choose another adapter name.")
+    return tuple(outermost)
 
 
 def explain_unmatched(rule: Rule, candidates: Sequence[Candidate], root: nn.Module) -> str:

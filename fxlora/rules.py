@@ -24,7 +24,7 @@ import torch
 
 from .errors import RuleError
 
-__all__ = ["Rule", "as_rules", "load_rules", "rules_from_data"]
+__all__ = ["Rule", "as_rules", "load_rules", "rules_from_data", "module_targets", "target_matches"]
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -125,12 +125,7 @@ class Rule:
 
     def matches_name(self, name: str) -> bool:
         """Whether this rule's name pattern selects ``name`` (always False for type rules)."""
-        t = self.target
-        if isinstance(t, type):
-            return False
-        if t.startswith("re:"):
-            return re.fullmatch(t[3:], name) is not None
-        return fnmatch.fnmatchcase(name, t)
+        return not isinstance(self.target, type) and target_matches(self.target, name, None)
 
     def matches_type(self, module_type: type | None) -> bool:
         """Whether this type rule selects modules of ``module_type`` (always False for name rules)."""
@@ -146,6 +141,38 @@ class Rule:
         if self.fan_in_fan_out is not None:
             extra += f", fan_in_fan_out={self.fan_in_fan_out}"
         return f"Rule({t}, r={self.r}, alpha={self.alpha}{extra})"
+
+
+def module_targets(targets: object, what: str = "train_modules") -> tuple[str | type, ...]:
+    """Validate module targets written like a rule's (a glob, ``"re:<regex>"`` or an ``nn.Module``
+    subclass): a sequence of them, or None for none."""
+    if targets is None:
+        return ()
+    if isinstance(targets, (str, type)) or not isinstance(targets, Sequence):
+        targets = [targets]
+    out = []
+    for i, t in enumerate(targets):
+        if isinstance(t, str):
+            if not t or t == "re:":
+                raise RuleError(f"{what}[{i}] is empty; give a module name, a glob, 're:<regex>' or a module type.")
+            if t.startswith("re:"):
+                try:
+                    re.compile(t[3:])
+                except re.error as e:
+                    raise RuleError(f"{what}[{i}]: {t[3:]!r} is not a valid regular expression ({e}).") from None
+        elif not (isinstance(t, type) and issubclass(t, torch.nn.Module)):
+            raise RuleError(f"{what}[{i}] is {t!r}; give a module name or glob, 're:<regex>', or an nn.Module subclass.")
+        out.append(t)
+    return tuple(out)
+
+
+def target_matches(target: str | type, name: str, module_type: type | None) -> bool:
+    """Whether a rule-style ``target`` selects the module ``name`` of ``module_type``."""
+    if isinstance(target, type):
+        return module_type is not None and issubclass(module_type, target)
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    return fnmatch.fnmatchcase(name, target)
 
 
 def as_rules(rules: Rule | Sequence[Rule]) -> list[Rule]:

@@ -50,6 +50,12 @@ def serve(gm: GraphModule, adapters: Sequence[str] | None = None) -> LoraGraphMo
             raise ArgumentError(f"serve: no adapter named {name!r}; this module has {', '.join(map(repr, known))}.")
     if len(set(names)) != len(names):
         raise ArgumentError(f"serve: an adapter is named twice in {names}.")
+    trained = [n for n in names if adapter_state(gm).get("train_modules", {}).get(n)]
+    if trained:
+        raise ArgumentError(
+            f"serve: adapter {trained[0]!r} trains modules in full (train_modules), which mixed batches do not support; "
+            "serve adapters made of LoRA factors only, or fold each adapter."
+        )
     _check_batch_major(gm, names)
     out = copy_graph_module(gm, LoraGraphModule)
     ServeAdapters(names)(out)

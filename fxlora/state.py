@@ -78,6 +78,9 @@ def mark_only_lora_as_trainable(gm: GraphModule, bias: str = "none") -> None:
     active = [spec for name in active_adapters(gm) for spec in adapters_of(gm)[name].values()]
     sites = {spec.name: spec for spec in active}
     lora = {name for spec in active for name in (spec.lora_A, spec.lora_B)}
+    trained = adapter_state(gm).get("train_modules", {})
+    lora |= {f"{copy}.{n}" for name in active_adapters(gm) for copy in trained.get(name, {}).values()
+             for n, _ in gm.get_submodule(copy).named_parameters()}
     train_bias = set(_bias_names(gm, bias, sites))
     adapter_state(gm)["bias"] = bias
     for name, p in list(gm.named_parameters()):

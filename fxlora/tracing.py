@@ -154,18 +154,24 @@ def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, **k
 
 
 def _carry_unreferenced(out: GraphModule, root: nn.Module) -> None:
-    """``GraphModule(root, graph)`` copies only what the graph reads; also carry the parameters and buffers
-    it does not read now (an inactive adapter's factors), from the same shadow copy."""
+    """``GraphModule(root, graph)`` copies only what the graph reads; also carry the modules, parameters
+    and buffers it does not read now (an inactive adapter's factors, another adapter's copy of a module it
+    trains in full), from the same shadow copy."""
+    for name, module in root.named_modules(remove_duplicate=False):
+        if not name:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        try:
+            owner = out.get_submodule(owner_path) if owner_path else out
+        except AttributeError:
+            continue  # its parent was carried whole, or is a plain attribute
+        current = owner._modules.get(attr)
+        if current is None:
+            owner.add_module(attr, module)
     for kind, named in (("parameter", root.named_parameters), ("buffer", root.named_buffers)):
         for name, value in named(remove_duplicate=False):
             owner_path, _, attr = name.rpartition(".")
-            owner: nn.Module = out
-            for part in owner_path.split(".") if owner_path else []:
-                child = owner._modules.get(part)
-                if child is None:
-                    child = nn.Module()
-                    owner.add_module(part, child)
-                owner = child
+            owner = out.get_submodule(owner_path) if owner_path else out
             if attr in owner._parameters or attr in owner._buffers:
                 continue
             if kind == "parameter":

@@ -24,6 +24,7 @@ from fxlora import provenance
 from .fuse_siblings_pass import FuseSiblings
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
 from .rewrite_pass import add_branch
+from .train_modules import drop_copies, restore, retarget
 
 __all__ = ["SetActiveAdapters", "RemoveAdapter", "set_active_adapters", "remove_adapter", "adapter_nodes", "drop_branches"]
 
@@ -84,6 +85,8 @@ class SetActiveAdapters(FxLoraPass):
             for site, spec in adapters[name].items():
                 for node, where in calls[site]:
                     add_branch(gm, spec, node, where)
+        restore(gm)  # fully trained modules: the active adapters' copies
+        retarget(gm, self.names)
         state["active"] = list(self.names)
         if state.get("fuse_siblings"):
             FuseSiblings().call(gm)
@@ -111,6 +114,9 @@ class RemoveAdapter(FxLoraPass):
         if state is None or self.adapter not in state["adapters"]:
             return PassResult(gm, False)
         drop_branches(gm, self.adapter)
+        restore(gm)
+        drop_copies(gm, self.adapter)
+        retarget(gm, [a for a in state["active"] if a != self.adapter])
         for spec in state["adapters"][self.adapter].values():
             for qualname in (spec.lora_A, spec.lora_B, spec.dropout_module):
                 if qualname is not None:

@@ -25,12 +25,16 @@ from fxlora.errors import FoldError
 from fxlora.lora import merged_weight
 
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
+from .train_modules import adopt_copy, drop_copies, restore, trained_by
 
 __all__ = ["FoldPass", "fold"]
 
 
 class FoldPass(FxLoraPass):
-    """Fold the adapters named in ``weights`` (name -> coefficient; default: the active ones, 1 each)."""
+    """Fold the adapters named in ``weights`` (name -> coefficient; default: the active ones, 1 each).
+
+    A folded adapter's fully trained modules (``train_modules``) replace the model's (the caller makes
+    sure that one adapter at most trains each module, with coefficient 1)."""
 
     name = "fold"
 
@@ -85,6 +89,11 @@ class FoldPass(FxLoraPass):
             else:
                 graph.erase_node(node)
 
+        restore(gm)  # fully trained modules: a folded adapter's copy becomes the module, the others go
+        for name in weights:
+            adopt_copy(gm, name)
+        for name in list(trained_by(gm)):
+            drop_copies(gm, name)
         for specs in adapters.values():
             for spec in specs.values():
                 for qualname in (spec.lora_A, spec.lora_B, spec.dropout_module):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["FxLoraPass", "PassResult", "counters", "finalize", "check_contract", "PassContractError"]
+__all__ = ["FxLoraPass", "PassResult", "counters", "finalize", "check_contract", "module_at", "PassContractError"]
 
 #: pass name -> Counter of what it did, over the life of the process.
 counters: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -49,3 +50,16 @@ def finalize(gm: GraphModule) -> None:
     nodes and make the graph differ from the captured one."""
     gm.graph.lint()
     gm.recompile()
+
+
+def module_at(gm: GraphModule, path: str) -> nn.Module:
+    """The submodule at ``path``, creating empty containers on the way (a captured graph module holds
+    only the modules and attributes its graph reads)."""
+    mod: nn.Module = gm
+    for part in path.split(".") if path else []:
+        child = mod._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    return mod

@@ -32,9 +32,10 @@ from fxlora import provenance
 from fxlora.lora import SiteSpec, kind_of
 from fxlora.resolution import Plan
 
-from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
+from .infra import FxLoraPass, PassResult, check_contract, counters, finalize, module_at
+from .train_modules import register_copies, retarget, trained_by
 
-__all__ = ["RewritePass", "rewrite", "add_branch", "input_of", "module_at"]
+__all__ = ["RewritePass", "rewrite", "add_branch", "input_of"]
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
@@ -61,7 +62,8 @@ class RewritePass(FxLoraPass):
     def call(self, gm: GraphModule) -> PassResult:
         done = provenance.graph_sites(gm, self.plan.adapter)
         todo = [site for site in self.plan.sites if site.name not in done]
-        if not todo:
+        trained = [p for p in self.plan.train_modules if p not in trained_by(gm).get(self.plan.adapter, {})]
+        if not todo and not trained:
             return PassResult(gm, False)
         nodes = {n.name: n for n in gm.graph.nodes}
         for site in todo:
@@ -72,6 +74,10 @@ class RewritePass(FxLoraPass):
                 else:
                     provenance.tag_base(nodes[call], site.name, where)
             provenance.record_site(gm, site.spec, active=self.activate)
+        if trained:
+            register_copies(gm, self.plan.adapter, trained)
+            if self.activate:
+                retarget(gm, [self.plan.adapter])
         counters[self.name]["sites"] += len(todo)
         finalize(gm)
         return PassResult(gm, True)
@@ -119,19 +125,6 @@ def _add_parameters(gm: GraphModule, spec: SiteSpec) -> None:
     if spec.dropout_module is not None:
         owner, _, attr = spec.dropout_module.rpartition(".")
         module_at(gm, owner).add_module(attr, nn.Dropout(spec.dropout))
-
-
-def module_at(gm: GraphModule, path: str) -> nn.Module:
-    """The submodule at ``path``, creating empty containers on the way (a captured graph module holds
-    only the modules and attributes its graph reads)."""
-    mod: nn.Module = gm
-    for part in path.split(".") if path else []:
-        child = mod._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            mod.add_module(part, child)
-        mod = child
-    return mod
 
 
 def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, where: int | str) -> Node:
