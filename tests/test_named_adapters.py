@@ -185,3 +185,90 @@ def test_adapters_with_sibling_fusion_stay_fused_when_switched():
     fxlora.set_adapter(gm, "b")
     plain = _alone(model, gm, "b", rules)
     torch.testing.assert_close(gm(x), plain(x), atol=1e-6, rtol=1e-6)
+
+
+def _heads():
+    """Two adapters, each training its own copy of the head in full beside its LoRA factors."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    gm = fxlora.rewrite(model, RULES_A, adapter="a", train_modules=["head"])
+    fxlora.add_adapter(gm, RULES_B[:2], "b", train_modules=["head"])
+    randomize_lora(gm, std=0.2)
+    with torch.no_grad():
+        gm.get_submodule("head_a").weight.normal_()
+        gm.get_submodule("head_b").weight.normal_()
+    return model, gm
+
+
+def test_train_modules_switch_train_and_fold_with_their_adapter():
+    model, gm = _heads()
+    x = torch.randint(0, 40, (2, 5))
+    assert not any("head_b" in str(n.target) for n in gm.graph.nodes)  # b's head is not read while a runs
+    trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+    assert {"head_a.weight", "head_a.bias"} <= trainable and not any(n.startswith(("head.", "head_b")) for n in trainable)
+    out_a = gm(x)
+    # an independent reference: the model with a's head and a's LoRA
+    ref = _alone(model, gm, "a", RULES_A)
+    ref.get_submodule("head").load_state_dict(gm.get_submodule("head_a").state_dict())
+    torch.testing.assert_close(out_a, ref(x), atol=1e-5, rtol=1e-5)
+    fxlora.set_adapter(gm, "b")
+    assert any("head_b" in str(n.target) for n in gm.graph.nodes) and not any("head_a" in str(n.target) for n in gm.graph.nodes)
+    out_b = gm(x)
+    out_b.sum().backward()
+    assert gm.get_submodule("head_b").weight.grad is not None and gm.get_submodule("head_a").weight.grad is None
+    folded = fxlora.fold(gm)  # b's LoRA folded and b's head in place of the head
+    torch.testing.assert_close(folded(x), out_b, atol=1e-5, rtol=1e-5)
+    assert set(folded.state_dict()) == set(model.state_dict())
+    assert torch.equal(folded.get_parameter("head.weight"), gm.get_submodule("head_b").weight)
+    assert torch.equal(fxlora.unload(gm)(x), model(x))  # no adapter: the model's own head
+    with fxlora.disable_adapter(gm):
+        assert torch.equal(gm(x), model(x))
+    with pytest.raises(fxlora.ArgumentError, match="both train module 'head' in full"):
+        fxlora.set_adapter(gm, ["a", "b"])
+    with pytest.raises(fxlora.ArgumentError, match="cannot be scaled"):
+        fxlora.fold(gm, adapters={"b": 0.5})
+    with pytest.raises(fxlora.ArgumentError, match="trains modules in full"):
+        fxlora.serve(gm)
+    fxlora.delete_adapter(gm, "a")
+    assert not any(n.startswith("head_a") for n, _ in gm.named_modules())
+
+
+def test_train_modules_are_counted_and_validated():
+    from fxlora import zoo
+
+    with torch.device("meta"):
+        model = zoo.roberta_base(num_labels=2)
+    rules = list(zoo.PAPER["roberta-base"].rules)
+    report = fxlora.report(model, rules, train_modules=["classifier"])
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert report.trained == {"classifier": head} and report.trainable_params == 294_912 + head
+    assert "trained in full: classifier" in report.render()
+    assert fxlora.report(model, rules).trainable_params == 294_912
+    with pytest.raises(fxlora.RuleError, match="contains the LoRA site"):
+        fxlora.plan(TinyTransformer(), RULES_A, train_modules=["blocks.0"])
+    with pytest.raises(fxlora.RuleError, match=r"train_modules\[0\] = 'hed' selects no module. Closest names: head"):
+        fxlora.plan(TinyTransformer(), RULES_A, train_modules=["hed"])
+    with pytest.raises(fxlora.RuleError, match="contains the LoRA site 'blocks.0.qkv'"):
+        fxlora.plan(TinyTransformer(), RULES_A, train_modules=[nn.Linear])  # the qkv Linears are sites
+    plan = fxlora.plan(TinyTransformer(), [Rule("emb", r=2, alpha=2)], train_modules=[nn.Linear, "blocks.0.*"])
+    assert plan.train_modules == ("blocks.0.qkv", "blocks.0.proj", "blocks.1.qkv", "blocks.1.proj", "head", "blocks.0.ln",
+                                  "blocks.0.drop")
+
+
+def test_train_modules_through_torch_export():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=100, max_position_embeddings=64, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    gm = fxlora.rewrite(model, [Rule("bert.encoder.layer.*.attention.self.query", r=2, alpha=4)], adapter="a",
+                        train_modules=["classifier"], example_inputs=(ids,))
+    with torch.no_grad():
+        gm.get_submodule("classifier_a").weight.normal_()
+    out = gm(ids).logits
+    folded = fxlora.fold(gm)
+    torch.testing.assert_close(folded(ids).logits, out, atol=1e-5, rtol=1e-5)
+    model.load_state_dict(folded.state_dict(), strict=False)  # the folded head is the trained one
+    assert torch.equal(model.classifier.weight, gm.get_submodule("classifier_a").weight)
