@@ -1,19 +1,33 @@
-""":func:`fold`: the deployable model, the base graph with merged weights, as a new module."""
+""":func:`fold`: the deployable model, the base graph with merged weights, as a new module.
+
+The folded graph of a rewritten module is always the same (the base graph), whatever the adapters'
+values, so it is built once (a copy of the module run through ``fxlora.passes.FoldPass`` with no
+adapter: the *template*) and cached on the module, keyed by its code.  Each fold then only computes
+the merged weights and makes a new module from the template: its own class (so that recompiling one
+folded module never touches another), its own module tree over the current tensors (non-adapted
+weights share storage with the rewritten module, as before), and the template's generated code.  The
+graph is copied the first time the folded module's ``.graph`` is read.  So a fold costs the weight
+arithmetic, not a graph copy and code generation.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
+from torch import nn
 from torch.fx import GraphModule
 
 from .errors import ArgumentError
-from .passes import FoldPass
+from .passes import FoldPass, merged_weights
 from .provenance import active_adapters, adapter_state, adapters_of, require_sites
 from .tracing import copy_graph_module
 
 __all__ = ["fold"]
+
+_TEMPLATE = "_fxlora_fold_template"
 
 
 def fold(
@@ -24,16 +38,29 @@ def fold(
     Each merged weight is ``W + sum(coeff * delta)`` over ``adapters`` (adapter name -> coefficient;
     default: the active adapters, 1 each), computed in float32 (float64 for float64 weights) and rounded
     once, to ``dtype`` when given (the other floating-point parameters and buffers are cast to it too)
-    or to the base weight's dtype.  The result has the base model's graph and state-dict keys; tensors
-    that were not adapted are shared with ``gm``, and ``gm`` itself is not modified.
+    or to the base weight's dtype.  A folded adapter's fully trained modules (``train_modules``) take
+    the place of the model's.  The result has the base model's graph and state-dict keys; tensors that
+    were not adapted share storage with ``gm``, and ``gm`` itself is not modified.
     """
     require_sites(gm, "fold")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ArgumentError(f"fold(dtype=...) must be a floating-point torch.dtype, got {dtype!r}.")
-    if adapters is not None:
+    weights = _weights(gm, adapters)
+    template = _template(gm)
+    merged = merged_weights(gm, weights, dtype)
+    out = _instantiate(template, gm, merged, _sources(gm, weights))
+    if dtype is not None:
+        out.to(dtype)
+    return out
+
+
+def _weights(gm: GraphModule, adapters: Mapping[str, float] | None) -> dict[str, float]:
+    known = adapters_of(gm)
+    if adapters is None:
+        weights = {name: 1.0 for name in active_adapters(gm)}
+    else:
         if not isinstance(adapters, Mapping):
             raise ArgumentError(f"fold(adapters=...) takes a dict of adapter name -> weight, got {type(adapters).__name__}.")
-        known = adapters_of(gm)
         for name, coeff in adapters.items():
             if name not in known:
                 raise ArgumentError(
@@ -41,20 +68,102 @@ def fold(
                 )
             if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not math.isfinite(coeff):
                 raise ArgumentError(f"fold(adapters=...): the weight of {name!r} must be a finite number, got {coeff!r}.")
-    names = list(adapters) if adapters is not None else active_adapters(gm)
+        weights = {name: float(coeff) for name, coeff in adapters.items()}
     trained = adapter_state(gm).get("train_modules", {})
     owners: dict[str, str] = {}
-    for name in names:
+    for name, coeff in weights.items():
         for path in trained.get(name, {}):
             if path in owners:
                 raise ArgumentError(f"fold: adapters {owners[path]!r} and {name!r} both train module '{path}' in full.")
             owners[path] = name
-            if adapters is not None and adapters[name] != 1:
+            if coeff != 1:
                 raise ArgumentError(
                     f"fold: adapter {name!r} trains module '{path}' in full, which cannot be scaled: fold it with weight 1."
                 )
-    out = copy_graph_module(gm)
-    FoldPass(dtype, adapters)(out)
-    if dtype is not None:
-        out.to(dtype)
+    return weights
+
+
+def _template(gm: GraphModule) -> GraphModule:
+    """The folded structure of ``gm`` (the base graph, no adapter), built once per graph version."""
+    key = (id(gm.graph), hash(gm.code))
+    cached = gm.__dict__.get(_TEMPLATE)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    template = copy_graph_module(gm)
+    FoldPass(weights={})(template)
+    gm.__dict__[_TEMPLATE] = (key, template)
+    return template
+
+
+def _sources(gm: GraphModule, weights: Mapping[str, float]) -> dict[str, str]:
+    """Module path -> the path in ``gm`` whose tensors it takes: a folded adapter's copy of a module it
+    trains in full."""
+    trained = adapter_state(gm).get("train_modules", {})
+    return {path: copy_path for name in weights for path, copy_path in trained.get(name, {}).items()}
+
+
+def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch.Tensor], sources: dict[str, str]) -> GraphModule:
+    cls = type(template)
+    new_cls = type(cls.__name__, (cls,), {"graph": _lazy_graph})
+    out = new_cls.__new__(new_cls)
+    nn.Module.__init__(out)
+    state_keys = set(out.__dict__)
+    for key, value in template.__dict__.items():
+        if key not in state_keys:
+            out.__dict__[key] = value
+    out.__dict__["_fxlora_shared_graph"] = True
+    out.meta = copy.copy(template.meta)
+    memo: dict[int, Any] = {}
+
+    def source(name: str) -> str:
+        for path, copy_path in sources.items():
+            if name == path or name.startswith(path + "."):
+                return copy_path + name[len(path):]
+        return name
+
+    def tensor(kind: str, name: str) -> torch.Tensor:
+        if kind == "parameter" and name in merged:
+            old = gm.get_parameter(name)
+            return nn.Parameter(merged[name], requires_grad=old.requires_grad)
+        value = gm.get_parameter(source(name)) if kind == "parameter" else gm.get_buffer(source(name))
+        if id(value) not in memo:
+            memo[id(value)] = (
+                nn.Parameter(value.detach(), requires_grad=value.requires_grad) if kind == "parameter" else value.detach().clone()
+            )
+        return memo[id(value)]
+
+    def clone(module: nn.Module, target: nn.Module, prefix: str) -> None:
+        target._parameters = {k: None if p is None else tensor("parameter", prefix + k) for k, p in module._parameters.items()}
+        target._buffers = {k: None if b is None else tensor("buffer", prefix + k) for k, b in module._buffers.items()}
+        children = {}
+        for k, child in module._modules.items():
+            if child is None:
+                children[k] = None
+                continue
+            new = copy.copy(child)
+            for attr, value in list(new.__dict__.items()):
+                if isinstance(value, dict):
+                    new.__dict__[attr] = copy.copy(value)
+            clone(child, new, f"{prefix}{k}.")
+            children[k] = new
+        target._modules = children
+
+    clone(template, out, "")
     return out
+
+
+def _lazy_graph_get(self: GraphModule) -> Any:
+    """The folded module's own graph: the template's, copied the first time it is read."""
+    if self.__dict__.pop("_fxlora_shared_graph", False):
+        graph = copy.deepcopy(self.__dict__["_graph"])
+        graph.owning_module = self
+        self.__dict__["_graph"] = graph
+    return self.__dict__["_graph"]
+
+
+def _lazy_graph_set(self: GraphModule, graph: Any) -> None:
+    self.__dict__.pop("_fxlora_shared_graph", None)
+    GraphModule.graph.fset(self, graph)  # type: ignore[attr-defined]
+
+
+_lazy_graph = property(_lazy_graph_get, _lazy_graph_set)

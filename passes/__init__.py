@@ -20,7 +20,7 @@ only when the graph changed, so the passes plug into torch's ``PassManager``.  T
 """
 
 from .adapters_pass import RemoveAdapter, SetActiveAdapters, remove_adapter, set_active_adapters
-from .fold_pass import FoldPass, fold
+from .fold_pass import FoldPass, fold, merged_weights
 from .fuse_siblings_pass import FuseSiblings, fuse_siblings
 from .infra import FxLoraPass, PassContractError, counters
 from .mode_aware_pass import MakeModeAware, TrainingFlag, make_mode_aware
@@ -32,6 +32,7 @@ __all__ = [
     "fold",
     "fuse_siblings",
     "make_mode_aware",
+    "merged_weights",
     "set_active_adapters",
     "remove_adapter",
     "serve_adapters",

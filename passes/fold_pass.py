@@ -27,7 +27,7 @@ from fxlora.lora import merged_weight
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
 from .train_modules import adopt_copy, drop_copies, restore, trained_by
 
-__all__ = ["FoldPass", "fold"]
+__all__ = ["FoldPass", "fold", "merged_weights"]
 
 
 class FoldPass(FxLoraPass):
@@ -55,20 +55,7 @@ class FoldPass(FxLoraPass):
             return PassResult(gm, False)
         weights = self.weights if self.weights is not None else {a: 1.0 for a in provenance.active_adapters(gm)}
 
-        updates: dict[str, list] = defaultdict(list)  # weight name -> [(A, B, spec, coeff)]
-        for name, coeff in weights.items():
-            for spec in adapters[name].values():
-                updates[spec.weight].append((gm.get_parameter(spec.lora_A), gm.get_parameter(spec.lora_B), spec, coeff))
-        merged: dict[str, torch.Tensor] = {}
-        for weight, terms in updates.items():  # compute and check everything before changing anything
-            w = merged_weight(gm.get_parameter(weight), terms, dtype=self.dtype)
-            if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
-                spec = terms[0][2]
-                raise FoldError(
-                    f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its lora_A/lora_B or base "
-                    "weight hold NaN or Inf (diverged training?). Nothing was folded; reload a good checkpoint."
-                )
-            merged[weight] = w
+        merged = merged_weights(gm, weights, self.dtype)  # computed and checked before anything changes
 
         for weight, value in merged.items():
             owner, _, attr = weight.rpartition(".")
@@ -112,6 +99,27 @@ class FoldPass(FxLoraPass):
             not any(provenance.node_info(n) for n in gm.graph.nodes) and not provenance.adapters_of(gm),
             "fold left LoRA nodes or records in the graph",
         )
+
+
+def merged_weights(gm: GraphModule, weights: Mapping[str, float], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """weight name -> ``W + sum(coeff * delta)`` over the adapters in ``weights`` (name -> coefficient),
+    computed by :func:`fxlora.lora.merged_weight` and checked finite (:class:`FoldError` otherwise)."""
+    adapters = provenance.adapters_of(gm)
+    updates: dict[str, list] = defaultdict(list)  # weight name -> [(A, B, spec, coeff)]
+    for name, coeff in weights.items():
+        for spec in adapters[name].values():
+            updates[spec.weight].append((gm.get_parameter(spec.lora_A), gm.get_parameter(spec.lora_B), spec, coeff))
+    merged: dict[str, torch.Tensor] = {}
+    for weight, terms in updates.items():
+        w = merged_weight(gm.get_parameter(weight), terms, dtype=dtype)
+        if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+            spec = terms[0][2]
+            raise FoldError(
+                f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its lora_A/lora_B or base "
+                "weight hold NaN or Inf (diverged training?). Nothing was folded; reload a good checkpoint."
+            )
+        merged[weight] = w
+    return merged
 
 
 def fold(gm: GraphModule, dtype: torch.dtype | None = None, weights: Mapping[str, float] | None = None) -> PassResult:
