@@ -12,7 +12,9 @@ checks, in a file of its own named for what it does, with a function of the same
 * :func:`set_active_adapters` (``SetActiveAdapters(names)``) and :func:`remove_adapter`
   (``RemoveAdapter(name)``): which of a module's adapters the graph runs, and deleting one;
 * :func:`serve_adapters` (``ServeAdapters(names)``): one graph running each sample of a batch with its
-  own adapter.
+  own adapter;
+* :func:`lower_linear_branches` (``LowerLinearBranches()``): each adapted linear call and its branch
+  become one ``fxlora::lora_linear`` custom op (fused kernels on CUDA).
 
 Each edits the graph module in place and returns ``PassResult(gm, modified)`` with ``modified`` true
 only when the graph changed, so the passes plug into torch's ``PassManager``.  The public API in
@@ -23,6 +25,7 @@ from .adapters_pass import RemoveAdapter, SetActiveAdapters, remove_adapter, set
 from .fold_pass import FoldPass, fold, merged_weights
 from .fuse_siblings_pass import FuseSiblings, fuse_siblings
 from .infra import FxLoraPass, PassContractError, counters
+from .lower_pass import LowerLinearBranches, lower_linear_branches
 from .mode_aware_pass import MakeModeAware, TrainingFlag, make_mode_aware
 from .rewrite_pass import RewritePass, rewrite
 from .serve_pass import ServeAdapters, serve_adapters
@@ -33,6 +36,8 @@ __all__ = [
     "fuse_siblings",
     "make_mode_aware",
     "merged_weights",
+    "lower_linear_branches",
+    "LowerLinearBranches",
     "set_active_adapters",
     "remove_adapter",
     "serve_adapters",

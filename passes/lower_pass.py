@@ -1,0 +1,115 @@
+"""Lower pass: each adapted linear call, with its branch, becomes one ``fxlora::lora_linear`` op.
+
+At a linear site with one adapter's branch, the rewrite pass leaves::
+
+    y0  = linear(x, W, b)                      # base (call_module, F.linear, aten.linear, x @ W, addmm)
+    h   = linear(x, A)                         # shrink (or a dropout / fused-sibling piece of it)
+    y1  = linear(h, B_full * scale)            # expand
+    out = add(y0, y1)
+
+and this pass replaces ``y0 ... out`` by ``fxlora::lora_linear(x, W, b, A, B_full * scale, 1.0)`` (or
+``lora_linear_h(x, W, b, h, ...)`` when ``h`` is not simply ``x A^T``): one custom op
+(:mod:`fxlora.ops`) that runs eagerly, under ``torch.compile`` without a graph break and through
+``torch.export``, backed by fused kernels on CUDA and by the composite math elsewhere.  Calls where
+several adapters' branches chain, and sites that are not linear, are left as they are.
+
+The lowered graph is for execution only: :class:`fxlora.LoraGraphModule` keeps the rewritten graph as
+the source of truth (fold, state dicts and every other pass see the same sites) and runs a lowered
+copy of it, sharing the same parameter objects, where lowering is on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxlora import ops, provenance  # noqa: F401  (importing fxlora.ops registers the custom ops)
+from fxlora.sites import SITE_OPS, op_arguments
+
+from .infra import FxLoraPass, PassResult, counters, finalize
+from .rewrite_pass import input_of
+
+__all__ = ["LowerLinearBranches", "lower_linear_branches", "LOWERED"]
+
+#: ``node.meta["fxlora"]["role"]`` of a lowered call.
+LOWERED = "lowered"
+
+
+def _base_operands(gm: GraphModule, base: Node) -> tuple[Node, Node | None, bool] | None:
+    """``(weight node, bias node, transposed)`` of a base linear call, where the op reads the weight as
+    ``(out, in)`` when ``transposed`` is False; None when the call cannot be lowered."""
+    graph = gm.graph
+    if base.op == "call_module":
+        module = gm.get_submodule(base.target)
+        if type(module) is not nn.Linear:
+            return None  # custom leaves compute their own way
+        with graph.inserting_before(base):
+            weight = graph.get_attr(f"{base.target}.weight")
+            bias = graph.get_attr(f"{base.target}.bias") if module.bias is not None else None
+        return weight, bias, False
+    site_op = SITE_OPS.get(base.target)
+    if site_op is None or site_op.kind != "linear":
+        return None
+    args = op_arguments(base)
+    weight = args.get(site_op.weight)
+    bias = args.get(site_op.bias) if site_op.bias else None
+    if not isinstance(weight, Node) or (bias is not None and not isinstance(bias, Node)):
+        return None
+    return weight, bias, site_op.computes_x_at_w
+
+
+def _lower_call(gm: GraphModule, add: Node) -> bool:
+    base, y1 = add.args
+    base_info = provenance.node_info(base) if isinstance(base, Node) else None
+    if base_info is None or base_info["role"] != provenance.BASE:
+        return False  # several adapters chain at this call
+    if not (isinstance(y1, Node) and y1.op == "call_function" and y1.target is F.linear and len(y1.args) == 2):
+        return False
+    h, b_scaled = y1.args
+    operands = _base_operands(gm, base)
+    if operands is None:
+        return False
+    weight, bias, transposed = operands
+    x = input_of(base, base_info["input"])
+    graph = gm.graph
+    with graph.inserting_before(add):
+        if transposed:
+            weight = graph.call_function(torch.t, (weight,))
+        shrink_reads_x = (
+            isinstance(h, Node) and h.op == "call_function" and h.target is F.linear and len(h.args) == 2 and h.args[0] is x
+            and len(h.users) == 1
+        )
+        if shrink_reads_x:
+            lowered = graph.call_function(torch.ops.fxlora.lora_linear.default, (x, weight, bias, h.args[1], b_scaled, 1.0))
+        else:
+            lowered = graph.call_function(torch.ops.fxlora.lora_linear_h.default, (x, weight, bias, h, b_scaled, 1.0))
+    lowered.meta.update({k: add.meta[k] for k in ("nn_module_stack", "stack_trace") if k in add.meta})
+    lowered.meta[provenance.META_KEY] = {**provenance.node_info(add), "role": LOWERED}
+    add.replace_all_uses_with(lowered)
+    for node in (add, y1, h if shrink_reads_x else None, base):
+        if node is not None and not node.users:
+            graph.erase_node(node)
+    return True
+
+
+class LowerLinearBranches(FxLoraPass):
+    name = "lower_linear_branches"
+
+    def call(self, gm: GraphModule) -> PassResult:
+        adds = [
+            n for n in gm.graph.nodes
+            if (info := provenance.node_info(n)) is not None and info["role"] == provenance.ADD and info["spec"].kind == "linear"
+        ]
+        lowered = sum(_lower_call(gm, add) for add in adds)
+        if not lowered:
+            return PassResult(gm, False)
+        counters[self.name]["calls"] += lowered
+        finalize(gm)
+        return PassResult(gm, True)
+
+
+def lower_linear_branches(gm: GraphModule) -> PassResult:
+    """Run :class:`LowerLinearBranches` on ``gm`` (in place)."""
+    return LowerLinearBranches()(gm)
