@@ -14,7 +14,6 @@ Modules: ``pipeline`` (capture -> plan -> rewrite), ``options`` (CaptureOptions)
 
 from . import export, generation, zoo
 from .combine import combine_adapters
-from .named_adapters import active_adapters, adapters, add_adapter, delete_adapter, disable_adapter, set_adapter, unload
 from .errors import (
     ArgumentError,
     CheckpointError,
@@ -28,6 +27,15 @@ from .errors import (
 from .folding import fold
 from .graph_module import LoraGraphModule
 from .lora import SiteSpec
+from .named_adapters import (
+    active_adapters,
+    adapters,
+    add_adapter,
+    delete_adapter,
+    disable_adapter,
+    set_adapter,
+    unload,
+)
 from .options import CaptureOptions
 from .peft_format import load_peft_adapter, peft_rules, save_peft_adapter
 from .pipeline import capture, plan, rewrite

@@ -21,7 +21,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .errors import ArgumentError
-from .passes import FoldPass, merged_weights
+from .passes import FoldPass, InlineUnits, merged_weights
 from .provenance import active_adapters, adapter_state, adapters_of, require_sites
 from .tracing import copy_graph_module
 
@@ -90,6 +90,7 @@ def _template(gm: GraphModule) -> GraphModule:
     if cached is not None and cached[0] == key:
         return cached[1]
     template = copy_graph_module(gm)
+    InlineUnits()(template)  # the folded model is the flat base graph
     FoldPass(weights={})(template)
     gm.__dict__[_TEMPLATE] = (key, template)
     return template

@@ -23,7 +23,6 @@ from torch.fx import Graph, GraphModule
 
 from .folding import fold
 
-
 __all__ = ["LoraGraphModule"]
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from torch.fx import GraphModule
 
 from .errors import ArgumentError
-from .passes import FoldPass, RemoveAdapter, RewritePass, SetActiveAdapters
+from .passes import FoldPass, RemoveAdapter, RewritePass, SetActiveAdapters, unit_paths
 from .provenance import active_adapters, adapter_state, adapters_of, require_sites
 from .resolution import check_adapter_name, make_plan
 from .rules import Rule, as_rules
@@ -43,6 +43,7 @@ __all__ = [
     "unload",
     "train_modules_of",
     "check_train_module_conflicts",
+    "check_not_split",
 ]
 
 
@@ -69,6 +70,7 @@ def add_adapter(
     :func:`fxlora.rewrite`.
     """
     require_sites(gm, "add_adapter")
+    check_not_split(gm, "add_adapter")
     check_adapter_name(name)
     if name in adapters_of(gm):
         raise ArgumentError(
@@ -85,6 +87,7 @@ def set_adapter(gm: GraphModule, names: str | Sequence[str] | None) -> None:
     alone), in place.  The active adapters' LoRA parameters train (with the bias mode last given to
     :func:`fxlora.mark_only_lora_as_trainable`), the others are frozen."""
     require_sites(gm, "set_adapter")
+    check_not_split(gm, "set_adapter")
     if names is None:
         wanted: list[str] = []
     elif isinstance(names, str):
@@ -106,6 +109,7 @@ def delete_adapter(gm: GraphModule, name: str) -> None:
     """Remove adapter ``name`` (its branches if active, its parameters and records), in place.  The last
     adapter cannot be deleted: :func:`unload` gives back the base model."""
     require_sites(gm, "delete_adapter")
+    check_not_split(gm, "delete_adapter")
     _known(gm, name, "delete_adapter")
     if len(adapters_of(gm)) == 1:
         raise ArgumentError(
@@ -134,6 +138,16 @@ def unload(gm: GraphModule) -> GraphModule:
     out = copy_graph_module(gm)
     FoldPass(weights={})(out)
     return out
+
+
+def check_not_split(gm: GraphModule, what: str) -> None:
+    """Adapters are chosen on the flat graph: a module split into units (``rewrite(..., units=...)``) is
+    trained, saved and folded, not switched."""
+    if unit_paths(gm):
+        raise ArgumentError(
+            f"{what}: this module is split into units ({', '.join(unit_paths(gm)[:3])}...); add, switch and combine "
+            "adapters before splitting: rewrite without units=, choose the adapters, then fxlora.passes.split_units."
+        )
 
 
 def check_train_module_conflicts(gm: GraphModule, names: Sequence[str], what: str) -> None:

@@ -21,9 +21,15 @@ from .errors import ArgumentError, RuleError, TraceError
 from .graph_module import LoraGraphModule
 from .lora import DEFAULT_ADAPTER
 from .options import CaptureOptions, capture_options
+from .passes import FuseSiblings, RewritePass, SplitUnits
 from .provenance import adapter_state
-from .passes import FuseSiblings, RewritePass
-from .resolution import MODULE_TYPES_META, Plan, check_adapter_name, make_plan
+from .resolution import (
+    MODULE_TYPES_META,
+    Plan,
+    check_adapter_name,
+    make_plan,
+    resolve_units,
+)
 from .rules import Rule, as_rules
 from .state import BIAS_MODES, mark_only_lora_as_trainable
 from .tracing import copy_graph_module, export_capture, trace
@@ -139,6 +145,7 @@ def rewrite(
     *,
     adapter: str = DEFAULT_ADAPTER,
     train_modules: Sequence[str | type] | None = None,
+    units: Sequence[str | type] | str | type | None = None,
     bias: str = "none",
     merge_on_eval: bool = False,
     fuse_siblings: bool = False,
@@ -156,6 +163,11 @@ def rewrite(
         train_modules: modules trained in full beside the LoRA factors (PEFT's ``modules_to_save``: a
             classifier head, a new embedding), written like rule targets; the adapter gets its own copy of
             each (``<module>_<adapter>``), saved, loaded, switched and folded with it.
+        units: module paths or types written like rule targets (``"model.layers.*"``, a block class):
+            each becomes a graph module of its own whose forward runs, so that FSDP2's ``fully_shard`` per
+            block and activation checkpointing work (``fxlora.passes.split_units``; names, state dicts and
+            fold are unchanged).  Choose the adapters before: a module split into units is trained, saved
+            and folded, not switched.
         bias: which biases train besides the LoRA parameters: ``"none"``, ``"all"`` or ``"lora_only"``
             (the biases of adapted sites), as loralib's ``mark_only_lora_as_trainable``.
         merge_on_eval: run the folded model in eval mode (see :class:`fxlora.LoraGraphModule`; costs a
@@ -196,6 +208,8 @@ def rewrite(
     if fuse_siblings:
         adapter_state(gm)["fuse_siblings"] = True  # kept when adapters are switched
         FuseSiblings()(gm)
+    if units is not None:
+        SplitUnits(resolve_units(gm, units))(gm)
     gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
     mark_only_lora_as_trainable(gm, bias)
     return gm

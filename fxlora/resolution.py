@@ -33,6 +33,7 @@ __all__ = [
     "canonical_name",
     "check_adapter_name",
     "resolve_train_modules",
+    "resolve_units",
     "train_module_copy",
     "MODULE_TYPES_META",
 ]
@@ -187,6 +188,23 @@ def make_plan(
     trained = resolve_train_modules(gm, root, types, train_modules, adapter, [s.name for s in sites])
     return Plan(graph_module=gm, sites=sites, rules=tuple(rules), candidates=tuple(candidates), adapter=adapter,
                 train_modules=trained)
+
+
+def resolve_units(gm: GraphModule, targets: Sequence[str | type]) -> tuple[str, ...]:
+    """The module paths that ``targets`` (written like rule targets: ``"model.layers.*"``, a block type)
+    select as units of :func:`fxlora.passes.split_units`, outermost first, in graph order."""
+    targets = module_targets(targets, "units")
+    types = dict(getattr(gm, "meta", {}).get(MODULE_TYPES_META) or {})
+    modules = {n: types.get(n, type(m)) for n, m in gm.named_modules() if n}
+    chosen: list[str] = []
+    for i, target in enumerate(targets):
+        hits = [n for n, t in modules.items() if target_matches(target, n, t)]
+        if not hits:
+            shown = target.__name__ if isinstance(target, type) else repr(target)
+            close = difflib.get_close_matches(str(target), list(modules), n=4, cutoff=0.4)
+            raise RuleError(f"units[{i}] = {shown} selects no module. Closest names: {', '.join(close) or 'none'}.")
+        chosen.extend(h for h in hits if h not in chosen)
+    return tuple(p for p in chosen if not any(p.startswith(q + ".") for q in chosen if q != p))
 
 
 def train_module_copy(path: str, adapter: str) -> str:

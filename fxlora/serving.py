@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 
 from .errors import ArgumentError
 from .graph_module import LoraGraphModule
+from .named_adapters import check_not_split
 from .passes import ServeAdapters
 from .provenance import BASE, adapter_state, adapters_of, node_info, require_sites
 from .tracing import copy_graph_module
@@ -39,6 +40,7 @@ def serve(gm: GraphModule, adapters: Sequence[str] | None = None) -> LoraGraphMo
     """A new module that serves ``adapters`` (default: all of ``gm``'s, in order) in mixed batches (see
     the module docstring); ``gm`` is not modified.  The stacked LoRA factors train; the base is frozen."""
     require_sites(gm, "serve")
+    check_not_split(gm, "serve")
     if is_served(gm):
         raise ArgumentError("serve: this module already serves a mixed batch; serve the module it was made from.")
     known = adapters_of(gm)

@@ -219,8 +219,7 @@ def load_lora(gm: GraphModule, path: str | os.PathLike[str], *, strict: bool = T
     is checked against the model), or a ``torch.save``-d state dict such as loralib's
     ``torch.save(lora.lora_state_dict(model), "ckpt.pt")``, read with ``weights_only=True``.  ``strict`` and
     the result are :func:`load_lora_state_dict`'s."""
-    from safetensors import SafetensorError
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     sites = require_sites(gm, "load_lora")
     path = Path(path)

@@ -14,14 +14,21 @@ checks, in a file of its own named for what it does, with a function of the same
 * :func:`serve_adapters` (``ServeAdapters(names)``): one graph running each sample of a batch with its
   own adapter;
 * :func:`lower_linear_branches` (``LowerLinearBranches()``): each adapted linear call and its branch
-  become one ``fxlora::lora_linear`` custom op (fused kernels on CUDA).
+  become one ``fxlora::lora_linear`` custom op (fused kernels on CUDA);
+* :func:`split_units` / :func:`inline_units` (``SplitUnits(paths)``, ``InlineUnits()``): the model's
+  blocks as graph modules whose forward runs (FSDP2 per block, activation checkpointing), and back.
 
 Each edits the graph module in place and returns ``PassResult(gm, modified)`` with ``modified`` true
 only when the graph changed, so the passes plug into torch's ``PassManager``.  The public API in
 ``fxlora`` copies what must not be shared and runs them.
 """
 
-from .adapters_pass import RemoveAdapter, SetActiveAdapters, remove_adapter, set_active_adapters
+from .adapters_pass import (
+    RemoveAdapter,
+    SetActiveAdapters,
+    remove_adapter,
+    set_active_adapters,
+)
 from .fold_pass import FoldPass, fold, merged_weights
 from .fuse_siblings_pass import FuseSiblings, fuse_siblings
 from .infra import FxLoraPass, PassContractError, counters
@@ -29,6 +36,7 @@ from .lower_pass import LowerLinearBranches, lower_linear_branches
 from .mode_aware_pass import MakeModeAware, TrainingFlag, make_mode_aware
 from .rewrite_pass import RewritePass, rewrite
 from .serve_pass import ServeAdapters, serve_adapters
+from .units_pass import InlineUnits, SplitUnits, inline_units, split_units, unit_paths
 
 __all__ = [
     "rewrite",
@@ -37,6 +45,11 @@ __all__ = [
     "make_mode_aware",
     "merged_weights",
     "lower_linear_branches",
+    "split_units",
+    "inline_units",
+    "unit_paths",
+    "SplitUnits",
+    "InlineUnits",
     "LowerLinearBranches",
     "set_active_adapters",
     "remove_adapter",

@@ -34,8 +34,7 @@ from fxlora.lora import SiteSpec, mixed_embedding, mixed_linear, slice_blocks
 from fxlora.resolution import canonical_name
 
 from .adapters_pass import drop_branches
-from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
-from .infra import module_at
+from .infra import FxLoraPass, PassResult, check_contract, counters, finalize, module_at
 from .rewrite_pass import input_of
 
 __all__ = ["ServeAdapters", "ServedSite", "serve_adapters", "adapter_slots", "stack_factors", "IDS_INPUT"]

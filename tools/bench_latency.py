@@ -16,10 +16,10 @@ import statistics
 import time
 
 import torch
+from fxlora.tools import results
 
 import fxlora
 from fxlora import zoo
-from fxlora.tools import results
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
