@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from .errors import RuleError
+from .patterns import compile_pattern, try_compile
 
 __all__ = ["Rule", "as_rules", "load_rules", "rules_from_data"]
 
@@ -129,7 +130,8 @@ class Rule:
         if isinstance(t, type):
             return False
         if t.startswith("re:"):
-            return re.fullmatch(t[3:], name) is not None
+            linear = try_compile(t[3:])  # linear time; re only for constructs it cannot take (lookarounds)
+            return linear.fullmatch(name) if linear is not None else re.fullmatch(t[3:], name) is not None
         return fnmatch.fnmatchcase(name, t)
 
     def matches_type(self, module_type: type | None) -> bool:
@@ -215,6 +217,8 @@ def rules_from_data(data: object, source: str = "rules") -> list[Rule]:
             target = entry["target"]
             if not isinstance(target, str):
                 raise RuleError(f"{where}: target must be a string, got {type(target).__name__}.")
+            if target.startswith("re:"):  # from a file: must match in bounded time
+                compile_pattern(target[3:], field=f"{where}: target", error=RuleError)
         else:
             if not isinstance(entry["type"], str):
                 raise RuleError(f"{where}: type must be a string import path such as 'torch.nn.Linear'.")
