@@ -1,0 +1,73 @@
+"""Killed and concurrent savers for the crash-consistency tests.
+
+The saving process is a ``fork`` of the test process (it already has torch and the model, so a kill loop
+costs milliseconds per iteration instead of an interpreter start).  The child runs single-threaded,
+touches only small tensors, and leaves with ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Callable
+
+import torch
+from fxlora import files
+
+
+def fork(body: Callable[[], None]) -> int:
+    """Run ``body`` in a forked child; return its pid.  The child exits 0 when ``body`` returns, 1 when it
+    raises."""
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            body()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def die_at(step: str) -> None:
+    """In the child: SIGKILL ourselves when a save reaches ``step`` (one of ``fxlora.files.STEPS``)."""
+
+    def hook(name: str) -> None:
+        if name == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    files.STEP_HOOK = hook
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def wait(pid: int) -> int:
+    """The child's exit status, or ``-signal`` when a signal ended it."""
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def forever(*saves: Callable[[], None]) -> Callable[[], None]:
+    """A child body that runs ``saves`` in turn until it is killed."""
+
+    def body() -> None:
+        while True:
+            for save in saves:
+                save()
+
+    return body
+
+
+class Deadline:
+    """``while deadline:`` runs for ``seconds`` of wall time."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def __bool__(self) -> bool:
+        return time.monotonic() < self.end
