@@ -340,7 +340,7 @@ def parse_safetensors(data: bytes, *, source: str) -> tuple[dict[str, Any], dict
         raise CheckpointError(
             f"{source} is not a readable safetensors file ({e}); it may be truncated or corrupted."
         ) from None
-    return tensors, dict(metadata)
+    return {k: tensors[k] for k in sorted(tensors)}, dict(metadata)  # sorted, as safetensors lists them
 
 
 def parse_tensor_file(data: bytes, *, source: str) -> tuple[dict[str, Any], dict[str, str]]:
