@@ -1,4 +1,4 @@
-"""Killed and concurrent savers for the crash-consistency tests.
+"""Killed and concurrent savers for the crash-consistency tests, and two adapters to tell apart.
 
 The saving process is a ``fork`` of the test process (it already has torch and the model, so a kill loop
 costs milliseconds per iteration instead of an interpreter start).  The child runs single-threaded,
@@ -12,8 +12,10 @@ import signal
 import time
 from typing import Callable
 
+import fxlora
 import torch
-from fxlora import files
+from fxlora import Rule, files
+from torch import nn
 
 
 def fork(body: Callable[[], None]) -> int:
@@ -71,3 +73,27 @@ class Deadline:
 
     def __bool__(self) -> bool:
         return time.monotonic() < self.end
+
+
+def two_versions(alphas=(1, 2)):
+    """A model and two adapters of it that differ in every tensor (all 1.0, all 2.0) and in alpha, so
+    that metadata or config of one version with the tensors of the other is detected."""
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+    gms = []
+    for value, alpha in zip((1.0, 2.0), alphas):
+        gm = fxlora.rewrite(model, [Rule("*", r=64, alpha=alpha)])
+        with torch.no_grad():
+            for name in fxlora.lora_parameter_names(gm):
+                gm.get_parameter(name).fill_(value)
+        gms.append(gm)
+    return model, gms
+
+
+def version_of(gm) -> float:
+    """1.0 or 2.0 when every LoRA tensor of ``gm`` holds that version's value; fails on a mix."""
+    state = fxlora.lora_state_dict(gm)
+    values = {float(v.flatten()[0]) for v in state.values()}
+    assert len(values) == 1, f"tensors of two versions: {values}"
+    value = values.pop()
+    assert all(bool((v == value).all()) for v in state.values()), "a torn tensor"
+    return value

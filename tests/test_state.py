@@ -18,7 +18,7 @@ from fxlora import CheckpointError, Rule, files
 from torch import nn
 
 from helpers import TinyTransformer, randomize_lora
-from processes import Deadline, die_at, fork, forever, kill, wait
+from processes import Deadline, die_at, fork, forever, kill, two_versions, version_of, wait
 
 RULES = [fxlora.Rule("blocks.*.qkv", r=4, alpha=8, enable_lora=[True, False, True]), fxlora.Rule("head", r=2, alpha=2)]
 
@@ -471,44 +471,22 @@ def test_saved_files_get_the_modes_a_user_expects(tmp_path):
 # -- killed savers, concurrent readers ----------------------------------------------------------------
 
 
-def _versions():
-    """Two adapters of one model that differ in every tensor and in their metadata's alpha."""
-    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
-    gms = []
-    for value, alpha in ((1.0, 1), (2.0, 2)):
-        gm = fxlora.rewrite(model, [Rule("*", r=64, alpha=alpha)])
-        with torch.no_grad():
-            for name in fxlora.lora_parameter_names(gm):
-                gm.get_parameter(name).fill_(value)
-        gms.append(gm)
-    return model, gms
-
-
-def _which(gm) -> float:
-    """1.0 or 2.0 when every LoRA tensor holds that version's value; fails on a mix."""
-    values = {float(v.flatten()[0]) for v in fxlora.lora_state_dict(gm).values()}
-    assert len(values) == 1, values
-    value = values.pop()
-    assert all(bool((v == value).all()) for v in fxlora.lora_state_dict(gm).values()), "a torn tensor"
-    return value
-
-
 @pytest.mark.parametrize("step, expected", [("file-written", 1.0), ("file-replaced", 2.0)])
 def test_a_save_killed_between_its_steps_leaves_the_old_or_the_new_file(step, expected, tmp_path):
-    model, (one, two) = _versions()
+    model, (one, two) = two_versions()
     path = tmp_path / "adapter.safetensors"
     fxlora.save_lora(one, path)
     pid = fork(lambda: (die_at(step), fxlora.save_lora(two, path)))
     assert wait(pid) == -9  # it died at that step
     fresh = fxlora.rewrite(model, [Rule("*", r=64, alpha=int(expected))])
     fxlora.load_lora(fresh, path)
-    assert _which(fresh) == expected
+    assert version_of(fresh) == expected
     fxlora.save_lora(two, path)  # the next save removes what the dead one left beside the file
     assert os.listdir(tmp_path) == ["adapter.safetensors"]
 
 
 def test_killing_save_lora_at_random_moments_never_tears_the_file(tmp_path):
-    model, (one, two) = _versions()
+    model, (one, two) = two_versions()
     path = tmp_path / "adapter.safetensors"
     fxlora.save_lora(one, path)
     fresh = {1.0: fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), 2.0: fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])}
@@ -522,7 +500,7 @@ def test_killing_save_lora_at_random_moments_never_tears_the_file(tmp_path):
         tensors, metadata = fxlora.state.read_lora_file(path)  # one version of the file, whole
         version = float(tensors["0.lora_A"].flatten()[0])
         fxlora.load_lora(fresh[version], path)  # metadata (alpha) and tensors agree
-        assert _which(fresh[version]) == version
+        assert version_of(fresh[version]) == version
         seen.add(version)
         iterations += 1
     assert seen == {1.0, 2.0}, seen
@@ -530,7 +508,7 @@ def test_killing_save_lora_at_random_moments_never_tears_the_file(tmp_path):
 
 
 def test_readers_during_saves_get_the_old_or_the_new_adapter(tmp_path):
-    model, (one, two) = _versions()
+    model, (one, two) = two_versions()
     path = tmp_path / "adapter.safetensors"
     fxlora.save_lora(one, path)
     readers = [fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])]
@@ -546,7 +524,7 @@ def test_readers_during_saves_get_the_old_or_the_new_adapter(tmp_path):
                     assert "alpha" in str(e), e
                     refused += 1
                     continue
-                assert _which(reader) == float(alpha)  # metadata and tensors of one version, never a mix
+                assert version_of(reader) == float(alpha)  # metadata and tensors of one version, never a mix
                 loads += 1
     finally:
         kill(writer)
