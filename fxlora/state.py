@@ -387,8 +387,11 @@ def lora_file_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
 def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """``(tensors, metadata)`` from one read of ``path``: a safetensors file or a ``torch.save``-d state
     dict (read with ``weights_only=True``), told apart by their first bytes, whatever the name says."""
-    data = files.read_file(path, what="LoRA checkpoint")
-    return files.parse_tensor_file(data, source=f"'{path}'")
+    p = files.as_path(path, "LoRA checkpoint")
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        raise CheckpointError(f"'{p}' is a PEFT adapter folder; load it with fxlora.load_peft_adapter(gm, folder).")
+    data = files.read_file(p, what="LoRA checkpoint")
+    return files.parse_tensor_file(data, source=f"'{p}'")
 
 
 def _check_save_path(path: Any) -> Path:

@@ -291,3 +291,27 @@ def test_a_module_captured_with_torch_export_says_why_it_cannot_be_pickled():
     with pytest.raises(fxlora.CheckpointError, match="cannot be pickled"):
         torch.save(gm, io.BytesIO())
     assert isinstance(copy.deepcopy(gm), fxlora.LoraGraphModule)  # deepcopy does not pickle
+
+
+def test_a_model_class_defined_in_a_function_still_round_trips():
+    class Local(nn.Module):  # its type cannot be pickled; fxlora's record of it is left out
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x).relu()
+
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(Local(), [fxlora.Rule("fc", r=2, alpha=2)])
+    randomize_lora(gm)
+    back = pickle.loads(pickle.dumps(gm))
+    x = torch.randn(3, 4)
+    assert torch.equal(back(x), gm(x)) and torch.equal(fxlora.fold(back)(x), fxlora.fold(gm)(x))
+
+
+def test_copy_copy_keeps_the_class_and_merge_on_eval():
+    gm = _gm()
+    clone = copy.copy(gm)
+    assert isinstance(clone, fxlora.LoraGraphModule) and clone.merge_on_eval
+    assert clone.get_parameter("head.lora_A") is gm.get_parameter("head.lora_A")  # a shallow copy shares

@@ -530,3 +530,10 @@ def test_readers_during_saves_get_the_old_or_the_new_adapter(tmp_path):
         kill(writer)
     assert loads > 10 and refused > 10, (loads, refused)
     print(f"reader/writer: {loads} loads, {refused} refusals")
+
+
+def test_a_peft_folder_given_to_load_lora_says_which_function_reads_it(tmp_path):
+    gm = _proj_gm()
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="is a PEFT adapter folder; load it with fxlora.load_peft_adapter"):
+        fxlora.load_lora(gm, tmp_path)
