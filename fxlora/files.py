@@ -640,7 +640,14 @@ def _copy_entries(src: Path, dst: Path, skip: set[str]) -> None:
 def write_folder(folder: str | os.PathLike[str], files: dict[str, bytes], *, what: str) -> Path:
     """Write ``files`` (name -> bytes) into ``folder`` so that they all change together: readers and
     crashes see the previous version of the folder or the new one, with its other files kept."""
-    target = _resolve(as_path(folder, what))
+    target = Path(os.path.abspath(_resolve(as_path(folder, what))))
+    cwd = Path(os.getcwd())
+    if cwd == target or target in cwd.parents:
+        raise CheckpointError(
+            f"'{target}' is (or holds) the current working directory; fxlora replaces a folder by exchanging it for a "
+            "new version and removing the old one, which would leave this process in a deleted directory. Save to "
+            "another folder. Nothing was written."
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

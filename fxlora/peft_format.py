@@ -57,6 +57,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT: a torch.save pickle, read with weights_only=True
 PREFIX = "base_model.model."
 MAX_RANK = 1 << 20
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # real configs are a few kilobytes
 _UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "use_qalora")
 _UNSUPPORTED_SET = (
     "modules_to_save",
@@ -280,6 +281,11 @@ def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
         raise CheckpointError(
             f"'{root}' is not a PEFT adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(as written by PeftModel.save_pretrained)."
+        )
+    if len(config_data) > MAX_CONFIG_BYTES:
+        raise CheckpointError(
+            f"'{root / CONFIG_NAME}' is {len(config_data):,} bytes; an adapter config is a few kilobytes (at most "
+            f"{MAX_CONFIG_BYTES:,})."
         )
     config = files.parse_json(config_data, source=f"'{root / CONFIG_NAME}'")
     tensors, _ = files.parse_tensor_file(weights_data, source=f"'{root / weights_name}'")

@@ -229,3 +229,14 @@ def test_the_exchange_is_one_call(tmp_path, monkeypatch):
     files.write_folder(folder, {"a": b"1"}, what="test")  # a new folder: one rename, no exchange
     files.write_folder(folder, {"a": b"2"}, what="test")
     assert len(calls) == 1 and calls[0][1] == os.fsencode(folder)
+
+
+def test_the_working_directory_is_not_replaced(tmp_path, monkeypatch):
+    folder = tmp_path / "adapter"
+    files.write_folder(folder, {"a": b"1"}, what="test")
+    monkeypatch.chdir(folder)
+    with pytest.raises(CheckpointError, match="current working directory"):
+        files.write_folder(".", {"a": b"2"}, what="test")
+    monkeypatch.chdir(tmp_path)
+    files.write_folder("adapter", {"a": b"2"}, what="test")  # a relative path to another folder is fine
+    assert (folder / "a").read_bytes() == b"2"
