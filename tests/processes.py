@@ -8,6 +8,7 @@ touches only small tensors, and leaves with ``os._exit``.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from typing import Callable
@@ -97,3 +98,38 @@ def version_of(gm) -> float:
     value = values.pop()
     assert all(bool((v == value).all()) for v in state.values()), "a torn tensor"
     return value
+
+
+def kill_loop(saves, current, *, seconds: float = 2.0, max_seconds: float = 6.0, seed: int = 0):
+    """SIGKILL savers at random moments; after each kill ``current()`` reads what is on disk and must
+    return exactly one version (1.0 or 2.0; it asserts that nothing is torn or mixed).
+
+    ``saves`` maps 1.0 and 2.0 to functions that save that version.  Each saver is a fork that saves the
+    version *not* on disk, then the other, and so on, and is killed after a random delay of up to a
+    few save durations, so kills land before, during and after its first switch.  Runs for
+    ``seconds``, longer (up to ``max_seconds``) until both versions were seen after kills.
+    Returns ``(kills, kills that changed the version)``."""
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    saves[1.0]()
+    window = 4 * (time.perf_counter() - start) + 0.005
+    on_disk = current()
+    assert on_disk == 1.0
+    seen: set[float] = set()
+    kills = changed = 0
+    began = time.monotonic()
+    while True:
+        elapsed = time.monotonic() - began
+        if elapsed > max_seconds or (elapsed > seconds and kills >= 10 and seen == {1.0, 2.0}):
+            break
+        other = 2.0 if on_disk == 1.0 else 1.0
+        pid = fork(forever(saves[other], saves[on_disk]))
+        time.sleep(rng.uniform(0.0, window))
+        kill(pid)
+        now = current()
+        changed += now != on_disk
+        on_disk = now
+        seen.add(now)
+        kills += 1
+    assert seen == {1.0, 2.0}, f"after {kills} kills only {seen} was ever on disk"
+    return kills, changed

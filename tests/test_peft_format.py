@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import stat
 import time
 
@@ -16,7 +15,7 @@ import torch
 from fxlora import CheckpointError, Rule, files
 from torch import nn
 
-from processes import Deadline, die_at, fork, forever, kill, two_versions, version_of, wait
+from processes import Deadline, die_at, fork, forever, kill, kill_loop, two_versions, version_of, wait
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -349,21 +348,19 @@ def test_killing_save_peft_adapter_at_random_moments_switches_config_and_weights
     fxlora.save_peft_adapter(one, folder)
     (folder / "README.md").write_text("card")
     readers = {1.0: fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), 2.0: fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])}
-    rng = random.Random(0)
-    seen, iterations = set(), 0
-    deadline = Deadline(2.0)
-    while deadline or iterations < 10:
-        pid = fork(forever(lambda: fxlora.save_peft_adapter(two, folder), lambda: fxlora.save_peft_adapter(one, folder)))
-        time.sleep(rng.uniform(0.0, 0.03))
-        kill(pid)
-        assert _folder_is_clean(folder)
+
+    def on_disk():
+        assert _folder_is_clean(folder)  # nothing staged inside it
         alpha = fxlora.peft_rules(folder)[0].alpha  # the config's version...
         fxlora.load_peft_adapter(readers[alpha], folder)  # ...loads, so the weights are that version's
         assert version_of(readers[alpha]) == alpha
-        seen.add(alpha)
-        iterations += 1
-    assert seen == {1.0, 2.0}, seen
-    print(f"folder kill loop: {iterations} kills")
+        return alpha
+
+    saves = {1.0: lambda: fxlora.save_peft_adapter(one, folder), 2.0: lambda: fxlora.save_peft_adapter(two, folder)}
+    kills, changed = kill_loop(saves, on_disk)
+    print(f"folder kill loop: {kills} kills, {changed} of them after a switch")
+    fxlora.save_peft_adapter(one, folder)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # what the killed savers left beside it is gone
 
 
 def test_readers_during_saves_get_the_old_or_the_new_adapter(tmp_path):
