@@ -186,18 +186,25 @@ def stage_tensors(
     """Every ``values[key]`` checked against ``targets[key]`` and converted into a new tensor of its dtype
     and device; the converted values must be finite.  Nothing is written anywhere.  On any problem a
     :class:`CheckpointError` lists every one (``hints`` adds a sentence per key)."""
+    staged, problems = _stage_all(targets, values, hints or {})
+    if problems:
+        raise CheckpointError(f"cannot load {source}, nothing was loaded: " + "; ".join(problems) + ".")
+    return staged
+
+
+def _stage_all(
+    targets: Mapping[str, torch.Tensor], values: Mapping[str, Any], hints: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     problems: list[str] = []
     staged: dict[str, torch.Tensor] = {}
     for key, value in values.items():
-        problem, tensor = _stage_one(key, value, targets[key], (hints or {}).get(key, ""))
+        problem, tensor = _stage_one(key, value, targets[key], hints.get(key, ""))
         if problem is not None:
             problems.append(problem)
         else:
             assert tensor is not None
             staged[key] = tensor
-    if problems:
-        raise CheckpointError(f"cannot load {source}, nothing was loaded: " + "; ".join(problems) + ".")
-    return staged
+    return staged, problems
 
 
 def commit_tensors(gm: GraphModule, staged: Mapping[str, torch.Tensor], lora_names: set[str]) -> None:
@@ -238,15 +245,16 @@ def load_into(
         problems.append(
             f"unexpected keys: {', '.join(map(str, unexpected[:6]))}{' ...' if len(unexpected) > 6 else ''}"
         )
-    if problems:
-        raise CheckpointError(f"cannot load {source}, nothing was loaded: " + "; ".join(problems) + ".")
     by_param = {spec.lora_A: spec for spec in sites.values()} | {spec.lora_B: spec for spec in sites.values()}
     hints = {
         name: f" (the model's site '{spec.name}' has r={spec.r}; was the checkpoint trained with another rank?)"
         for name, spec in by_param.items()
     }
     known = {k: v for k, v in state_dict.items() if k not in unexpected}
-    staged = stage_tensors({k: params[k] for k in known}, known, hints=hints, source=source)
+    staged, value_problems = _stage_all({k: params[k] for k in known}, known, hints)
+    problems += value_problems
+    if problems:
+        raise CheckpointError(f"cannot load {source}, nothing was loaded: " + "; ".join(problems) + ".")
     commit_tensors(gm, staged, lora_set)
     return _IncompatibleKeys(missing, unexpected)
 
