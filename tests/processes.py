@@ -105,14 +105,19 @@ def kill_loop(saves, current, *, seconds: float = 2.0, max_seconds: float = 6.0,
     return exactly one version (1.0 or 2.0; it asserts that nothing is torn or mixed).
 
     ``saves`` maps 1.0 and 2.0 to functions that save that version.  Each saver is a fork that saves the
-    version *not* on disk, then the other, and so on, and is killed after a random delay of up to a
-    few save durations, so kills land before, during and after its first switch.  Runs for
+    version *not* on disk, then the other, and so on, and is killed after a random delay of up to three
+    times what a forked saver takes to save once (measured here: forking a large test process takes
+    longer than the save itself), so kills land before, during and after its first switch.  Runs for
     ``seconds``, longer (up to ``max_seconds``) until both versions were seen after kills.
     Returns ``(kills, kills that changed the version)``."""
     rng = random.Random(seed)
-    start = time.perf_counter()
+    once = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        assert wait(fork(saves[2.0])) == 0
+        once = max(once, time.perf_counter() - start)
+    window = 3 * once
     saves[1.0]()
-    window = 4 * (time.perf_counter() - start) + 0.005
     on_disk = current()
     assert on_disk == 1.0
     seen: set[float] = set()
