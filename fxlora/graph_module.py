@@ -1,29 +1,112 @@
 """``LoraGraphModule``: the ``GraphModule`` that :func:`fxlora.rewrite` returns.
 
 It is an ordinary ``torch.fx.GraphModule`` (its graph holds the LoRA branches, it trains with any
-optimizer and wraps in DDP/FSDP) with one addition, ``merge_on_eval``:
+optimizer and wraps in DDP/FSDP) with two additions.
 
-* off (the default): ``eval()`` keeps running the branches, exactly as in training minus dropout;
-* on: in eval mode the forward runs a cached :func:`fxlora.fold` of the module (the base graph with
-  merged weights: no extra latency), and ``train()`` returns to the branches.  The cache is rebuilt
-  when a LoRA parameter or base weight changes (tracked by tensor version counters) and dropped on
-  ``train()``.  The trainable tensors are never written: after any number of train/eval toggles
-  every weight is bit-identical (loralib merges into ``weight.data`` and subtracts it back, which
-  drifts).  Cost: while in eval mode, one extra copy of every *adapted* weight; gradients do not
-  reach the LoRA parameters through an eval-mode forward.
+``merge_on_eval``
+    * off (the default): ``eval()`` keeps running the branches, exactly as in training minus dropout;
+    * on: in eval mode the forward runs a cached :func:`fxlora.fold` of the module (the base graph with
+      merged weights: no extra operators), and ``train()`` returns to the branches and drops the cache.
+      The trainable tensors are never written: after any number of train/eval toggles every weight is
+      bit-identical (loralib merges into ``weight.data`` and subtracts it back, which drifts).
+
+    The cache is never stale.  Before each eval-mode forward it is checked two ways: every parameter
+    and buffer must be the same object, at the same address, with the same version counter (this
+    catches optimizer steps, loaded checkpoints, ``p.data = ...``), *and* every tensor the fold copied
+    must still hold, bit for bit, what it held when the fold was built (this catches what version
+    counters miss: ``p.data.zero_()``, ``p.data.copy_(...)``, writes through numpy or DLPack views).
+    The tensors the fold copied are the LoRA factors (compared with a snapshot; they are small), the
+    adapted base weights (compared with a snapshot) and the buffers (compared with the fold's own
+    copies); every other tensor is shared with the folded module, so it cannot go stale.
+
+    Cost, while in eval mode: two extra copies of every *adapted* base weight (the merged weight and
+    the snapshot) plus one of the LoRA factors; and per forward, one pass that reads the adapted
+    weights twice (live and snapshot) and the LoRA factors and buffers.  That is negligible next to a
+    forward over a batch of hundreds of tokens, but comparable to a single-token forward, so serve with
+    :func:`fxlora.fold` (no checks, no copies).  Gradients do not reach the LoRA parameters through an
+    eval-mode forward.
+
+Pickling
+    ``torch.save(gm)`` / ``torch.load(..., weights_only=False)``, ``pickle`` and ``copy.deepcopy`` give
+    back a ``LoraGraphModule`` with the same graph, node for node (not re-traced from its code), with
+    fxlora's records (``gm.meta["fxlora"]`` and every ``node.meta["fxlora"]``), so fold, the state-dict
+    helpers and ``merge_on_eval`` work on the copy.  Node metadata that cannot be pickled (fake tensors
+    of a ``torch.export`` capture, module types defined inside a function) is left out.  A module
+    captured with ``torch.export`` holds torch's input-guard function, which cannot be pickled: that
+    is refused with a :class:`~fxlora.errors.CheckpointError` saying what to do instead.
 """
 
 from __future__ import annotations
 
 import functools
+import pickle
 from typing import Any
 
 import torch
-from torch.fx import Graph, GraphModule
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
 
+from .errors import CheckpointError
 from .folding import fold
 
 __all__ = ["LoraGraphModule"]
+
+#: Version of the pickled form (see :meth:`LoraGraphModule.__reduce__`).
+_PICKLE_VERSION = 1
+# Node metadata that only describes a capture in progress (fake tensors, symbolic shapes).
+_CAPTURE_ONLY_META = frozenset({"val", "example_value", "unbacked_bindings", "tensor_meta"})
+_COMPILED = ("_graph", "_code", "_lineno_map", "_prologue_start", "_fxlora_cache")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its element size, so that equality is bit equality (-0.0 is not 0.0,
+    and a NaN equals itself)."""
+    if t.is_floating_point() or t.is_complex():
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        size = t.element_size()
+        if t.is_complex():
+            t = torch.view_as_real(t)
+            size //= 2
+        return t.view(ints[size])
+    return t
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+        and a.device == b.device
+    )
+
+
+class _FoldCache:
+    """A folded module and how to tell it is still the fold of the live tensors."""
+
+    def __init__(self, owner: LoraGraphModule, stamp: tuple[Any, ...]) -> None:
+        self.stamp = stamp
+        self.module = fold(owner)
+        self.module.train(False)
+        folded = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        self.watch: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for name, live in (*owner.named_parameters(), *owner.named_buffers()):
+                live = live.detach()
+                mine = folded.get(name)
+                if mine is not None and _shares(live, mine):
+                    continue  # the folded module reads this very memory: never stale
+                if mine is not None and _same_bits(live, mine.detach()):
+                    self.watch.append((live, mine.detach()))  # the fold's own copy (a buffer) is the snapshot
+                else:
+                    self.watch.append((live, live.clone()))  # a LoRA factor or an adapted weight
+
+    def fresh(self, stamp: tuple[Any, ...]) -> bool:
+        if stamp != self.stamp:
+            return False
+        with torch.no_grad():
+            return all(_same_bits(live, snapshot) for live, snapshot in self.watch)
 
 
 class LoraGraphModule(GraphModule):
@@ -53,6 +136,29 @@ class LoraGraphModule(GraphModule):
         cls.forward = forward  # type: ignore[method-assign]
         return code
 
+    def train(self, mode: bool = True) -> LoraGraphModule:
+        super().train(mode)
+        if mode:
+            self.__dict__["_fxlora_cache"] = None
+        return self
+
+    def _stamp(self) -> tuple[Any, ...]:
+        """Identity, address and version of every parameter and buffer (an optimizer step, a loaded
+        checkpoint, a bias given its own storage, ``p.data = t``)."""
+        return tuple((id(t), t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers()))
+
+    def merged_module(self) -> GraphModule:
+        """The folded module that eval mode runs with ``merge_on_eval``, rebuilt whenever any tensor it
+        was folded from changed (see the module docstring for how, and what it costs)."""
+        stamp = self._stamp()
+        cache = self.__dict__.get("_fxlora_cache")
+        if cache is None or not cache.fresh(stamp):
+            self.__dict__["_fxlora_cache"] = None  # free the old fold before building the new one
+            cache = _FoldCache(self, stamp)
+            self.__dict__["_fxlora_cache"] = cache
+        return cache.module
+
+    # -- copies and pickles ------------------------------------------------------------------------
     def _deepcopy_init(self):  # type: ignore[override]
         merge_on_eval = self.__dict__.get("merge_on_eval", False)
 
@@ -61,24 +167,178 @@ class LoraGraphModule(GraphModule):
 
         return init
 
-    def train(self, mode: bool = True) -> LoraGraphModule:
-        super().train(mode)
-        if mode:
-            self.__dict__["_fxlora_cache"] = None
-        return self
-
-    def _stamp(self) -> tuple[Any, ...]:
-        """Identity and version of every parameter and buffer: any change makes the cached fold stale
-        (an optimizer step, a loaded checkpoint, a bias given its own storage)."""
-        return tuple((id(t), t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers()))
-
-    def merged_module(self) -> GraphModule:
-        """The folded module that eval mode runs with ``merge_on_eval`` (built or refreshed on demand)."""
-        stamp = self._stamp()
-        cache = self.__dict__.get("_fxlora_cache")
-        if cache is None or cache[0] != stamp:
-            folded = fold(self)
-            folded.train(False)
-            cache = (stamp, folded)
+    def __deepcopy__(self, memo: dict[int, Any]) -> LoraGraphModule:
+        cache = self.__dict__.pop("_fxlora_cache", None)  # rebuilt on demand; not worth copying
+        try:
+            return super().__deepcopy__(memo)  # type: ignore[return-value]
+        finally:
             self.__dict__["_fxlora_cache"] = cache
-        return cache[1]
+
+    def __copy__(self) -> LoraGraphModule:
+        res = LoraGraphModule(self, self.graph, type(self).__name__, merge_on_eval=self.__dict__.get("merge_on_eval", False))
+        res.meta = getattr(self, "meta", {})
+        return res
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the graph itself (nodes, targets, arguments and the metadata that can be pickled) and
+        the module's attributes; ``torch.fx``'s own pickling re-traces the generated code instead,
+        which loses every ``node.meta`` and the module's class."""
+        _refuse_unpicklable_modules(self)
+        body = {k: v for k, v in self.__dict__.items() if k not in _COMPILED}
+        if "meta" in body:
+            body["meta"] = _picklable_meta(body["meta"], keep=("fxlora",))
+        state = {"version": _PICKLE_VERSION, "body": body, "graph": _graph_record(self.graph)}
+        return (_unpickle_lora_graph_module, (state,))
+
+
+# --------------------------------------------------------------------------------------------- #
+# the pickled form (the names below are part of it: do not rename)
+# --------------------------------------------------------------------------------------------- #
+
+
+class _NodeRef:
+    """An argument that is another node, by its position in the graph."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_NodeRef, (self.index,))
+
+
+class _OpRef:
+    """A ``torch.ops`` operator (``aten.linear.default``), by name: operator objects do not pickle."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_OpRef, (self.name,))
+
+    def resolve(self) -> Any:
+        op: Any = torch.ops
+        for part in self.name.split("."):
+            op = getattr(op, part)
+        return op
+
+
+def _refuse_unpicklable_modules(gm: GraphModule) -> None:
+    for name, module in gm.named_modules():
+        for attr, value in vars(module).items():
+            if callable(value) and "<locals>" in getattr(value, "__qualname__", ""):
+                raise CheckpointError(
+                    f"this module cannot be pickled: its submodule '{name}' ({type(module).__name__}) holds "
+                    f"'{attr}', a function generated when the model was captured (torch.export's input guards). "
+                    "Save the adapter with fxlora.save_lora and rewrite the model again to restore it, or save the "
+                    "folded model with fxlora.export.to_exported_program."
+                )
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001 - anything pickle refuses
+        return False
+    return True
+
+
+def _picklable_meta(meta: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The entries of ``meta`` that pickle (a dict value keeps its entries that pickle); the keys in
+    ``keep`` are kept whatever happens (pickle then reports the problem)."""
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        if key in keep:
+            out[key] = value
+        elif key in _CAPTURE_ONLY_META:
+            continue
+        elif _picklable(value):
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = {k: v for k, v in value.items() if _picklable(k) and _picklable(v)}
+    return out
+
+
+def _graph_record(graph: Graph) -> dict[str, Any]:
+    index = {node: i for i, node in enumerate(graph.nodes)}
+
+    def ref(node: Node) -> Any:
+        return _NodeRef(index[node])
+
+    nodes = []
+    for node in graph.nodes:
+        target = node.target
+        if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            target = _OpRef(str(target))
+        nodes.append(
+            (
+                node.op,
+                node.name,
+                target,
+                map_arg(node.args, ref),
+                map_arg(node.kwargs, ref),
+                node.type if _picklable(node.type) else None,
+                _picklable_meta(node.meta, keep=("fxlora",)),
+            )
+        )
+    return {
+        "nodes": nodes,
+        "codegen": graph._codegen,
+        "tracer_cls": graph._tracer_cls,
+        "tracer_extras": graph._tracer_extras,
+    }
+
+
+def _graph_from_record(record: dict[str, Any]) -> Graph:
+    graph = Graph(tracer_cls=record["tracer_cls"], tracer_extras=record["tracer_extras"])
+    graph._codegen = record["codegen"]
+    made: list[Node] = []
+
+    def node_of(arg: Any) -> Any:
+        if isinstance(arg, _NodeRef):
+            return made[arg.index]
+        if isinstance(arg, (tuple, list)):
+            out = [node_of(a) for a in arg]
+            return type(arg)(out) if not hasattr(arg, "_fields") else type(arg)(*out)
+        if isinstance(arg, dict):
+            return {k: node_of(v) for k, v in arg.items()}
+        if isinstance(arg, slice):
+            return slice(node_of(arg.start), node_of(arg.stop), node_of(arg.step))
+        return arg
+
+    for op, name, target, args, kwargs, type_expr, meta in record["nodes"]:
+        if isinstance(target, _OpRef):
+            target = target.resolve()
+        node = graph.create_node(op, target, node_of(args), node_of(kwargs), name=name, type_expr=type_expr)
+        if node.name != name:
+            raise CheckpointError(f"the pickled graph is inconsistent: node {name!r} came back as {node.name!r}.")
+        node.meta = dict(meta)
+        made.append(node)
+    graph.lint()
+    return graph
+
+
+class _Holder(torch.nn.Module):
+    """The attributes of the pickled module, to build the new one from (as ``torch.fx`` does)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__()
+        self.__dict__ = body
+
+
+def _unpickle_lora_graph_module(state: dict[str, Any]) -> LoraGraphModule:
+    if state.get("version") != _PICKLE_VERSION:
+        raise CheckpointError(
+            f"this LoraGraphModule was pickled by another fxlora (format {state.get('version')!r}, this one reads "
+            f"{_PICKLE_VERSION}); load it with that version, or save the adapter with fxlora.save_lora."
+        )
+    body = dict(state["body"])
+    graph = _graph_from_record(state["graph"])
+    gm = LoraGraphModule(_Holder(dict(body)), graph, merge_on_eval=body.get("merge_on_eval", False))
+    gm.__dict__.update(body)  # submodules, parameters, buffers, hooks, meta, flags: the originals
+    gm.__dict__["_fxlora_cache"] = None
+    gm.recompile()
+    return gm

@@ -1,10 +1,18 @@
 """Read and write Hugging Face PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 * :func:`peft_rules` turns a PEFT adapter folder into fxlora rules, one exact-name rule per adapted
-  module, with PEFT's own rank/alpha resolution (``rank_pattern``, ``alpha_pattern``, rsLoRA);
+  module, with the rank read from the tensors and alpha from the config (PEFT's ``rank_pattern`` /
+  ``alpha_pattern`` resolution, rsLoRA);
 * :func:`load_peft_adapter` loads the folder into a module rewritten with those rules (all or
-  nothing: keys, ranks, scales and shapes are checked first);
+  nothing: keys, ranks, scales, shapes and values are checked first);
 * :func:`save_peft_adapter` writes a folder that ``peft.PeftModel.from_pretrained`` loads.
+
+The folder is treated as one unit: a save switches the config and the weights together (the new
+version is built beside the folder and exchanged with it, see :mod:`fxlora.files`), and a load reads
+both files from one version of the folder.  The config is untrusted input: every field fxlora uses is
+validated (types, ranges, nesting), its patterns are matched in linear time (:mod:`fxlora.patterns`),
+and a config that contradicts the tensors (another rank, a module ``target_modules`` does not select)
+is refused with a :class:`CheckpointError` naming the field.
 
 The tensor layouts agree: PEFT's ``lora_A.weight`` is fxlora's ``lora_A`` (``(r, in)``, or the conv
 kernel), ``lora_B.weight`` is ``lora_B``, and ``lora_embedding_A`` / ``lora_embedding_B`` are the
@@ -18,101 +26,376 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.fx import GraphModule
 
-from .errors import CheckpointError
+from . import files
+from .errors import ArgumentError, CheckpointError
 from .lora import SiteSpec
+from .patterns import Pattern, compile_pattern
 from .provenance import require_sites
 from .rules import Rule
-from .state import load_lora_state_dict
+from .state import load_into, tensors_for_file
 
-__all__ = ["peft_rules", "load_peft_adapter", "save_peft_adapter"]
+__all__ = [
+    "peft_rules",
+    "load_peft_adapter",
+    "save_peft_adapter",
+    "PeftSite",
+    "read_adapter",
+    "validate_config",
+    "adapter_sites",
+    "adapter_files",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT: a torch.save pickle, read with weights_only=True
 PREFIX = "base_model.model."
+MAX_RANK = 1 << 20
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # real configs are a few kilobytes
 _UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "use_qalora")
-_UNSUPPORTED_SET = ("modules_to_save", "target_parameters", "trainable_token_indices", "layer_replication")
+_UNSUPPORTED_SET = (
+    "modules_to_save",
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "alora_invocation_tokens",
+)
+# Initialisations that change the base weights: the adapter is only right on top of those new weights.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _KEY = re.compile(r"^(?P<site>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
-def _read(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
+# --------------------------------------------------------------------------------------------- #
+# the config: every field fxlora reads, validated
+# --------------------------------------------------------------------------------------------- #
 
-    folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _rank(v: Any) -> str | None:
+    return None if _is_int(v) and 0 < v <= MAX_RANK else f"a positive int (at most {MAX_RANK})"
+
+
+def _alpha(v: Any) -> str | None:
+    return None if _is_number(v) and v > 0 else "a positive finite number"
+
+
+def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def inner(v: Any) -> str | None:
+        if v is None:
+            return None
+        problem = check(v)
+        return None if problem is None else f"null or {problem}"
+
+    return inner
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def _string(v: Any) -> str | None:
+    return None if isinstance(v, str) else "a string"
+
+
+def _dropout(v: Any) -> str | None:
+    return None if _is_number(v) and 0 <= v < 1 else "a number in [0, 1)"
+
+
+def _names(v: Any) -> str | None:
+    if isinstance(v, str):
+        return None
+    if isinstance(v, list) and all(isinstance(x, str) and x for x in v):
+        return None
+    return "a string (a regular expression) or a list of non-empty module names"
+
+
+def _layers(v: Any) -> str | None:
+    if _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)):
+        return None
+    return "an int or a list of ints"
+
+
+def _layers_pattern(v: Any) -> str | None:
+    return None if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)) else "a string or a list of strings"
+
+
+def _init(v: Any) -> str | None:
+    return None if isinstance(v, (bool, str)) else "true, false or the name of an initialisation"
+
+
+def _bias(v: Any) -> str | None:
+    return None if v in ("none", "all", "lora_only") else "'none', 'all' or 'lora_only'"
+
+
+def _anything(v: Any) -> str | None:
+    return None
+
+
+_FIELDS: dict[str, Callable[[Any], str | None]] = {
+    "peft_type": _string,
+    "r": _rank,
+    "lora_alpha": _alpha,
+    "lora_dropout": _optional(_dropout),
+    "rank_pattern": _anything,  # checked entry by entry below
+    "alpha_pattern": _anything,
+    "target_modules": _optional(_names),
+    "exclude_modules": _optional(_names),
+    "use_rslora": _optional(_bool),
+    "fan_in_fan_out": _optional(_bool),
+    "inference_mode": _optional(_bool),
+    "use_dora": _optional(_bool),
+    "lora_bias": _optional(_bool),
+    "use_qalora": _optional(_bool),
+    "bias": _optional(_bias),
+    "init_lora_weights": _optional(_init),
+    "layers_to_transform": _optional(_layers),
+    "layers_pattern": _optional(_layers_pattern),
+    "base_model_name_or_path": _optional(_string),
+    "task_type": _optional(_string),
+    "revision": _optional(_string),
+}
+
+
+@dataclass(frozen=True)
+class _Config:
+    """The validated fields of an adapter config that decide values."""
+
+    r: int
+    alpha: float
+    dropout: float
+    rslora: bool
+    rank_pattern: tuple[tuple[str, Pattern, int], ...]
+    alpha_pattern: tuple[tuple[str, Pattern, float], ...]
+    target_modules: str | Pattern | tuple[str, ...] | None
+    exclude_modules: Pattern | tuple[str, ...] | None
+    raw: dict[str, Any]
+
+
+def _patterns(config: dict[str, Any], field: str, value_check: Callable[[Any], str | None], source: str) -> tuple:
+    table = config.get(field)
+    if table is None:
+        return ()
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{source}: field '{field}' must be an object mapping patterns to values, got {type(table).__name__}.")
+    out = []
+    for key, value in table.items():
+        problem = value_check(value)
+        if problem is not None:
+            raise CheckpointError(f"{source}: field '{field}' entry {key!r} must be {problem}, got {_show(value)}.")
+        compile_pattern(key, field=f"{source}: field '{field}' key {key!r}", error=CheckpointError)
+        # PEFT's resolution: the first key that matches the end of the module name, after a dot
+        pattern = compile_pattern(rf"(.*\.)?({key})$", field=f"{source}: field '{field}' key {key!r}", error=CheckpointError)
+        out.append((key, pattern, value))
+    return tuple(out)
+
+
+def _name_matcher(config: dict[str, Any], field: str, source: str) -> Pattern | tuple[str, ...] | None:
+    value = config.get(field)
+    if value is None or (field == "target_modules" and value == "all-linear"):
+        return None  # every module (PEFT's "all-linear" selects every linear layer but the output head)
+    if isinstance(value, str):
+        return compile_pattern(value, field=f"{source}: field '{field}'", error=CheckpointError)
+    return tuple(value)
+
+
+def validate_config(config: Any, source: str) -> _Config:
+    """Check every field of a PEFT LoRA config that fxlora reads (others are ignored; the nesting of the
+    whole document was bounded when it was parsed).  Raises :class:`CheckpointError` naming the field."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source} must hold a JSON object, got {type(config).__name__}.")
+    if config.get("peft_type") != "LORA":
         raise CheckpointError(
-            f"'{folder}' is not a PEFT adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+            f"{source}: field 'peft_type' is {config.get('peft_type')!r}; fxlora reads LORA adapters only."
+        )
+    for field, check in _FIELDS.items():
+        if field in config:
+            problem = check(config[field])
+            if problem is not None:
+                raise CheckpointError(f"{source}: field '{field}' must be {problem}, got {_show(config[field])}.")
+    for field in _UNSUPPORTED_TRUE:
+        if config.get(field):
+            raise CheckpointError(f"{source}: field '{field}' is true, which fxlora does not implement.")
+    for field in _UNSUPPORTED_SET:
+        if config.get(field):
+            raise CheckpointError(f"{source}: field '{field}' is set, which fxlora does not implement.")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise CheckpointError(
+            f"{source}: field 'init_lora_weights' is {init!r}: that initialisation changes the base model's weights, "
+            "so this adapter is only right on top of them. Convert it to a plain LoRA adapter first (PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+        )
+    return _Config(
+        r=config.get("r", 8),
+        alpha=float(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        rslora=bool(config.get("use_rslora") or False),
+        rank_pattern=_patterns(config, "rank_pattern", _rank, source),
+        alpha_pattern=_patterns(config, "alpha_pattern", _alpha, source),
+        target_modules=_name_matcher(config, "target_modules", source),
+        exclude_modules=_name_matcher(config, "exclude_modules", source),
+        raw=config,
+    )
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _selects(matcher: Pattern | tuple[str, ...], name: str) -> bool:
+    """PEFT's ``target_modules`` / ``exclude_modules`` test: a string is a regular expression that must
+    match the whole name; a list holds names that must equal the name or end it after a dot."""
+    if isinstance(matcher, Pattern):
+        return matcher.fullmatch(name)
+    return name in matcher or any(name.endswith(f".{t}") for t in matcher)
+
+
+# --------------------------------------------------------------------------------------------- #
+# the folder: one version of config and tensors
+# --------------------------------------------------------------------------------------------- #
+
+
+def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config, tensors)`` of a PEFT adapter folder, both from one version of it (the folder is opened
+    once and both files are read relative to it).  The config is parsed (bounded nesting, no NaN, no
+    duplicate keys) but not yet validated (:func:`validate_config`)."""
+    root = files.as_path(folder, "PEFT adapter")
+    found = files.read_folder(root, (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME), what="PEFT adapter")
+    weights_name = WEIGHTS_NAME if found[WEIGHTS_NAME] is not None else LEGACY_WEIGHTS_NAME
+    config_data, weights_data = found[CONFIG_NAME], found[weights_name]
+    if config_data is None or weights_data is None:
+        raise CheckpointError(
+            f"'{root}' is not a PEFT adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(as written by PeftModel.save_pretrained)."
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read '{config_path}': {e}.") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise CheckpointError(f"'{config_path}' is a {kind!r} adapter; fxlora reads LORA adapters only.")
-    for key in _UNSUPPORTED_TRUE:
-        if config.get(key):
-            raise CheckpointError(f"'{config_path}' uses {key}=true, which fxlora does not implement.")
-    for key in _UNSUPPORTED_SET:
-        if config.get(key):
-            raise CheckpointError(f"'{config_path}' sets {key}, which fxlora does not implement.")
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"'{weights_path}' is not a readable safetensors file ({e}).") from None
+    if len(config_data) > MAX_CONFIG_BYTES:
+        raise CheckpointError(
+            f"'{root / CONFIG_NAME}' is {len(config_data):,} bytes; an adapter config is a few kilobytes (at most "
+            f"{MAX_CONFIG_BYTES:,})."
+        )
+    config = files.parse_json(config_data, source=f"'{root / CONFIG_NAME}'")
+    tensors, _ = files.parse_tensor_file(weights_data, source=f"'{root / weights_name}'")
     return config, tensors
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern resolution: the first key matching the end of the name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+@dataclass(frozen=True)
+class PeftSite:
+    """One adapted module of a PEFT adapter: its rank read from the tensors, its alpha from the config
+    (rsLoRA's ``alpha / sqrt(r)`` expressed as fxlora's ``alpha / r``)."""
+
+    name: str
+    embedding: bool
+    r: int
+    alpha: float
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
 
 
-def _sites_in_file(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    sites: dict[str, dict[str, torch.Tensor]] = {}
-    others: dict[str, torch.Tensor] = {}
+def _tensor_rank(name: str, a: Any, b: Any, source: str) -> int:
+    for part, t in (("A", a), ("B", b)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            what = type(t).__name__ if not isinstance(t, torch.Tensor) else f"{t.dim()}-D tensor"
+            raise CheckpointError(f"{source}: the LoRA {part} factor of '{name}' is a {what}; it must be a matrix (or conv kernel).")
+    r = int(a.shape[0])
+    if r < 1 or int(b.shape[1]) != r:
+        raise CheckpointError(
+            f"{source}: the factors of '{name}' disagree: lora_A has {r} rows, lora_B has {int(b.shape[1])} columns "
+            "(both are the rank)."
+        )
+    return r
+
+
+def adapter_sites(config: _Config, tensors: dict[str, Any], source: str) -> tuple[dict[str, PeftSite], dict[str, Any]]:
+    """The adapted modules of an adapter, by name, and the tensors that are not LoRA factors (biases).
+
+    The rank of each module is the tensors' rank; the config must agree with it (``r`` or the
+    ``rank_pattern`` entry that selects the module) and ``target_modules`` / ``exclude_modules`` must
+    select it, else :class:`CheckpointError` names the field.  So a config can never make fxlora
+    allocate more than the tensors in the file justify."""
+    parts: dict[str, dict[str, Any]] = {}
+    others: dict[str, Any] = {}
     for key, value in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         m = _KEY.match(name)
         if m is None:
             others[name] = value
             continue
-        sites.setdefault(m["site"], {})[m["part"]] = value
+        parts.setdefault(m["site"], {})[m["part"]] = value
+    sites: dict[str, PeftSite] = {}
+    for name, found in parts.items():
+        embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        if a_key not in found or b_key not in found or len(found) != 2:
+            raise CheckpointError(
+                f"{source}: module '{name}' has the tensors {sorted(found)}; a LoRA module needs exactly {a_key} and "
+                f"{b_key}. Nothing was loaded."
+            )
+        a, b = found[a_key], found[b_key]
+        r = _tensor_rank(name, a, b, source)
+        r_field, r_config = "r", config.r
+        for key, pattern, value in config.rank_pattern:
+            if pattern.match(name):
+                r_field, r_config = f"rank_pattern[{key!r}]", value
+                break
+        if r_config != r:
+            raise CheckpointError(
+                f"{source}: field '{r_field}' gives module '{name}' rank {r_config}, but its tensors have rank {r}. "
+                "The config contradicts the weights; fix the config. Nothing was loaded."
+            )
+        alpha = config.alpha
+        for _key, pattern, value in config.alpha_pattern:
+            if pattern.match(name):
+                alpha = float(value)
+                break
+        if config.rslora:
+            alpha = alpha * math.sqrt(r)  # scale alpha / sqrt(r) expressed as fxlora's alpha / r
+        if config.target_modules is not None and not _selects(config.target_modules, name):
+            raise CheckpointError(
+                f"{source}: field 'target_modules' ({_show(config.raw.get('target_modules'))}) does not select "
+                f"module '{name}', which the tensors adapt. The config contradicts the weights. Nothing was loaded."
+            )
+        if config.exclude_modules is not None and _selects(config.exclude_modules, name):
+            raise CheckpointError(
+                f"{source}: field 'exclude_modules' excludes module '{name}', which the tensors adapt. The config "
+                "contradicts the weights. Nothing was loaded."
+            )
+        sites[name] = PeftSite(name, embedding, r, alpha, a, b)
     return sites, others
 
 
-def _r_alpha(config: dict[str, Any], name: str) -> tuple[int, float]:
-    r = int(_pattern_value(config.get("rank_pattern", {}), name, config.get("r", 8)))
-    alpha = float(_pattern_value(config.get("alpha_pattern", {}), name, config.get("lora_alpha", 8)))
-    if config.get("use_rslora"):
-        alpha = alpha * math.sqrt(r)  # scale alpha / sqrt(r) expressed as fxlora's alpha / r
-    return r, alpha
+def _read_sites(folder: str | os.PathLike[str]) -> tuple[_Config, dict[str, PeftSite], dict[str, Any], str]:
+    config, tensors = read_adapter(folder)
+    source = f"'{files.as_path(folder, 'PEFT adapter') / CONFIG_NAME}'"
+    checked = validate_config(config, source)
+    sites, others = adapter_sites(checked, tensors, source)
+    return checked, sites, others, source
 
 
 def peft_rules(folder: str | os.PathLike[str]) -> list[Rule]:
-    """fxlora rules that reproduce a PEFT LoRA adapter: one exact-name rule per adapted module."""
-    config, tensors = _read(folder)
-    sites, _ = _sites_in_file(tensors)
+    """fxlora rules that reproduce a PEFT LoRA adapter: one exact-name rule per adapted module, with the
+    rank of its tensors and the config's alpha."""
+    config, sites, _, _ = _read_sites(folder)
     if not sites:
         raise CheckpointError(f"'{folder}' holds no LoRA tensors.")
-    rules = []
-    for name in sites:
-        r, alpha = _r_alpha(config, name)
-        rules.append(Rule(name, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0) or 0.0)))
-    return rules
+    return [Rule(name, r=s.r, alpha=s.alpha, dropout=config.dropout) for name, s in sites.items()]
 
 
 def _check_module_site(spec: SiteSpec, what: str) -> None:
@@ -134,10 +417,10 @@ def load_peft_adapter(gm: GraphModule, folder: str | os.PathLike[str]) -> Any:
 
     Every adapted module of the file must be a site of ``gm`` with the same rank and scale, and the
     other way round; on any mismatch a :class:`CheckpointError` says what differs and nothing is loaded.
+    The config and the weights are read from one version of the folder.
     """
     sites = require_sites(gm, "load_peft_adapter")
-    config, tensors = _read(folder)
-    file_sites, others = _sites_in_file(tensors)
+    _, file_sites, others, source = _read_sites(folder)
     missing = [n for n in sites if n not in file_sites]
     unexpected = [n for n in file_sites if n not in sites]
     if missing or unexpected:
@@ -150,38 +433,28 @@ def load_peft_adapter(gm: GraphModule, folder: str | os.PathLike[str]) -> Any:
             f"'{folder}' does not fit this model: {'; '.join(parts)}. Rewrite with fxlora.peft_rules(folder). "
             "Nothing was loaded."
         )
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
     for name, spec in sites.items():
         _check_module_site(spec, "load_peft_adapter")
-        r, alpha = _r_alpha(config, name)
-        if r != spec.r or not math.isclose(alpha / r, spec.scale, rel_tol=1e-6):
+        site = file_sites[name]
+        if site.r != spec.r or not math.isclose(site.scale, spec.scale, rel_tol=1e-6):
             raise CheckpointError(
-                f"'{folder}' gives '{name}' r={r} and scale={alpha / r:g}, the model has r={spec.r} and "
+                f"'{folder}' gives '{name}' r={site.r} and scale={site.scale:g}, the model has r={spec.r} and "
                 f"scale={spec.scale:g}. Rewrite with fxlora.peft_rules(folder). Nothing was loaded."
             )
-        parts = file_sites[name]
-        if spec.kind == "embedding":
-            a, b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
-        else:
-            a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
-        if a is None or b is None:
-            raise CheckpointError(f"'{folder}' lacks the A or B tensor of {spec.kind} site '{name}'. Nothing was loaded.")
-        state[spec.lora_A], state[spec.lora_B] = a, b
-    for name, value in others.items():  # biases trained with bias="all" / "lora_only"
-        state[name] = value
-    return load_lora_state_dict(gm, state)
+        if site.embedding != (spec.kind == "embedding"):
+            raise CheckpointError(
+                f"'{folder}' holds {'embedding' if site.embedding else 'linear/conv'} factors for '{name}', a "
+                f"{spec.kind} site of the model. Nothing was loaded."
+            )
+        state[spec.lora_A], state[spec.lora_B] = site.lora_A, site.lora_B
+    state.update(others)  # biases trained with bias="all" / "lora_only"
+    return load_into(gm, sites, state, strict=True, source=f"'{folder}'")
 
 
-def save_peft_adapter(
-    gm: GraphModule, folder: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
-) -> Path:
-    """Write ``gm``'s LoRA tensors as a PEFT adapter folder (replacing the two files if present)."""
-    from safetensors.torch import save_file
-
-    sites = require_sites(gm, "save_peft_adapter")
-    for spec in sites.values():
-        _check_module_site(spec, "save_peft_adapter")
-    specs = list(sites.values())
+def adapter_files(specs: list[SiteSpec], tensors: dict[str, torch.Tensor], base_model_name_or_path: str | None) -> dict[str, bytes]:
+    """The two files of a PEFT adapter folder for ``specs`` (one adapter's sites) and their LoRA tensors
+    (keyed by the specs' ``lora_A`` / ``lora_B`` names)."""
     r0, a0 = specs[0].r, specs[0].alpha
     config: dict[str, Any] = {
         "peft_type": "LORA",
@@ -203,22 +476,41 @@ def save_peft_adapter(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    tensors = {}
+    weights = {}
     for spec in specs:
-        a = gm.get_parameter(spec.lora_A).detach().cpu().contiguous().clone()
-        b = gm.get_parameter(spec.lora_B).detach().cpu().contiguous().clone()
+        a, b = tensors[spec.lora_A], tensors[spec.lora_B]
         if spec.kind == "embedding":
-            tensors[f"{PREFIX}{spec.name}.lora_embedding_A"], tensors[f"{PREFIX}{spec.name}.lora_embedding_B"] = a, b
+            weights[f"{PREFIX}{spec.name}.lora_embedding_A"], weights[f"{PREFIX}{spec.name}.lora_embedding_B"] = a, b
         else:
-            tensors[f"{PREFIX}{spec.name}.lora_A.weight"], tensors[f"{PREFIX}{spec.name}.lora_B.weight"] = a, b
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fxlora-peft-", dir=folder))
-    try:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(staging / name, folder / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+            weights[f"{PREFIX}{spec.name}.lora_A.weight"], weights[f"{PREFIX}{spec.name}.lora_B.weight"] = a, b
+    return {
+        WEIGHTS_NAME: files.safetensors_bytes(weights, {"format": "pt"}),
+        CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
+    }
+
+
+def save_peft_adapter(
+    gm: GraphModule, folder: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``gm``'s LoRA tensors as a PEFT adapter folder.
+
+    The config and the weights switch together: the new version of the folder is built beside it (the
+    folder's other files, such as a README or tokenizer files, are kept) and exchanged with it in one
+    step, so a reader or a crash sees the old adapter or the new one, and nothing is staged inside the
+    folder.  New files get the umask's mode, replaced files keep theirs; a read-only folder or file is
+    refused.  See :mod:`fxlora.files` and docs/reliability.md.
+    """
+    sites = require_sites(gm, "save_peft_adapter")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise ArgumentError(
+            f"save_peft_adapter(base_model_name_or_path=...) must be a string or None, got "
+            f"{type(base_model_name_or_path).__name__}."
+        )
+    for spec in sites.values():
+        _check_module_site(spec, "save_peft_adapter")
+    specs = list(sites.values())
+    names = [n for spec in specs for n in (spec.lora_A, spec.lora_B)]
+    tensors = tensors_for_file({n: gm.get_parameter(n) for n in names}, f"the PEFT adapter '{folder}'")
+    root = files.as_path(folder, "PEFT adapter")
+    files.write_folder(root, adapter_files(specs, tensors, base_model_name_or_path), what="PEFT adapter")
+    return root

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from .errors import RuleError
+from .patterns import compile_pattern, try_compile
 
 __all__ = ["Rule", "as_rules", "load_rules", "rules_from_data", "module_targets", "target_matches"]
 
@@ -171,7 +172,8 @@ def target_matches(target: str | type, name: str, module_type: type | None) -> b
     if isinstance(target, type):
         return module_type is not None and issubclass(module_type, target)
     if target.startswith("re:"):
-        return re.fullmatch(target[3:], name) is not None
+        linear = try_compile(target[3:])  # linear time; re only for constructs it cannot take (lookarounds)
+        return linear.fullmatch(name) if linear is not None else re.fullmatch(target[3:], name) is not None
     return fnmatch.fnmatchcase(name, target)
 
 
@@ -242,6 +244,8 @@ def rules_from_data(data: object, source: str = "rules") -> list[Rule]:
             target = entry["target"]
             if not isinstance(target, str):
                 raise RuleError(f"{where}: target must be a string, got {type(target).__name__}.")
+            if target.startswith("re:"):  # from a file: must match in bounded time
+                compile_pattern(target[3:], field=f"{where}: target", error=RuleError)
         else:
             if not isinstance(entry["type"], str):
                 raise RuleError(f"{where}: type must be a string import path such as 'torch.nn.Linear'.")

@@ -3,21 +3,30 @@
 Which parameters are LoRA parameters is read from the graph (``node.meta["fxlora"]``), never guessed
 from names.  Key names follow loralib: ``<module qualname>.lora_A`` / ``.lora_B``, so a loralib
 checkpoint of the same model loads as it is.
+
+Loading is all or nothing, in two phases: :func:`stage_tensors` checks every key and converts every
+value into a new tensor of the target's dtype and device (and checks the *converted* values are
+finite: a float64 1e39 is finite, but not as float32), then :func:`commit_tensors` copies the staged
+tensors in.  Nothing is written until every tensor is known to fit.  The file helpers
+(:func:`read_lora_file`, :func:`lora_file_bytes`, :func:`check_lora_metadata`) work on plain dicts of
+tensors and metadata, so they serve one adapter or several.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 from torch.nn.modules.module import _IncompatibleKeys
 
+from . import files
 from .errors import ArgumentError, CheckpointError
 from .lora import SiteSpec
 from .provenance import active_adapters, adapter_state, adapters_of, require_sites
@@ -29,10 +38,24 @@ __all__ = [
     "load_lora_state_dict",
     "save_lora",
     "load_lora",
+    "load_into",
+    "stage_tensors",
+    "commit_tensors",
+    "tensors_for_file",
+    "lora_metadata",
+    "check_lora_metadata",
+    "lora_file_bytes",
+    "read_lora_file",
+    "SAVE_REFUSED_SUFFIXES",
 ]
 
 BIAS_MODES = ("none", "all", "lora_only")
 _FORMAT = "fxlora.lora/1"
+_KINDS = ("linear", "embedding", "conv")
+
+#: Suffixes that promise a ``torch.save`` pickle: ``save_lora`` writes safetensors, so it refuses them
+#: rather than write a file that ``torch.load`` cannot read and loralib users would not expect.
+SAVE_REFUSED_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
 def _check_bias(bias: str) -> None:
@@ -100,26 +123,128 @@ def lora_state_dict(gm: GraphModule, bias: str = "none") -> dict[str, torch.Tens
     return {name: gm.get_parameter(name).detach() for name in dict.fromkeys(names)}
 
 
-def load_lora_state_dict(
-    gm: GraphModule, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
-) -> _IncompatibleKeys:
-    """Load LoRA tensors (and optionally biases) into ``gm``, all or nothing: every key, shape, dtype and
-    value is checked first, then all tensors are copied; on any problem nothing is loaded.
+# --------------------------------------------------------------------------------------------- #
+# loading: stage every tensor, then commit
+# --------------------------------------------------------------------------------------------- #
 
-    With ``strict=True`` every LoRA parameter must be present and every key known; with
-    ``strict=False`` the known keys present are loaded (still all or nothing) and the others reported.
-    A ``*.bias`` key is accepted when ``gm`` has that bias.  Floating-point values are converted to the
-    parameter's dtype.  Returns torch's ``(missing_keys, unexpected_keys)`` named tuple, as
-    ``nn.Module.load_state_dict`` does.
-    """
-    sites = require_sites(gm, "load_lora_state_dict")
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _storage_covers(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage holds every element its sizes and strides address (a storage resized
+    to zero, as FSDP does to freed parameters, would make a copy read outside it)."""
+    if t.numel() == 0:
+        return True
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return min(t.stride(), default=0) >= 0 and (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def _stage_one(key: str, value: Any, target: torch.Tensor, hint: str) -> tuple[str | None, torch.Tensor | None]:
+    """``(problem, None)`` or ``(None, staged)``: ``value`` converted into a new tensor like ``target``."""
+    if not isinstance(value, torch.Tensor):
+        return f"'{key}' is a {type(value).__name__}, not a tensor", None
+    try:
+        if value.layout != torch.strided or value.is_nested:
+            return f"'{key}' is a {value.layout} tensor; LoRA tensors must be dense (save value.to_dense())", None
+        if value.is_quantized:
+            return f"'{key}' is a quantized tensor; LoRA tensors must be plain floating point", None
+        if value.device.type == "meta":
+            return (
+                f"'{key}' is a meta tensor: it has a shape but no values (the checkpoint was made from a model "
+                "on the meta device)"
+            ), None
+        if tuple(value.shape) != tuple(target.shape):
+            return f"'{key}' has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}{hint}", None
+        if not value.is_floating_point():
+            return f"'{key}' has dtype {value.dtype}; LoRA tensors must be floating point", None
+        if target.device.type == "meta":
+            return (
+                f"the model's '{key}' is on the meta device (it has no storage to load into); materialize the "
+                "model first (model.to_empty(device=...))"
+            ), None
+        if not _storage_covers(value):
+            return f"'{key}' addresses memory outside its storage (freed or resized); it cannot be read", None
+        staged = torch.empty_like(target.detach(), memory_format=torch.preserve_format)
+        staged.copy_(value.detach())
+    except Exception as e:  # noqa: BLE001 - an unreadable device, an odd tensor subclass...
+        return f"'{key}' cannot be read into the model's {target.dtype} on {target.device} ({_first_line(e)})", None
+    if not bool(torch.isfinite(staged).all()):
+        try:
+            source_finite = bool(torch.isfinite(value.detach()).all())
+            peak = float(value.detach().abs().max()) if source_finite else math.nan
+        except Exception:  # noqa: BLE001
+            source_finite, peak = False, math.nan
+        if source_finite:
+            return (
+                f"'{key}' holds values that {target.dtype} cannot represent (largest magnitude {peak:.4g}; "
+                f"{target.dtype} reaches {torch.finfo(target.dtype).max:.4g}): they would load as Inf"
+            ), None
+        return f"'{key}' holds NaN or Inf values", None
+    return None, staged
+
+
+def stage_tensors(
+    targets: Mapping[str, torch.Tensor], values: Mapping[str, Any], *, hints: Mapping[str, str] | None = None,
+    source: str = "the LoRA state dict",
+) -> dict[str, torch.Tensor]:
+    """Every ``values[key]`` checked against ``targets[key]`` and converted into a new tensor of its dtype
+    and device; the converted values must be finite.  Nothing is written anywhere.  On any problem a
+    :class:`CheckpointError` lists every one (``hints`` adds a sentence per key)."""
+    staged, problems = _stage_all(targets, values, hints or {})
+    if problems:
+        raise CheckpointError(f"cannot load {source}, nothing was loaded: " + "; ".join(problems) + ".")
+    return staged
+
+
+def _stage_all(
+    targets: Mapping[str, torch.Tensor], values: Mapping[str, Any], hints: Mapping[str, str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    problems: list[str] = []
+    staged: dict[str, torch.Tensor] = {}
+    for key, value in values.items():
+        problem, tensor = _stage_one(key, value, targets[key], hints.get(key, ""))
+        if problem is not None:
+            problems.append(problem)
+        else:
+            assert tensor is not None
+            staged[key] = tensor
+    return staged, problems
+
+
+def commit_tensors(gm: GraphModule, staged: Mapping[str, torch.Tensor], lora_names: set[str]) -> None:
+    """Copy the staged tensors into ``gm`` (a bias first gets storage of its own, see
+    :func:`mark_only_lora_as_trainable`).  If a copy fails, the tensors already written are restored."""
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        try:
+            for key, value in staged.items():
+                target = gm.get_parameter(key) if key in lora_names else _private(gm, key)
+                backup = target.detach().clone()
+                target.copy_(value)
+                done.append((target, backup))
+        except Exception as e:  # noqa: BLE001 - roll back, then report
+            for target, backup in reversed(done):
+                target.copy_(backup)
+            raise CheckpointError(f"copying '{key}' into the model failed ({_first_line(e)}); nothing was loaded.") from None
+
+
+def load_into(
+    gm: GraphModule, sites: Mapping[str, SiteSpec], state_dict: Any, *, strict: bool, source: str
+) -> _IncompatibleKeys:
+    """Load ``state_dict`` into the LoRA parameters of ``sites`` (one adapter's) and the biases of ``gm``:
+    keys checked, every tensor staged (:func:`stage_tensors`), then committed.  ``source`` names the
+    checkpoint in errors."""
     if not isinstance(state_dict, Mapping):
-        raise CheckpointError(f"expected a mapping of names to tensors, got {type(state_dict).__name__}.")
+        raise CheckpointError(f"{source}: expected a mapping of names to tensors, got {type(state_dict).__name__}.")
     lora = [n for spec in sites.values() for n in (spec.lora_A, spec.lora_B)]
+    lora_set = set(lora)
     params = dict(gm.named_parameters())
     biases = {n for n in params if n.rpartition(".")[2] == "bias"}
     missing = [n for n in lora if n not in state_dict]
-    unexpected = [k for k in state_dict if k not in lora and k not in biases]
+    unexpected = [k for k in state_dict if k not in lora_set and k not in biases]
     problems = []
     if strict and missing:
         problems.append(f"missing LoRA keys: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
@@ -128,128 +253,202 @@ def load_lora_state_dict(
             f"unexpected keys: {', '.join(map(str, unexpected[:6]))}{' ...' if len(unexpected) > 6 else ''}"
         )
     by_param = {spec.lora_A: spec for spec in sites.values()} | {spec.lora_B: spec for spec in sites.values()}
-    for key, value in state_dict.items():
-        if key not in params or key in unexpected:
-            continue
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"'{key}' is a {type(value).__name__}, not a tensor")
-            continue
-        target = params[key]
-        if tuple(value.shape) != tuple(target.shape):
-            hint = ""
-            spec = by_param.get(key)
-            if spec is not None:
-                hint = f" (the model's site '{spec.name}' has r={spec.r}; was the checkpoint trained with another rank?)"
-            problems.append(f"'{key}' has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}{hint}")
-        elif not value.is_floating_point():
-            problems.append(f"'{key}' has dtype {value.dtype}; LoRA tensors must be floating point")
-        elif value.device.type != "meta" and not bool(torch.isfinite(value).all()):
-            problems.append(f"'{key}' holds NaN or Inf values")
+    hints = {
+        name: f" (the model's site '{spec.name}' has r={spec.r}; was the checkpoint trained with another rank?)"
+        for name, spec in by_param.items()
+    }
+    known = {k: v for k, v in state_dict.items() if k not in unexpected}
+    staged, value_problems = _stage_all({k: params[k] for k in known}, known, hints)
+    problems += value_problems
     if problems:
-        raise CheckpointError("cannot load the LoRA state dict, nothing was loaded: " + "; ".join(problems) + ".")
-    lora_set = set(lora)
-    with torch.no_grad():
-        for key, value in state_dict.items():
-            if key in unexpected:
-                continue
-            target = params[key] if key in lora_set else _private(gm, key)
-            target.copy_(value)
+        raise CheckpointError(f"cannot load {source}, nothing was loaded: " + "; ".join(problems) + ".")
+    commit_tensors(gm, staged, lora_set)
     return _IncompatibleKeys(missing, unexpected)
 
 
-def _metadata(sites: Mapping[str, SiteSpec]) -> dict[str, str]:
+def load_lora_state_dict(
+    gm: GraphModule, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> _IncompatibleKeys:
+    """Load LoRA tensors (and optionally biases) into ``gm``, all or nothing: every key, shape and dtype is
+    checked and every value converted to the parameter's dtype and device first (the converted values
+    must be finite: 1e39 does not fit float32, 1e5 does not fit float16); only then are the tensors
+    copied.  Meta, sparse, quantized and unreadable tensors are refused.  On any problem a
+    :class:`CheckpointError` names every key at fault and nothing is loaded.
+
+    With ``strict=True`` every LoRA parameter must be present and every key known; with
+    ``strict=False`` the known keys present are loaded (still all or nothing) and the others reported.
+    A ``*.bias`` key is accepted when ``gm`` has that bias.  Returns torch's ``(missing_keys,
+    unexpected_keys)`` named tuple, as ``nn.Module.load_state_dict`` does.
+    """
+    sites = require_sites(gm, "load_lora_state_dict")
+    return load_into(gm, sites, state_dict, strict=strict, source="the LoRA state dict")
+
+
+# --------------------------------------------------------------------------------------------- #
+# files
+# --------------------------------------------------------------------------------------------- #
+
+
+def lora_metadata(sites: Mapping[str, SiteSpec]) -> dict[str, str]:
+    """fxlora's safetensors metadata for ``sites``: the format and each site's kind, r, alpha and mask."""
     return {
         "format": _FORMAT,
         "sites": json.dumps(
             {
-                s.name: {"kind": s.kind, "r": s.r, "alpha": s.alpha, "enable_lora": s.enable_lora}
+                s.name: {
+                    "kind": s.kind,
+                    "r": s.r,
+                    "alpha": s.alpha,
+                    "enable_lora": list(s.enable_lora) if s.enable_lora is not None else None,
+                }
                 for s in sites.values()
             }
         ),
     }
 
 
+def _check_site_record(name: str, info: Any, where: str) -> dict[str, Any]:
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: site '{name}' must be an object, got {type(info).__name__}.")
+    fields = {"kind", "r", "alpha", "enable_lora"}
+    unknown = sorted(set(info) - fields)
+    if unknown or set(info) != fields:
+        raise CheckpointError(
+            f"{where}: site '{name}' must have exactly the fields {sorted(fields)}; "
+            + (f"unknown {unknown}." if unknown else f"missing {sorted(fields - set(info))}.")
+        )
+    kind, r, alpha, mask = info["kind"], info["r"], info["alpha"], info["enable_lora"]
+    if kind not in _KINDS:
+        raise CheckpointError(f"{where}: site '{name}' field 'kind' must be one of {list(_KINDS)}, got {kind!r}.")
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= 1 << 20:
+        raise CheckpointError(f"{where}: site '{name}' field 'r' must be a positive int (at most 2**20), got {r!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise CheckpointError(f"{where}: site '{name}' field 'alpha' must be a positive finite number, got {alpha!r}.")
+    if mask is not None and (
+        not isinstance(mask, list) or not mask or not all(isinstance(b, bool) for b in mask) or not any(mask)
+        or len(mask) > 1024
+    ):
+        raise CheckpointError(
+            f"{where}: site '{name}' field 'enable_lora' must be null or a list of booleans with at least one true, "
+            f"got {mask!r}."
+        )
+    return info
+
+
+def check_lora_metadata(metadata: Mapping[str, str], sites: Mapping[str, SiteSpec], source: str) -> None:
+    """Validate fxlora's metadata in a checkpoint (every field: types, ranges, depth) and check it
+    against the model's ``sites``: same kind, r, alpha and enable_lora for every site both have.
+    Metadata that is not fxlora's (``format`` absent or another tool's) is not checked."""
+    fmt = metadata.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith("fxlora."):
+        return
+    where = f"{source} (fxlora metadata)"
+    if fmt != _FORMAT:
+        raise CheckpointError(
+            f"{where}: field 'format' is {fmt!r}; this fxlora reads {_FORMAT!r}. Upgrade fxlora. Nothing was loaded."
+        )
+    if "sites" not in metadata:
+        raise CheckpointError(f"{where}: field 'sites' is missing; the file is corrupted. Nothing was loaded.")
+    saved = files.parse_json(metadata["sites"], source=f"{where} field 'sites'")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where}: field 'sites' must be a JSON object, got {type(saved).__name__}.")
+    for name, info in saved.items():
+        _check_site_record(name, info, where)
+    for name, spec in sites.items():
+        info = saved.get(name)
+        if info is None:
+            continue
+        mask = tuple(info["enable_lora"]) if info["enable_lora"] is not None else None
+        if (info["kind"], info["r"], mask) != (spec.kind, spec.r, spec.enable_lora) or info["alpha"] != spec.alpha:
+            raise CheckpointError(
+                f"{source} was trained with r={info['r']}, alpha={info['alpha']}, enable_lora={info['enable_lora']} "
+                f"({info['kind']}) at site '{name}', but the model has r={spec.r}, alpha={spec.alpha}, "
+                f"enable_lora={list(spec.enable_lora) if spec.enable_lora else None} ({spec.kind}). Rewrite with "
+                "the checkpoint's rule. Nothing was loaded."
+            )
+
+
+def tensors_for_file(tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Dense, contiguous CPU copies of ``tensors``, refusing any that could not be read back (meta,
+    sparse, non-finite): every file fxlora writes, it reads back."""
+    out: dict[str, torch.Tensor] = {}
+    problems = []
+    for key, value in tensors.items():
+        try:
+            if value.device.type == "meta":
+                problems.append(f"'{key}' is on the meta device (no values)")
+                continue
+            if value.layout != torch.strided:
+                problems.append(f"'{key}' is a {value.layout} tensor")
+                continue
+            copy = value.detach().to("cpu").contiguous().clone()
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"'{key}' cannot be read ({_first_line(e)})")
+            continue
+        if copy.is_floating_point() and not bool(torch.isfinite(copy).all()):
+            problems.append(f"'{key}' holds NaN or Inf values (did training diverge?)")
+            continue
+        out[key] = copy
+    if problems:
+        raise CheckpointError(f"cannot save {what}, nothing was written: " + "; ".join(problems) + ".")
+    return out
+
+
+def lora_file_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file holding ``tensors`` (as :func:`tensors_for_file` returns) and ``metadata``."""
+    return files.safetensors_bytes(dict(tensors), dict(metadata))
+
+
+def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(tensors, metadata)`` from one read of ``path``: a safetensors file or a ``torch.save``-d state
+    dict (read with ``weights_only=True``), told apart by their first bytes, whatever the name says."""
+    p = files.as_path(path, "LoRA checkpoint")
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        raise CheckpointError(f"'{p}' is a PEFT adapter folder; load it with fxlora.load_peft_adapter(gm, folder).")
+    data = files.read_file(p, what="LoRA checkpoint")
+    return files.parse_tensor_file(data, source=f"'{p}'")
+
+
+def _check_save_path(path: Any) -> Path:
+    try:
+        p = Path(os.fspath(path))
+    except TypeError:
+        raise CheckpointError(f"save_lora: the path must be a str or os.PathLike, got {type(path).__name__}.") from None
+    if p.suffix.lower() in SAVE_REFUSED_SUFFIXES:
+        raise CheckpointError(
+            f"save_lora writes safetensors, but '{p}' ends in {p.suffix!r}, which promises a torch.save pickle. "
+            f"Name it '{p.with_suffix('.safetensors')}', or write loralib's format yourself with "
+            "torch.save(fxlora.lora_state_dict(gm), path) (load_lora reads both). Nothing was written."
+        )
+    return p
+
+
 def save_lora(gm: GraphModule, path: str | os.PathLike[str], *, bias: str = "none") -> Path:
-    """Write the LoRA state dict to a safetensors file, atomically (a temporary file, then a rename).
+    """Write the LoRA state dict to a safetensors file, atomically: the target is replaced by a complete
+    temporary file, so a reader or a crash sees the old file or the new one, never a torn one.
 
     The file's metadata records every site's kind, r, alpha and enable_lora, which :func:`load_lora`
-    checks against the model.
+    checks against the model.  A name ending in ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pkl`` or
+    ``.pickle`` is refused (:data:`SAVE_REFUSED_SUFFIXES`): those promise a ``torch.save`` pickle.  A new
+    file gets the umask's mode, a replaced file keeps its mode, and a read-only target is refused; see
+    :mod:`fxlora.files`.
     """
-    from safetensors.torch import save_file
-
+    _check_bias(bias)
     sites = require_sites(gm, "save_lora")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(gm, bias).items()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp.", suffix=path.suffix or ".tmp", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=_metadata(sites))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """A ``torch.save``-d state dict (loralib's format), read with ``weights_only=True``: tensors and
-    plain containers only, so a malicious pickle cannot run code."""
-    import pickle
-
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"'{path}' holds more than tensors (a pickle that would run code or build objects), so fxlora "
-            f"refuses to unpickle it ({str(e).splitlines()[0]}). Nothing was loaded."
-        ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"'{path}' is not a readable torch checkpoint ({e}). Nothing was loaded.") from None
-    if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
-        raise CheckpointError(f"'{path}' does not hold a state dict (a mapping of names to tensors).")
-    return dict(data)
+    p = _check_save_path(path)
+    tensors = tensors_for_file(lora_state_dict(gm, bias), f"'{p}'")
+    files.write_file(p, lora_file_bytes(tensors, lora_metadata(sites)), what="LoRA checkpoint")
+    return p
 
 
 def load_lora(gm: GraphModule, path: str | os.PathLike[str], *, strict: bool = True) -> _IncompatibleKeys:
-    """Load a LoRA checkpoint into ``gm``: a safetensors file written by :func:`save_lora` (its metadata
-    is checked against the model), or a ``torch.save``-d state dict such as loralib's
-    ``torch.save(lora.lora_state_dict(model), "ckpt.pt")``, read with ``weights_only=True``.  ``strict`` and
-    the result are :func:`load_lora_state_dict`'s."""
-    from safetensors import SafetensorError, safe_open
-
+    """Load a LoRA checkpoint into ``gm``, all or nothing: a safetensors file written by :func:`save_lora`
+    (its metadata is validated and checked against the model), or a ``torch.save``-d state dict such
+    as loralib's ``torch.save(lora.lora_state_dict(model), "ckpt.pt")``, read with
+    ``weights_only=True``.  The format is read from the file's first bytes, not its name, and the
+    file is read once, so its metadata and tensors come from one version even while another process
+    saves to it.  ``strict`` and the result are :func:`load_lora_state_dict`'s."""
     sites = require_sites(gm, "load_lora")
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no LoRA checkpoint at '{path}'.")
-    if path.suffix in _PICKLE_SUFFIXES:
-        return load_lora_state_dict(gm, _load_torch_file(path), strict=strict)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"'{path}' is not a readable safetensors file ({e}); it may be truncated or corrupted. Nothing was loaded."
-        ) from None
-    if metadata.get("format") == _FORMAT:
-        try:
-            saved = json.loads(metadata.get("sites", "{}"))
-        except json.JSONDecodeError:
-            raise CheckpointError(f"'{path}' has corrupted fxlora metadata. Nothing was loaded.") from None
-        for name, spec in sites.items():
-            info = saved.get(name)
-            if info is None:
-                continue
-            mask = tuple(info["enable_lora"]) if info.get("enable_lora") is not None else None
-            if info.get("alpha") != spec.alpha or info.get("r") != spec.r or mask != spec.enable_lora:
-                raise CheckpointError(
-                    f"'{path}' was trained with r={info.get('r')}, alpha={info.get('alpha')}, "
-                    f"enable_lora={info.get('enable_lora')} at site '{name}', but the model has r={spec.r}, "
-                    f"alpha={spec.alpha}, enable_lora={spec.enable_lora}. Rewrite with the checkpoint's rule. "
-                    "Nothing was loaded."
-                )
-    return load_lora_state_dict(gm, tensors, strict=strict)
+    tensors, metadata = read_lora_file(path)
+    check_lora_metadata(metadata, sites, f"'{path}'")
+    return load_into(gm, sites, tensors, strict=strict, source=f"'{path}'")

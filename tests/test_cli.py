@@ -220,3 +220,141 @@ def test_cli_fuzzed_arguments_exit_cleanly(capsys, argv):
     err = capsys.readouterr().err
     assert code in (0, 1, 2)
     assert "Traceback" not in err
+
+
+# -- one line per error, whatever user code does ----------------------------------------------------
+
+USER_MODULE = '''
+import sys, warnings
+import torch
+from torch import nn
+
+
+def multi_line():
+    raise ValueError("first line\\nsecond line\\n\\n  third line")
+
+
+def exits_0():
+    sys.exit(0)
+
+
+def exits_3():
+    sys.exit(3)
+
+
+def exits_text():
+    sys.exit("bye\\nnow")
+
+
+def warns():
+    warnings.warn("careful\\nvery careful", UserWarning)
+    return nn.Sequential(nn.Linear(4, 4))
+
+
+class ExitsInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        sys.exit(5)
+
+
+def exits_in_forward():
+    return ExitsInForward()
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "fxlora_cli_user_mod.py").write_text(USER_MODULE)
+    (tmp_path / "fxlora_cli_exits_on_import.py").write_text("import sys\nsys.exit(4)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "fxlora_cli_user_mod"
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_multi_line_message_from_user_code_is_one_line(user_module, capsys):
+    assert main(["report", f"{user_module}:multi_line"]) == 2
+    line = _one_error_line(capsys)
+    assert line == f"fxlora report: {user_module}:multi_line() raised ValueError: first line | second line | third line"
+
+
+@pytest.mark.parametrize("factory, shown", [("exits_0", "sys.exit(0)"), ("exits_3", "sys.exit(3)"), ("exits_text", "sys.exit('bye\\nnow')")])
+def test_a_factory_that_calls_sys_exit_gives_status_2_and_says_so(user_module, factory, shown, capsys):
+    assert main(["report", f"{user_module}:{factory}"]) == 2
+    line = _one_error_line(capsys)
+    assert f"{factory}() called {shown.splitlines()[0]}" in line and "a factory must return a model" in line
+
+
+def test_exits_while_importing_or_in_forward_give_status_2(user_module, capsys):
+    assert main(["report", "fxlora_cli_exits_on_import:f"]) == 2
+    assert "importing module 'fxlora_cli_exits_on_import' called sys.exit(4)" in _one_error_line(capsys)
+    assert main(["report", f"{user_module}:exits_in_forward"]) == 2
+    assert "the model's code called sys.exit(5)" in _one_error_line(capsys)
+
+
+def test_warnings_are_one_line_each(user_module, capsys):
+    assert main(["report", f"{user_module}:warns"]) == 0
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["fxlora: warning: UserWarning: careful | very careful"]
+
+
+@pytest.mark.parametrize(
+    "argv, text",
+    [
+        (["demo", "--steps", "-1"], "argument --steps: must be a whole number from 1 to 1,000,000, got -1"),
+        (["demo", "--steps", "0"], "from 1 to 1,000,000, got 0"),
+        (["demo", "--steps", "10000000000"], "got 10,000,000,000"),
+        (["demo", "--steps", "2.5"], "must be a whole number, got '2.5'"),
+        (["demo", "--seed", "-3"], "argument --seed: must be a whole number from 0"),
+    ],
+)
+def test_numeric_options_are_usage_errors_at_once(argv, text, capsys):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and time.perf_counter() - start < 1.0  # nothing ran
+    out, err = capsys.readouterr()
+    assert out == "" and text in err and err.endswith("(see fxlora demo --help)\n") and len(err.splitlines()) == 1
+
+
+def test_demo_out_must_be_a_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "file"), "--steps", "1"]) == 2
+    assert "is a file; give a folder" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["--nope"]])
+def test_top_level_usage_points_to_fxlora_help(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.endswith("(see fxlora --help)\n") and len(err.splitlines()) == 1
+
+
+def test_help_says_how_to_get_a_commands_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "fxlora COMMAND --help" in capsys.readouterr().out
+
+
+def test_regex_targets_in_rules_files_run_in_bounded_time(tmp_path, capsys):
+    import time
+
+    slow = _write(tmp_path, '[[rule]]\ntarget = "re:(.|.|.)*Z"\nr = 2\nalpha = 2\n')
+    start = time.perf_counter()
+    assert main(["report", "fxlora.zoo:gpt2_tiny", "--rules", slow]) == 2  # matches nothing, says so
+    assert time.perf_counter() - start < 10 and "matched no module" in _one_error_line(capsys)
+    backref = _write(tmp_path, '[[rule]]\ntarget = "re:(h)\\\\1"\nr = 2\nalpha = 2\n', name="b.toml")
+    assert main(["report", "fxlora.zoo:gpt2_tiny", "--rules", backref]) == 2
+    line = _one_error_line(capsys)
+    assert "rule 1: target" in line and "backreference" in line

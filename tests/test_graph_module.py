@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import os
+import pickle
+import subprocess
+import sys
+
 import fxlora
 import loralib
+import pytest
 import torch
 from torch import nn
 
@@ -103,8 +111,6 @@ def test_a_training_step_after_eval_still_trains():
 
 
 def test_deepcopy_keeps_merge_on_eval():
-    import copy
-
     gm = _gm()
     clone = copy.deepcopy(gm)
     assert isinstance(clone, fxlora.LoraGraphModule) and clone.merge_on_eval
@@ -112,3 +118,200 @@ def test_deepcopy_keeps_merge_on_eval():
     clone.eval()
     gm.eval()
     assert torch.equal(clone(x), gm(x))
+
+
+# -- in-place changes that do not bump a version counter are noticed ---------------------------------
+
+
+class _Normed(nn.Module):
+    """A linear site, a shared (non-adapted) linear and a batch norm whose buffers the fold copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.other = nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.other(self.bn(self.fc(x)))
+
+
+def _normed_gm():
+    torch.manual_seed(0)
+    model = _Normed()
+    gm = fxlora.rewrite(model, [fxlora.Rule("fc", r=2, alpha=4)], merge_on_eval=True)
+    randomize_lora(gm)
+    with torch.no_grad():
+        gm(torch.randn(16, 8))  # training-mode forward: batch norm statistics that are not the defaults
+    return model, gm
+
+
+def _numpy_write(t):
+    t.detach().numpy()[...] = 0.25  # shares memory, bumps no counter
+
+
+@pytest.mark.parametrize("name", ["fc.lora_B", "fc.lora_A", "fc.weight", "other.weight", "bn.running_mean"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t.data.zero_(),
+        lambda t: t.data.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(3))),
+        _numpy_write,
+        lambda t: t.data.neg_(),
+    ],
+    ids=["data.zero_", "data.copy_", "numpy", "data.neg_"],
+)
+def test_changes_through_data_never_serve_a_stale_fold(name, change):
+    _, gm = _normed_gm()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    gm.eval()
+    first = gm(x)
+    tensor = gm.get_parameter(name) if "running" not in name else gm.get_buffer(name)
+    version = tensor._version
+    change(tensor)
+    assert tensor._version == version  # the change is invisible to version counters
+    second = gm(x)
+    assert not torch.equal(first, second)
+    assert torch.equal(second, fxlora.fold(gm).eval()(x))  # exactly what a fresh fold gives
+
+
+def test_a_change_to_the_callers_model_through_data_is_noticed():
+    model, gm = _normed_gm()
+    x = torch.randn(4, 8)
+    gm.eval()
+    first = gm(x)
+    model.fc.weight.data.mul_(2)  # rewrite shares the base weights' storage with the model
+    assert not torch.equal(first, gm(x)) and torch.equal(gm(x), fxlora.fold(gm).eval()(x))
+
+
+def test_an_unchanged_module_reuses_its_fold():
+    _, gm = _normed_gm()
+    gm.eval()
+    x = torch.randn(4, 8)
+    gm(x)
+    merged = gm.merged_module()
+    gm(x)
+    assert gm.merged_module() is merged
+
+
+# -- pickling, torch.save, deepcopy ---------------------------------------------------------------
+
+
+def _same_module(a, b, x):
+    assert isinstance(b, fxlora.LoraGraphModule) and b.merge_on_eval == a.merge_on_eval
+    assert [(n.op, n.name, n.target) for n in a.graph.nodes] == [(n.op, n.name, n.target) for n in b.graph.nodes]
+    assert [n.meta.get("fxlora") for n in a.graph.nodes] == [n.meta.get("fxlora") for n in b.graph.nodes]
+    assert fxlora.graph_sites(a) == fxlora.graph_sites(b)
+    a.train(), b.train()
+    assert torch.equal(a(x), b(x))
+    a.eval(), b.eval()
+    assert torch.equal(a(x), b(x))  # merge_on_eval: the folded module
+    assert torch.equal(fxlora.fold(a)(x), fxlora.fold(b)(x))
+    sa, sb = fxlora.lora_state_dict(a), fxlora.lora_state_dict(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert {n for n, p in a.named_parameters() if p.requires_grad} == {n for n, p in b.named_parameters() if p.requires_grad}
+
+
+def _torch_round_trip(m):
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+ROUND_TRIPS = {
+    "torch.save": _torch_round_trip,
+    "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+    "deepcopy": copy.deepcopy,
+}
+
+
+@pytest.mark.parametrize("how", sorted(ROUND_TRIPS))
+def test_a_rewritten_module_round_trips(how):
+    gm = _gm()
+    x = torch.randint(0, 40, (2, 6))
+    gm.eval()
+    gm(x)  # a cached fold is not part of the copy
+    back = ROUND_TRIPS[how](gm)
+    _same_module(gm, back, x)
+    back.train()
+    loss = back(x).logsumexp(-1).mean()
+    loss.backward()
+    assert back.get_parameter("head.lora_B").grad is not None and back.get_parameter("head.weight").grad is None
+
+
+@pytest.mark.parametrize("how", sorted(ROUND_TRIPS))
+def test_functional_sites_leaf_modules_and_fused_siblings_round_trip(how):
+    from helpers import Conv1D, Functional
+
+    torch.manual_seed(0)
+    rules = [fxlora.Rule("proj", r=2, alpha=2, fan_in_fan_out=True), fxlora.Rule("re:fc|w1|w2", r=2, alpha=2)]
+    gm = fxlora.rewrite(Functional(), rules, leaf_modules=[Conv1D], merge_on_eval=True)
+    randomize_lora(gm)
+    _same_module(gm, ROUND_TRIPS[how](gm), torch.randn(3, 8))
+    fused = fxlora.rewrite(TinyTransformer(), RULES, fuse_siblings=True)
+    randomize_lora(fused)
+    _same_module(fused, ROUND_TRIPS[how](fused), torch.randint(0, 40, (2, 6)))
+
+
+@pytest.mark.parametrize("how", sorted(ROUND_TRIPS))
+def test_a_folded_module_round_trips(how):
+    gm = _gm()
+    folded = fxlora.fold(gm)
+    x = torch.randint(0, 40, (2, 6))
+    assert torch.equal(ROUND_TRIPS[how](folded)(x), folded(x))
+
+
+def test_torch_load_in_a_fresh_process(tmp_path):
+    gm = _gm()
+    x = torch.randint(0, 40, (2, 6))
+    torch.save(gm, tmp_path / "gm.pt")
+    torch.save(fxlora.fold(gm), tmp_path / "folded.pt")
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch, fxlora\n"
+        "gm = torch.load(sys.argv[1] + '/gm.pt', weights_only=False)\n"
+        "folded = torch.load(sys.argv[1] + '/folded.pt', weights_only=False)\n"
+        "x = torch.load(sys.argv[1] + '/x.pt')\n"
+        "torch.save((gm.train()(x), fxlora.fold(gm)(x), folded(x)), sys.argv[1] + '/out.pt')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))  # the model's classes must be importable
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    unmerged, refolded, folded = torch.load(tmp_path / "out.pt")
+    gm.train()
+    assert torch.equal(unmerged, gm(x)) and torch.equal(refolded, fxlora.fold(gm)(x)) and torch.equal(folded, refolded)
+
+
+def test_a_module_captured_with_torch_export_says_why_it_cannot_be_pickled():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer(), RULES, example_inputs=(torch.randint(0, 40, (2, 6)),), capture="export")
+    with pytest.raises(fxlora.CheckpointError, match="'_guards_fn'.*fxlora.save_lora"):
+        pickle.dumps(gm)
+    with pytest.raises(fxlora.CheckpointError, match="cannot be pickled"):
+        torch.save(gm, io.BytesIO())
+    assert isinstance(copy.deepcopy(gm), fxlora.LoraGraphModule)  # deepcopy does not pickle
+
+
+def test_a_model_class_defined_in_a_function_still_round_trips():
+    class Local(nn.Module):  # its type cannot be pickled; fxlora's record of it is left out
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x).relu()
+
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(Local(), [fxlora.Rule("fc", r=2, alpha=2)])
+    randomize_lora(gm)
+    back = pickle.loads(pickle.dumps(gm))
+    x = torch.randn(3, 4)
+    assert torch.equal(back(x), gm(x)) and torch.equal(fxlora.fold(back)(x), fxlora.fold(gm)(x))
+
+
+def test_copy_copy_keeps_the_class_and_merge_on_eval():
+    gm = _gm()
+    clone = copy.copy(gm)
+    assert isinstance(clone, fxlora.LoraGraphModule) and clone.merge_on_eval
+    assert clone.get_parameter("head.lora_A") is gm.get_parameter("head.lora_A")  # a shallow copy shares

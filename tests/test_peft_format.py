@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
+import time
 
 import fxlora
 import pytest
 import torch
-from fxlora import CheckpointError, Rule
+from fxlora import CheckpointError, Rule, files
 from torch import nn
+
+from processes import Deadline, die_at, fork, forever, kill, kill_loop, two_versions, version_of, wait
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -158,3 +163,226 @@ def test_masked_fused_projection_cannot_be_written_for_peft(tmp_path):
     with pytest.raises(CheckpointError, match="no per-slice mask"):
         fxlora.save_peft_adapter(gm, tmp_path / "out")
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+# -- an untrusted config: every field validated, named when wrong -----------------------------------
+
+
+class _Named(nn.Module):
+    """Modules with long names, so that a backtracking matcher would take forever on them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleDict({"x" * 30: nn.Linear(8, 8), "y" * 30: nn.Linear(8, 8)})
+
+    def forward(self, x):
+        return self.layers["y" * 30](self.layers["x" * 30](x))
+
+
+def _saved(tmp_path, r=4, alpha=8):
+    gm = fxlora.rewrite(_Named(), [Rule("layers.*", r=r, alpha=alpha)])
+    with torch.no_grad():
+        for name in fxlora.lora_parameter_names(gm):
+            gm.get_parameter(name).normal_()
+    folder = fxlora.save_peft_adapter(gm, tmp_path / "adapter")
+    return gm, folder
+
+
+def _edit(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+X, Y = "layers." + "x" * 30, "layers." + "y" * 30
+
+
+@pytest.mark.parametrize(
+    "changes, text",
+    [
+        (dict(peft_type="IA3"), "field 'peft_type' is 'IA3'"),
+        (dict(r=0), "field 'r' must be a positive int"),
+        (dict(r="4"), "field 'r' must be a positive int"),
+        (dict(r=True), "field 'r' must be a positive int"),
+        (dict(r=2**40), "field 'r' must be a positive int"),
+        (dict(r=8), "field 'r' gives module 'layers.xxx"),  # the tensors have rank 4
+        (dict(rank_pattern={"x+": 2}), "field 'rank_pattern['x+']' gives module 'layers.xxx"),
+        (dict(rank_pattern=[4]), "field 'rank_pattern' must be an object"),
+        (dict(rank_pattern={"x": 0}), "field 'rank_pattern' entry 'x' must be a positive int"),
+        (dict(rank_pattern={r"(x)\1": 4}), "field 'rank_pattern' key '(x)\\\\1'"),
+        (dict(alpha_pattern={"x": "big"}), "field 'alpha_pattern' entry 'x' must be a positive finite number"),
+        (dict(alpha_pattern={"(?=x)": 2}), "lookahead"),
+        (dict(lora_alpha=-1), "field 'lora_alpha' must be a positive finite number"),
+        (dict(lora_alpha="8"), "field 'lora_alpha'"),
+        (dict(lora_dropout=1.5), "field 'lora_dropout' must be null or a number in [0, 1)"),
+        (dict(target_modules=3), "field 'target_modules' must be null or a string"),
+        (dict(target_modules=["q", 1]), "field 'target_modules'"),
+        (dict(target_modules=["q_proj"]), "field 'target_modules' (['q_proj']) does not select module"),
+        (dict(target_modules="(?i)layers.*"), "field 'target_modules'"),
+        (dict(exclude_modules=["x" * 30]), "field 'exclude_modules' excludes module"),
+        (dict(use_rslora="yes"), "field 'use_rslora' must be null or true or false"),
+        (dict(use_dora=True), "field 'use_dora' is true"),
+        (dict(modules_to_save=["head"]), "field 'modules_to_save' is set"),
+        (dict(bias="some"), "field 'bias'"),
+        (dict(init_lora_weights="pissa_niter_4"), "changes the base model's weights"),
+        (dict(init_lora_weights=3), "field 'init_lora_weights'"),
+        (dict(layers_to_transform=["0"]), "field 'layers_to_transform'"),
+        (dict(base_model_name_or_path=7), "field 'base_model_name_or_path'"),
+        (dict(megatron_config={"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {"j": {"k": {"l": {"m": {"n": {"o": {"p": 1}}}}}}}}}}}}}}}}), "field 'megatron_config.a.b.c.d.e.f.g.h.i.j.k.l.m.n.o' is nested"),
+    ],
+)
+def test_bad_config_fields_are_refused_by_name_and_load_nothing(changes, text, tmp_path):
+    gm, folder = _saved(tmp_path)
+    _edit(folder, **changes)
+    with pytest.raises(CheckpointError) as info:
+        fxlora.peft_rules(folder)
+    assert text in str(info.value), str(info.value)
+    before = {k: v.clone() for k, v in fxlora.lora_state_dict(gm).items()}
+    with torch.no_grad():
+        for v in fxlora.lora_state_dict(gm).values():
+            v.zero_()
+    zeros = {k: v.clone() for k, v in fxlora.lora_state_dict(gm).items()}
+    with pytest.raises(CheckpointError):
+        fxlora.load_peft_adapter(gm, folder)
+    assert all(torch.equal(zeros[k], v) for k, v in fxlora.lora_state_dict(gm).items())
+    assert before  # the adapter was not empty
+
+
+def test_json_that_python_would_accept_is_still_refused(tmp_path):
+    _, folder = _saved(tmp_path)
+    path = folder / "adapter_config.json"
+    text = path.read_text()
+    for bad, reason in ((text.replace('"r": 4', '"r": NaN'), "NaN"), (text[:-2] + ', "r": 4}', "'r' appears twice"),
+                        ('{"a":' * 300 + "1" + "}" * 300, "levels deep")):
+        path.write_text(bad)
+        with pytest.raises(CheckpointError, match=reason):
+            fxlora.peft_rules(folder)
+
+
+def test_the_rank_comes_from_the_tensors(tmp_path):
+    _, folder = _saved(tmp_path, r=4, alpha=8)
+    _edit(folder, rank_pattern={"x+": 4}, alpha_pattern={"y+": 2}, target_modules=r"layers\.(x+|y+)")
+    rules = {rule.target: rule for rule in fxlora.peft_rules(folder)}
+    assert (rules[X].r, rules[X].alpha, rules[Y].r, rules[Y].alpha) == (4, 8.0, 4, 2.0)
+
+
+def test_patterns_from_the_config_run_in_bounded_time(tmp_path):
+    _, folder = _saved(tmp_path)
+    # with re, '(.*\.)?((.|.|.)*Z)$' on a 37-character name takes 3**30 steps
+    _edit(folder, rank_pattern={"(.|.|.)*Z": 2}, alpha_pattern={"(x|xx)+y": 3}, target_modules="(.|.|.)*")
+    start = time.perf_counter()
+    rules = fxlora.peft_rules(folder)
+    assert time.perf_counter() - start < 2.0
+    assert [rule.r for rule in rules] == [4, 4]
+
+
+def test_a_legacy_bin_adapter_is_read_by_its_bytes(tmp_path):
+    gm, folder = _saved(tmp_path)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    os.unlink(folder / "adapter_model.safetensors")
+    fresh = fxlora.rewrite(_Named(), fxlora.peft_rules(folder))
+    fxlora.load_peft_adapter(fresh, folder)
+    assert all(torch.equal(fxlora.lora_state_dict(fresh)[k], v) for k, v in fxlora.lora_state_dict(gm).items())
+
+
+# -- the folder: other files kept, modes, read-only ----------------------------------------------
+
+
+def test_saving_over_a_folder_keeps_its_other_files_and_modes(tmp_path):
+    gm, folder = _saved(tmp_path)
+    (folder / "README.md").write_text("model card")
+    (folder / "tokenizer.json").write_text("{}")
+    os.chmod(folder / "adapter_config.json", 0o600)
+    fxlora.save_peft_adapter(gm, folder)
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"]
+    assert (folder / "README.md").read_text() == "model card"
+    assert stat.S_IMODE(os.stat(folder / "adapter_config.json").st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    os.chmod(folder / "adapter_model.safetensors", 0o444)
+    with pytest.raises(CheckpointError, match="read-only"):
+        fxlora.save_peft_adapter(gm, folder)
+
+
+def test_a_new_folder_gets_the_umasks_modes(tmp_path):
+    gm = fxlora.rewrite(_Named(), [Rule("layers.*", r=4, alpha=8)])
+    old = os.umask(0o022)
+    try:
+        folder = fxlora.save_peft_adapter(gm, tmp_path / "deep" / "adapter")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(folder / "adapter_model.safetensors").st_mode) == 0o644
+
+
+# -- killed savers and concurrent readers: config and weights switch together -----------------------
+
+
+def _folder_is_clean(folder):
+    return sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("step, expected", [("folder-staged", 1.0), ("folder-switched", 2.0), ("folder-cleaned", 2.0)])
+def test_a_save_killed_between_its_steps_leaves_the_old_or_the_new_adapter(step, expected, tmp_path):
+    model, (one, two) = two_versions()
+    folder = tmp_path / "adapter"
+    fxlora.save_peft_adapter(one, folder)
+    (folder / "README.md").write_text("card")
+    pid = fork(lambda: (die_at(step), fxlora.save_peft_adapter(two, folder)))
+    assert wait(pid) == -9
+    assert _folder_is_clean(folder)  # nothing staged inside it, whatever the moment
+    fresh = fxlora.rewrite(model, fxlora.peft_rules(folder))
+    fxlora.load_peft_adapter(fresh, folder)
+    assert version_of(fresh) == expected and fresh.get_parameter("0.lora_A") is not None
+    assert [rule.alpha for rule in fxlora.peft_rules(folder)] == [expected, expected]  # config of that version
+    fxlora.save_peft_adapter(one, folder)  # the next save removes what the dead one left beside the folder
+    assert sorted(os.listdir(tmp_path)) == ["adapter"] and _folder_is_clean(folder)
+
+
+def test_killing_save_peft_adapter_at_random_moments_switches_config_and_weights_together(tmp_path):
+    model, (one, two) = two_versions()
+    folder = tmp_path / "adapter"
+    fxlora.save_peft_adapter(one, folder)
+    (folder / "README.md").write_text("card")
+    readers = {1.0: fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), 2.0: fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])}
+
+    def on_disk():
+        assert _folder_is_clean(folder)  # nothing staged inside it
+        alpha = fxlora.peft_rules(folder)[0].alpha  # the config's version...
+        fxlora.load_peft_adapter(readers[alpha], folder)  # ...loads, so the weights are that version's
+        assert version_of(readers[alpha]) == alpha
+        return alpha
+
+    saves = {1.0: lambda: fxlora.save_peft_adapter(one, folder), 2.0: lambda: fxlora.save_peft_adapter(two, folder)}
+    kills, changed = kill_loop(saves, on_disk)
+    print(f"folder kill loop: {kills} kills, {changed} of them after a switch")
+    fxlora.save_peft_adapter(one, folder)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # what the killed savers left beside it is gone
+
+
+def test_readers_during_saves_get_the_old_or_the_new_adapter(tmp_path):
+    model, (one, two) = two_versions()
+    folder = tmp_path / "adapter"
+    fxlora.save_peft_adapter(one, folder)
+    readers = [fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])]
+    writer = fork(forever(lambda: fxlora.save_peft_adapter(two, folder), lambda: fxlora.save_peft_adapter(one, folder)))
+    loads = refused = 0
+    try:
+        deadline = Deadline(1.5)
+        while deadline:
+            for alpha, reader in enumerate(readers, start=1):
+                try:
+                    fxlora.load_peft_adapter(reader, folder)
+                except CheckpointError as e:  # the other version (its scale), or a folder switched under us twice
+                    assert "scale" in str(e) or "kept changing" in str(e), e
+                    refused += 1
+                    continue
+                assert version_of(reader) == float(alpha)  # one version's config and weights, never a mix
+                loads += 1
+    finally:
+        kill(writer)
+    assert loads > 10 and refused > 10, (loads, refused)
+    print(f"folder reader/writer: {loads} loads, {refused} refusals")

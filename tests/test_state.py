@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import textwrap
+import stat
 import time
 
 import fxlora
 import loralib
 import pytest
 import torch
-from fxlora import CheckpointError, Rule
+from fxlora import CheckpointError, Rule, files
 from torch import nn
 
 from helpers import TinyTransformer, randomize_lora
+from processes import Deadline, die_at, fork, forever, kill, kill_loop, two_versions, version_of, wait
 
 RULES = [fxlora.Rule("blocks.*.qkv", r=4, alpha=8, enable_lora=[True, False, True]), fxlora.Rule("head", r=2, alpha=2)]
 
@@ -250,40 +250,285 @@ def test_non_finite_checkpoint_is_refused():
         fxlora.load_lora_state_dict(gm, bad)
 
 
-_SAVER = textwrap.dedent(
-    """
-    import sys, torch, fxlora
-    from torch import nn
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 2048))
-    gm = fxlora.rewrite(model, [fxlora.Rule("*", r=1024, alpha=1)])
-    fxlora.save_lora(gm, sys.argv[1])          # a complete first version
-    print("saved", flush=True)
-    with torch.no_grad():
-        for name in fxlora.lora_parameter_names(gm):
-            gm.get_parameter(name).fill_(1.0)
-    while True:                                 # keep rewriting it until killed
-        fxlora.save_lora(gm, sys.argv[1])
-    """
+# -- values that cannot be represented, tensors that cannot be read: nothing is written -------------
+
+
+def _snapshot(gm):
+    return {k: v.detach().clone() for k, v in gm.state_dict().items()}
+
+
+def _unchanged(gm, before):
+    return all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "model_dtype, value_dtype, value",
+    [(torch.float32, torch.float64, 1e39), (torch.float16, torch.float32, 1e5), (torch.bfloat16, torch.float64, 1e39)],
 )
+def test_values_that_overflow_the_models_dtype_are_refused(model_dtype, value_dtype, value, tmp_path):
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).to(model_dtype), [Rule("*", r=2, alpha=2)])
+    randomize_lora(gm)
+    before = _snapshot(gm)
+    sd = {k: v.to(value_dtype) for k, v in fxlora.lora_state_dict(gm).items()}
+    sd["1.lora_B"] = sd["1.lora_B"].clone()
+    sd["1.lora_B"][3, 1] = value  # finite in the file's dtype, Inf in the model's
+    with pytest.raises(CheckpointError, match=rf"'1.lora_B' holds values that {model_dtype} cannot represent"):
+        fxlora.load_lora_state_dict(gm, sd)
+    assert _unchanged(gm, before)
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(files.safetensors_bytes({k: v.contiguous() for k, v in sd.items()}, {}))
+    with pytest.raises(CheckpointError, match="cannot represent"):
+        fxlora.load_lora(gm, path)
+    assert _unchanged(gm, before)
 
 
-def test_killing_a_save_never_leaves_a_corrupt_checkpoint(tmp_path):
+class _Unreadable(torch.Tensor):
+    """A tensor whose data cannot be read (a lost device, a broken extension): reading raises."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("detach", "copy_", "to", "clone", "contiguous", "cpu"):
+            raise RuntimeError("device lost")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _freed(shape):
+    t = torch.randn(shape)
+    t.untyped_storage().resize_(0)  # what FSDP does to a freed parameter; a copy would read outside it
+    return t
+
+
+@pytest.mark.parametrize(
+    "make, text",
+    [
+        (lambda shape: torch.empty(shape, device="meta"), "is a meta tensor"),
+        (lambda shape: torch.zeros(shape).to_sparse(), "torch.sparse_coo tensor"),
+        (lambda shape: torch.zeros(shape).to_sparse_csr(), "torch.sparse_csr tensor"),
+        (lambda shape: torch.randn(shape).as_subclass(_Unreadable), "cannot be read into the model's torch.float32"),
+        (_freed, "addresses memory outside its storage"),
+        (lambda shape: torch.quantize_per_tensor(torch.zeros(shape), 0.1, 0, torch.qint8), "quantized"),
+        (lambda shape: torch.zeros(shape, dtype=torch.complex64), "must be floating point"),
+    ],
+)
+def test_tensors_that_cannot_be_read_are_refused_before_anything_is_written(make, text):
+    gm = _proj_gm()
+    before = _snapshot(gm)
+    sd = {k: torch.randn_like(v) for k, v in fxlora.lora_state_dict(gm).items()}  # every other key is fine
+    last = list(sd)[-1]
+    sd[last] = make(tuple(sd[last].shape))  # the bad one comes last: all the others would have been copied
+    with pytest.raises(CheckpointError) as info:
+        fxlora.load_lora_state_dict(gm, sd)
+    assert text in str(info.value) and last in str(info.value) and "nothing was loaded" in str(info.value)
+    assert _unchanged(gm, before)
+
+
+def test_odd_strides_load_the_values_they_address():
+    gm = _proj_gm()
+    sd = {k: torch.randn_like(v) for k, v in fxlora.lora_state_dict(gm).items()}
+    row = torch.randn(sd["blocks.0.proj.lora_A"].shape[1], dtype=torch.float64)
+    sd["blocks.0.proj.lora_A"] = row.expand(sd["blocks.0.proj.lora_A"].shape)  # stride 0: every row the same
+    sd["blocks.1.proj.lora_B"] = torch.randn(sd["blocks.1.proj.lora_B"].shape[::-1]).t()  # transposed
+    fxlora.load_lora_state_dict(gm, sd)
+    got = fxlora.lora_state_dict(gm)
+    assert torch.equal(got["blocks.0.proj.lora_A"], row.float().expand_as(got["blocks.0.proj.lora_A"]))
+    assert torch.equal(got["blocks.1.proj.lora_B"], sd["blocks.1.proj.lora_B"])
+
+
+def test_a_model_on_the_meta_device_cannot_be_loaded_into():
+    with torch.device("meta"):
+        model = TinyTransformer()
+    gm = fxlora.rewrite(model, [Rule("blocks.*.proj", r=2, alpha=2)])
+    sd = {k: torch.zeros(v.shape) for k, v in fxlora.lora_state_dict(gm).items()}
+    with pytest.raises(CheckpointError, match="on the meta device.*to_empty"):
+        fxlora.load_lora_state_dict(gm, sd)
+
+
+# -- every file fxlora writes, it reads back; the reader is chosen by the bytes ---------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt", ".PT", ".pkl"])
+def test_save_lora_refuses_names_that_promise_a_pickle(suffix, tmp_path):
+    gm = _proj_gm()
+    with pytest.raises(CheckpointError, match=r"writes safetensors.*\.safetensors"):
+        fxlora.save_lora(gm, tmp_path / f"adapter{suffix}")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["adapter.safetensors", "adapter", "adapter.lora", "adapter.st"])
+def test_save_lora_writes_what_load_lora_reads(name, tmp_path):
+    gm = _proj_gm()
+    fxlora.save_lora(gm, tmp_path / name)
+    fresh = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.proj", r=2, alpha=2)])
+    fxlora.load_lora(fresh, tmp_path / name)
+    assert all(torch.equal(fxlora.lora_state_dict(fresh)[k], v) for k, v in fxlora.lora_state_dict(gm).items())
+
+
+def test_the_reader_follows_the_bytes_not_the_name(tmp_path):
+    gm = _proj_gm()
+    fxlora.save_lora(gm, tmp_path / "a.safetensors")
+    os.rename(tmp_path / "a.safetensors", tmp_path / "renamed.pt")  # fxlora's own file under a pickle's name
+    other_alpha = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.proj", r=2, alpha=5)])
+    with pytest.raises(CheckpointError, match="alpha=2.*alpha=5") as info:  # read as safetensors: metadata checked
+        fxlora.load_lora(other_alpha, tmp_path / "renamed.pt")
+    assert "pickle" not in str(info.value)
+    fresh = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.proj", r=2, alpha=2)])
+    fxlora.load_lora(fresh, tmp_path / "renamed.pt")
+    torch.save(fxlora.lora_state_dict(gm), tmp_path / "torch.safetensors")  # a torch.save zip under our name
+    fxlora.load_lora(fresh, tmp_path / "torch.safetensors")
+    with open(tmp_path / "evil.safetensors", "wb") as f:
+        pickle.dump({"x": _Exploit(tmp_path / "pwned")}, f)
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
+        fxlora.load_lora(fresh, tmp_path / "evil.safetensors")
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(CheckpointError, match="neither a safetensors file nor a torch.save file"):
+        fxlora.load_lora(fresh, tmp_path / "text.safetensors")
+
+
+def test_save_lora_refuses_what_it_could_not_read_back(tmp_path):
+    gm = _proj_gm()
+    with torch.no_grad():
+        gm.get_parameter("blocks.0.proj.lora_B")[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="nothing was written: 'blocks.0.proj.lora_B' holds NaN or Inf"):
+        fxlora.save_lora(gm, tmp_path / "a.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+# -- fxlora's own metadata is validated field by field ----------------------------------------------
+
+
+def _with_metadata(gm, path, metadata):
+    tensors = {k: v.contiguous() for k, v in fxlora.lora_state_dict(gm).items()}
+    path.write_bytes(files.safetensors_bytes(tensors, metadata))
+    return path
+
+
+_SITES = {"blocks.0.proj": {"kind": "linear", "r": 2, "alpha": 2, "enable_lora": None}}
+
+
+@pytest.mark.parametrize(
+    "metadata, text",
+    [
+        ({"format": "fxlora.lora/9", "sites": "{}"}, "field 'format' is 'fxlora.lora/9'"),
+        ({"format": "fxlora.lora/1"}, "field 'sites' is missing"),
+        ({"format": "fxlora.lora/1", "sites": "{not json"}, "field 'sites' is not valid JSON"),
+        ({"format": "fxlora.lora/1", "sites": "[]"}, "field 'sites' must be a JSON object"),
+        ({"format": "fxlora.lora/1", "sites": '{"a": ' * 40 + "1" + "}" * 40}, "nested more than 16 levels"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": 3})}, "site 'blocks.0.proj' must be an object"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {**_SITES["blocks.0.proj"], "r": 0}})}, "field 'r'"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {**_SITES["blocks.0.proj"], "r": "2"}})}, "field 'r'"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {**_SITES["blocks.0.proj"], "r": True}})}, "field 'r'"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {**_SITES["blocks.0.proj"], "r": 2**40}})}, "field 'r'"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {**_SITES["blocks.0.proj"], "alpha": -1}})}, "field 'alpha'"),
+        ({"format": "fxlora.lora/1", "sites": '{"blocks.0.proj": {"kind": "linear", "r": 2, "alpha": NaN, "enable_lora": null}}'}, "NaN"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {**_SITES["blocks.0.proj"], "kind": "dense"}})}, "field 'kind'"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {**_SITES["blocks.0.proj"], "enable_lora": [1, 0]}})}, "field 'enable_lora'"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {**_SITES["blocks.0.proj"], "extra": 1}})}, "unknown ['extra']"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {"kind": "linear", "r": 2}})}, "missing ['alpha', 'enable_lora']"),
+        ({"format": "fxlora.lora/1", "sites": json.dumps({"blocks.0.proj": {**_SITES["blocks.0.proj"], "kind": "conv"}})}, "(conv) at site"),
+    ],
+)
+def test_bad_fxlora_metadata_is_refused_naming_the_field(metadata, text, tmp_path):
+    gm = _proj_gm()
+    before = _snapshot(gm)
+    path = _with_metadata(gm, tmp_path / "a.safetensors", metadata)
+    with pytest.raises(CheckpointError) as info:
+        fxlora.load_lora(gm, path)
+    assert text in str(info.value), str(info.value)
+    assert _unchanged(gm, before)
+
+
+def test_metadata_of_another_tool_is_not_fxloras_to_check(tmp_path):
+    gm = _proj_gm()
+    fxlora.load_lora(gm, _with_metadata(gm, tmp_path / "a.safetensors", {"format": "pt", "note": "anything"}))
+
+
+# -- permissions -------------------------------------------------------------------------------------
+
+
+def test_saved_files_get_the_modes_a_user_expects(tmp_path):
+    gm = _proj_gm()
+    old = os.umask(0o022)
+    try:
+        fxlora.save_lora(gm, tmp_path / "new.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.safetensors").st_mode) == 0o644
+    os.chmod(tmp_path / "new.safetensors", 0o600)
+    fxlora.save_lora(gm, tmp_path / "new.safetensors")
+    assert stat.S_IMODE(os.stat(tmp_path / "new.safetensors").st_mode) == 0o600
+    os.chmod(tmp_path / "new.safetensors", 0o444)
+    data = (tmp_path / "new.safetensors").read_bytes()
+    with torch.no_grad():
+        gm.get_parameter("blocks.0.proj.lora_B").add_(1)
+    with pytest.raises(CheckpointError, match="read-only"):
+        fxlora.save_lora(gm, tmp_path / "new.safetensors")
+    assert (tmp_path / "new.safetensors").read_bytes() == data
+
+
+# -- killed savers, concurrent readers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step, expected", [("file-written", 1.0), ("file-replaced", 2.0)])
+def test_a_save_killed_between_its_steps_leaves_the_old_or_the_new_file(step, expected, tmp_path):
+    model, (one, two) = two_versions()
     path = tmp_path / "adapter.safetensors"
-    script = tmp_path / "saver.py"
-    script.write_text(_SAVER)
-    model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 2048))
-    fresh = fxlora.rewrite(model, [Rule("*", r=1024, alpha=1)])
-    for delay in (0.05, 0.13, 0.31):
-        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "saved"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        fxlora.load_lora(fresh, path)  # old or new, but whole: never a torn file
-        state = fxlora.lora_state_dict(fresh)
-        b_first = [bool((state[f"{i}.lora_B"] == 0).all()) for i in ("0", "1")]  # first version: B = 0
-        b_second = [bool((state[f"{i}.lora_B"] == 1).all()) for i in ("0", "1")]  # later ones: all ones
-        assert all(b_first) or (all(b_second) and all(bool((state[f"{i}.lora_A"] == 1).all()) for i in ("0", "1")))
-    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".adapter.tmp")]
-    assert len(leftovers) <= 3  # a killed writer may leave its temporary file, never the target
+    fxlora.save_lora(one, path)
+    pid = fork(lambda: (die_at(step), fxlora.save_lora(two, path)))
+    assert wait(pid) == -9  # it died at that step
+    fresh = fxlora.rewrite(model, [Rule("*", r=64, alpha=int(expected))])
+    fxlora.load_lora(fresh, path)
+    assert version_of(fresh) == expected
+    fxlora.save_lora(two, path)  # the next save removes what the dead one left beside the file
+    assert os.listdir(tmp_path) == ["adapter.safetensors"]
+
+
+def test_killing_save_lora_at_random_moments_never_tears_the_file(tmp_path):
+    model, (one, two) = two_versions()
+    path = tmp_path / "adapter.safetensors"
+    fresh = {1.0: fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), 2.0: fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])}
+
+    def on_disk():
+        tensors, _ = fxlora.state.read_lora_file(path)  # one version of the file, whole
+        version = float(tensors["0.lora_A"].flatten()[0])
+        fxlora.load_lora(fresh[version], path)  # its metadata (alpha) and its tensors agree
+        assert version_of(fresh[version]) == version
+        return version
+
+    kills, changed = kill_loop({1.0: lambda: fxlora.save_lora(one, path), 2.0: lambda: fxlora.save_lora(two, path)}, on_disk)
+    print(f"kill loop: {kills} kills, {changed} of them after a switch")
+    fxlora.save_lora(one, path)
+    assert os.listdir(tmp_path) == ["adapter.safetensors"]  # what the killed savers left is gone
+
+
+def test_readers_during_saves_get_the_old_or_the_new_adapter(tmp_path):
+    model, (one, two) = two_versions()
+    path = tmp_path / "adapter.safetensors"
+    fxlora.save_lora(one, path)
+    readers = [fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])]
+    writer = fork(forever(lambda: fxlora.save_lora(two, path), lambda: fxlora.save_lora(one, path)))
+    loads = refused = 0
+    try:
+        deadline = Deadline(1.5)
+        while deadline:
+            for alpha, reader in enumerate(readers, start=1):
+                try:
+                    fxlora.load_lora(reader, path)
+                except CheckpointError as e:  # the other version: its metadata says the other alpha
+                    assert "alpha" in str(e), e
+                    refused += 1
+                    continue
+                assert version_of(reader) == float(alpha)  # metadata and tensors of one version, never a mix
+                loads += 1
+    finally:
+        kill(writer)
+    assert loads > 10 and refused > 10, (loads, refused)
+    print(f"reader/writer: {loads} loads, {refused} refusals")
+
+
+def test_a_peft_folder_given_to_load_lora_says_which_function_reads_it(tmp_path):
+    gm = _proj_gm()
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="is a PEFT adapter folder; load it with fxlora.load_peft_adapter"):
+        fxlora.load_lora(gm, tmp_path)

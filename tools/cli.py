@@ -6,16 +6,21 @@
     fxlora demo    [--steps N] [--out DIR] [--no-onnx]
 
 Exit status: 0 on success, 1 when the report is over ``--budget`` (or a demo check failed), 2 on any
-bad input (module path, factory, rules file, arguments), with a one-line message and no traceback.
+bad input (module path, factory, rules file, arguments, a factory that calls ``sys.exit``), with a
+one-line message and no traceback.  Every error, and every warning, is one line on stderr, even when
+user code raises a message of several lines.  Numeric options are checked before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import re
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +38,26 @@ class UsageError(Exception):
     """Bad command-line input: printed as one line, exit status 2."""
 
 
+def one_line(text: object) -> str:
+    """``text`` on one line: its non-empty lines, stripped, joined with `` | ``."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return " | ".join(lines)
+
+
+def _exit_text(e: SystemExit) -> str:
+    return f"sys.exit({e.code!r})" if e.code is not None else "sys.exit()"
+
+
+def _call_factory(spec: str, factory: Callable[[], Any]) -> Any:
+    """Call the user's factory: its exceptions and its ``sys.exit`` become a UsageError (exit status 2)."""
+    try:
+        return factory()
+    except SystemExit as e:
+        raise UsageError(f"{spec}() called {_exit_text(e)}; a factory must return a model, not exit") from None
+    except Exception as e:  # noqa: BLE001 - user code
+        raise UsageError(f"{spec}() raised {type(e).__name__}: {e}") from None
+
+
 def load_factory(spec: str) -> nn.Module:
     """Build the model named by ``PKG.MODULE:FACTORY`` (a callable taking no arguments)."""
     module_name, sep, attr = spec.partition(":")
@@ -40,10 +65,15 @@ def load_factory(spec: str) -> nn.Module:
         raise UsageError(f"model must be given as PKG.MODULE:FACTORY (e.g. fxlora.zoo:roberta_base), got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError(f"cannot import module {module_name!r}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a module that fails while importing
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise UsageError(f"cannot import module {module_name!r}: {e}") from None
         raise UsageError(f"importing module {module_name!r} failed: {type(e).__name__}: {e}") from None
+    except BaseException as e:  # noqa: BLE001 - a module that fails or exits while importing
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        what = f"called {_exit_text(e)}" if isinstance(e, SystemExit) else f"failed: {type(e).__name__}: {e}"
+        raise UsageError(f"importing module {module_name!r} {what}") from None
     factory = module
     for part in attr.split("."):
         try:
@@ -55,10 +85,7 @@ def load_factory(spec: str) -> nn.Module:
             ) from None
     if not callable(factory):
         raise UsageError(f"{spec} is a {type(factory).__name__}, not a callable that builds a model")
-    try:
-        model = factory()
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"{spec}() raised {type(e).__name__}: {e}") from None
+    model = _call_factory(spec, factory)
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -77,7 +104,26 @@ def parse_budget(text: str) -> tuple[str, float]:
     if not m:
         raise UsageError(f"--budget must be a parameter count (250000, 250k, 2.5M) or a percentage (1%), got {text!r}")
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
-    return "count", float(m.group(1)) * scale
+    value = float(m.group(1)) * scale
+    if not math.isfinite(value):
+        raise UsageError(f"--budget is too large to be a parameter count, got {text!r}")
+    return "count", value
+
+
+def _int_in(name: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type`` for an int option in ``[low, high]`` (checked when parsing, before anything runs)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip().replace("_", ""), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low:,} to {high:,}, got {value:,}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -137,16 +183,23 @@ def _cmd_paper(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fxlora.tools.demo import run_demo
 
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file; give a folder (it is created if missing)")
+
     return run_demo(steps=args.steps, out=args.out, onnx=not args.no_onnx, seed=args.seed)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, as argparse does, without the usage wall
-        self.exit(EXIT_USAGE, f"fxlora: error: {message} (see fxlora {self.prog.split()[-1]} --help)\n")
+        self.exit(EXIT_USAGE, f"fxlora: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fxlora", description="LoRA as compiler passes over torch.fx graphs.")
+    parser = _Parser(
+        prog="fxlora",
+        description="LoRA as compiler passes over torch.fx graphs.",
+        epilog="Run 'fxlora COMMAND --help' for the options of a command.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     rep = sub.add_parser("report", help="per-site and total parameter budget of a set of rules")
@@ -166,27 +219,40 @@ def build_parser() -> argparse.ArgumentParser:
     paper.set_defaults(func=_cmd_paper)
 
     demo = sub.add_parser("demo", help="the whole workflow on a built-in GPT-2-style model, in under a minute")
-    demo.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
+    demo.add_argument("--steps", type=_int_in("--steps", 1, 1_000_000), default=120, help="training steps, 1 or more (default 120)")
     demo.add_argument("--out", metavar="DIR", help="keep the checkpoint and exported files here")
     demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (needs fxlora[onnx])")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_int_in("--seed", 0, 2**63 - 1), default=0, help="random seed, 0 or more")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    print(f"fxlora: warning: {category.__name__}: {one_line(message)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UsageError as e:
-        print(f"fxlora {args.command}: {e}", file=sys.stderr)
-    except fxlora.FxLoraError as e:
-        print(f"fxlora {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"fxlora {args.command}: interrupted", file=sys.stderr)
-    except Exception as e:  # noqa: BLE001 - the CLI never shows a traceback
-        print(f"fxlora {args.command}: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+    args = parser.parse_args(argv)  # usage errors exit 2 here, with one line; --help exits 0
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line each, like the errors
+        try:
+            return args.func(args)
+        except UsageError as e:
+            message = str(e)
+        except fxlora.FxLoraError as e:
+            message = f"{type(e).__name__}: {e}"
+        except SystemExit as e:  # user code (a model's forward, a hook) that exits
+            message = f"the model's code called {_exit_text(e)}"
+        except KeyboardInterrupt:
+            message = "interrupted"
+        except BrokenPipeError:  # stdout closed early (| head): nothing more to say there
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so that the final flush stays quiet
+            message = "output closed before the report was written"
+        except Exception as e:  # noqa: BLE001 - the CLI never shows a traceback
+            message = f"unexpected {type(e).__name__}: {e}"
+    print(f"fxlora {args.command}: {one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 
