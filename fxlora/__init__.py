@@ -37,7 +37,7 @@ from .named_adapters import (
     unload,
 )
 from .options import CaptureOptions
-from .peft_format import load_peft_adapter, peft_rules, save_peft_adapter
+from .peft_format import load_peft_adapter, peft_rules, peft_train_modules, save_peft_adapter
 from .pipeline import capture, plan, rewrite
 from .provenance import graph_sites
 from .reporting import Report, report
@@ -84,6 +84,7 @@ __all__ = [
     "save_lora",
     "load_lora",
     "peft_rules",
+    "peft_train_modules",
     "load_peft_adapter",
     "save_peft_adapter",
     "report",

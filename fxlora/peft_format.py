@@ -37,12 +37,15 @@ from . import files
 from .errors import ArgumentError, CheckpointError
 from .lora import SiteSpec
 from .patterns import Pattern, compile_pattern
-from .provenance import require_sites
+from .provenance import adapter_state
 from .rules import Rule
-from .state import load_into, tensors_for_file
+from .resolution import canonical_name
+from .state import adapter_sites as resolve_adapter
+from .state import load_into, lora_state_dict, tensors_for_file
 
 __all__ = [
     "peft_rules",
+    "peft_train_modules",
     "load_peft_adapter",
     "save_peft_adapter",
     "PeftSite",
@@ -60,7 +63,6 @@ MAX_RANK = 1 << 20
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # real configs are a few kilobytes
 _UNSUPPORTED_TRUE = ("use_dora", "lora_bias", "use_qalora")
 _UNSUPPORTED_SET = (
-    "modules_to_save",
     "target_parameters",
     "trainable_token_indices",
     "layer_replication",
@@ -153,6 +155,7 @@ _FIELDS: dict[str, Callable[[Any], str | None]] = {
     "alpha_pattern": _anything,
     "target_modules": _optional(_names),
     "exclude_modules": _optional(_names),
+    "modules_to_save": _optional(_names),
     "use_rslora": _optional(_bool),
     "fan_in_fan_out": _optional(_bool),
     "inference_mode": _optional(_bool),
@@ -398,8 +401,31 @@ def peft_rules(folder: str | os.PathLike[str]) -> list[Rule]:
     return [Rule(name, r=s.r, alpha=s.alpha, dropout=config.dropout) for name, s in sites.items()]
 
 
+def peft_train_modules(folder: str | os.PathLike[str]) -> list[str]:
+    """The modules a PEFT adapter trains in full (its ``modules_to_save``), by their full names in the
+    model as the folder's tensors give them: pass them as ``train_modules=`` to :func:`fxlora.rewrite`
+    (with :func:`peft_rules`) to load the folder."""
+    config, _, others, _ = _read_sites(folder)
+    return _trained_paths(config, others)
+
+
+def _trained_paths(config: _Config, others: dict[str, Any]) -> list[str]:
+    saved = config.raw.get("modules_to_save") or []
+    if isinstance(saved, str):
+        saved = [saved]
+    paths: list[str] = []
+    for key in others:
+        module = key.rpartition(".")[0]
+        for name in saved:
+            if module == name or module.endswith("." + name):
+                if module not in paths:
+                    paths.append(module)
+    return paths
+
+
 def _check_module_site(spec: SiteSpec, what: str) -> None:
-    if spec.lora_A != f"{spec.name}.lora_A":
+    base = spec.lora_A.rpartition(".")[2]
+    if spec.lora_A.rpartition(".")[0] != spec.name or not base.startswith("lora_A"):
         raise CheckpointError(
             f"{what}: site '{spec.name}' adapts a raw parameter ({spec.weight}); PEFT adapters hold modules only."
         )
@@ -412,15 +438,17 @@ def _check_module_site(spec: SiteSpec, what: str) -> None:
         raise CheckpointError(f"{what}: site '{spec.name}' is a grouped convolution; PEFT factorises those differently.")
 
 
-def load_peft_adapter(gm: GraphModule, folder: str | os.PathLike[str]) -> Any:
+def load_peft_adapter(gm: GraphModule, folder: str | os.PathLike[str], *, adapter: str | None = None) -> Any:
     """Load a PEFT LoRA adapter folder into ``gm`` (rewritten with :func:`peft_rules` or equivalent rules).
 
     Every adapted module of the file must be a site of ``gm`` with the same rank and scale, and the
     other way round; on any mismatch a :class:`CheckpointError` says what differs and nothing is loaded.
-    The config and the weights are read from one version of the folder.
+    The config and the weights are read from one version of the folder.  ``adapter`` names the adapter
+    of ``gm`` to load into (default: its only adapter, or its only active one); the modules the folder
+    trains in full (``modules_to_save``) load into that adapter's ``train_modules``.
     """
-    sites = require_sites(gm, "load_peft_adapter")
-    _, file_sites, others, source = _read_sites(folder)
+    name, sites = resolve_adapter(gm, adapter, "load_peft_adapter")
+    config, file_sites, others, source = _read_sites(folder)
     missing = [n for n in sites if n not in file_sites]
     unexpected = [n for n in file_sites if n not in sites]
     if missing or unexpected:
@@ -434,27 +462,46 @@ def load_peft_adapter(gm: GraphModule, folder: str | os.PathLike[str]) -> Any:
             "Nothing was loaded."
         )
     state: dict[str, Any] = {}
-    for name, spec in sites.items():
+    for site_name, spec in sites.items():
         _check_module_site(spec, "load_peft_adapter")
-        site = file_sites[name]
+        site = file_sites[site_name]
         if site.r != spec.r or not math.isclose(site.scale, spec.scale, rel_tol=1e-6):
             raise CheckpointError(
-                f"'{folder}' gives '{name}' r={site.r} and scale={site.scale:g}, the model has r={spec.r} and "
+                f"'{folder}' gives '{site_name}' r={site.r} and scale={site.scale:g}, the model has r={spec.r} and "
                 f"scale={spec.scale:g}. Rewrite with fxlora.peft_rules(folder). Nothing was loaded."
             )
         if site.embedding != (spec.kind == "embedding"):
             raise CheckpointError(
-                f"'{folder}' holds {'embedding' if site.embedding else 'linear/conv'} factors for '{name}', a "
+                f"'{folder}' holds {'embedding' if site.embedding else 'linear/conv'} factors for '{site_name}', a "
                 f"{spec.kind} site of the model. Nothing was loaded."
             )
         state[spec.lora_A], state[spec.lora_B] = site.lora_A, site.lora_B
-    state.update(others)  # biases trained with bias="all" / "lora_only"
-    return load_into(gm, sites, state, strict=True, source=f"'{folder}'")
+    trained = adapter_state(gm).get("train_modules", {}).get(name, {})
+    wanted = _trained_paths(config, others)
+    if sorted(wanted) != sorted(trained):
+        raise CheckpointError(
+            f"'{folder}' trains {wanted or 'no module'} in full (modules_to_save), the model's adapter {name!r} trains "
+            f"{sorted(trained) or 'none'}. Rewrite with train_modules=fxlora.peft_train_modules(folder). Nothing was loaded."
+        )
+    extra = []
+    for key, value in others.items():  # the modules trained in full, then biases trained with bias=...
+        module = next((p for p in trained if key.startswith(p + ".")), None)
+        if module is not None:
+            key = trained[module] + key[len(module):]
+            extra.append(key)
+        state[key] = value
+    return load_into(gm, sites, state, strict=True, source=f"'{folder}'", extra=extra)
 
 
-def adapter_files(specs: list[SiteSpec], tensors: dict[str, torch.Tensor], base_model_name_or_path: str | None) -> dict[str, bytes]:
+def adapter_files(
+    specs: list[SiteSpec],
+    tensors: dict[str, torch.Tensor],
+    base_model_name_or_path: str | None,
+    modules_to_save: list[str] | None = None,
+) -> dict[str, bytes]:
     """The two files of a PEFT adapter folder for ``specs`` (one adapter's sites) and their LoRA tensors
-    (keyed by the specs' ``lora_A`` / ``lora_B`` names)."""
+    (keyed by the specs' ``lora_A`` / ``lora_B`` names), plus the tensors of ``modules_to_save`` (keyed
+    ``<module>.<parameter>``)."""
     r0, a0 = specs[0].r, specs[0].alpha
     config: dict[str, Any] = {
         "peft_type": "LORA",
@@ -472,7 +519,7 @@ def adapter_files(specs: list[SiteSpec], tensors: dict[str, torch.Tensor], base_
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
@@ -483,6 +530,9 @@ def adapter_files(specs: list[SiteSpec], tensors: dict[str, torch.Tensor], base_
             weights[f"{PREFIX}{spec.name}.lora_embedding_A"], weights[f"{PREFIX}{spec.name}.lora_embedding_B"] = a, b
         else:
             weights[f"{PREFIX}{spec.name}.lora_A.weight"], weights[f"{PREFIX}{spec.name}.lora_B.weight"] = a, b
+    for key, value in tensors.items():
+        if any(key.startswith(p + ".") for p in modules_to_save or ()):
+            weights[f"{PREFIX}{key}"] = value
     return {
         WEIGHTS_NAME: files.safetensors_bytes(weights, {"format": "pt"}),
         CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
@@ -490,7 +540,11 @@ def adapter_files(specs: list[SiteSpec], tensors: dict[str, torch.Tensor], base_
 
 
 def save_peft_adapter(
-    gm: GraphModule, folder: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+    gm: GraphModule,
+    folder: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str | None = None,
+    adapter: str | None = None,
 ) -> Path:
     """Write ``gm``'s LoRA tensors as a PEFT adapter folder.
 
@@ -498,9 +552,11 @@ def save_peft_adapter(
     folder's other files, such as a README or tokenizer files, are kept) and exchanged with it in one
     step, so a reader or a crash sees the old adapter or the new one, and nothing is staged inside the
     folder.  New files get the umask's mode, replaced files keep theirs; a read-only folder or file is
-    refused.  See :mod:`fxlora.files` and docs/reliability.md.
+    refused.  See :mod:`fxlora.files` and docs/reliability.md.  ``adapter`` is the adapter to save
+    (default: the only one, or the only active one); the modules it trains in full are written as
+    PEFT's ``modules_to_save``.  Works on a served module too (the adapter's slot).
     """
-    sites = require_sites(gm, "save_peft_adapter")
+    name, sites = resolve_adapter(gm, adapter, "save_peft_adapter")
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise ArgumentError(
             f"save_peft_adapter(base_model_name_or_path=...) must be a string or None, got "
@@ -509,8 +565,12 @@ def save_peft_adapter(
     for spec in sites.values():
         _check_module_site(spec, "save_peft_adapter")
     specs = list(sites.values())
-    names = [n for spec in specs for n in (spec.lora_A, spec.lora_B)]
-    tensors = tensors_for_file({n: gm.get_parameter(n) for n in names}, f"the PEFT adapter '{folder}'")
+    state = lora_state_dict(gm, adapter=name)  # keys as the adapter alone would name them
+    by_spec = {spec.lora_A: state[canonical_name(spec.lora_A, name)] for spec in specs}
+    by_spec |= {spec.lora_B: state[canonical_name(spec.lora_B, name)] for spec in specs}
+    trained = list(adapter_state(gm).get("train_modules", {}).get(name, {}))
+    extra = {k: v for k, v in state.items() if any(k.startswith(p + ".") for p in trained)}
+    tensors = tensors_for_file(by_spec | extra, f"the PEFT adapter '{folder}'")
     root = files.as_path(folder, "PEFT adapter")
-    files.write_folder(root, adapter_files(specs, tensors, base_model_name_or_path), what="PEFT adapter")
+    files.write_folder(root, adapter_files(specs, tensors, base_model_name_or_path, trained), what="PEFT adapter")
     return root

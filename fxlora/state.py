@@ -29,7 +29,9 @@ from torch.nn.modules.module import _IncompatibleKeys
 from . import files
 from .errors import ArgumentError, CheckpointError
 from .lora import SiteSpec
+from .passes import read_slot, write_slot
 from .provenance import active_adapters, adapter_state, adapters_of, require_sites
+from .resolution import canonical_name
 
 __all__ = [
     "lora_parameter_names",
@@ -47,6 +49,8 @@ __all__ = [
     "lora_file_bytes",
     "read_lora_file",
     "SAVE_REFUSED_SUFFIXES",
+    "adapter_sites",
+    "adapter_key_map",
 ]
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -63,9 +67,58 @@ def _check_bias(bias: str) -> None:
         raise ArgumentError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
 
 
-def lora_parameter_names(gm: GraphModule) -> list[str]:
-    """Qualified names of every LoRA parameter, in graph order (``lora_A`` before ``lora_B``)."""
-    return [name for spec in require_sites(gm, "lora_parameter_names").values() for name in (spec.lora_A, spec.lora_B)]
+def lora_parameter_names(gm: GraphModule, adapter: str | None = None) -> list[str]:
+    """Qualified names of the LoRA parameters of ``adapter`` (default: of every adapter), site by site
+    (``lora_A`` before ``lora_B``), as they are in ``gm`` (the default adapter's are loralib's
+    ``<site>.lora_A``; another adapter's carry its name, ``<site>.lora_A_<name>``)."""
+    require_sites(gm, "lora_parameter_names")
+    if _served_layouts(gm) is not None:
+        layouts = _served_layouts(gm).values()
+        return list(dict.fromkeys(q for layout in layouts for q in (layout.A, layout.B)))
+    names = [adapter] if adapter is not None else list(adapters_of(gm))
+    if adapter is not None:
+        adapter_sites(gm, adapter, "lora_parameter_names")
+    return [n for name in names for spec in adapters_of(gm)[name].values() for n in (spec.lora_A, spec.lora_B)]
+
+
+def adapter_sites(gm: GraphModule, adapter: str | None, what: str) -> tuple[str, dict[str, SiteSpec]]:
+    """``(name, sites)`` of the adapter a state-dict function works on: ``adapter``, or when None the
+    module's only adapter, or its only active one (else :class:`ArgumentError` asking for a name)."""
+    require_sites(gm, what)
+    adapters = adapters_of(gm)
+    if adapter is None:
+        active = active_adapters(gm)
+        if len(adapters) == 1:
+            adapter = next(iter(adapters))
+        elif len(active) == 1:
+            adapter = active[0]
+        else:
+            raise ArgumentError(
+                f"{what}: this module has adapters {', '.join(map(repr, adapters))} ({len(active)} active); name one: "
+                f"{what}(..., adapter='...')."
+            )
+    elif adapter not in adapters:
+        raise ArgumentError(f"{what}: no adapter named {adapter!r}; this module has {', '.join(map(repr, adapters))}.")
+    return adapter, dict(adapters[adapter])
+
+
+def adapter_key_map(gm: GraphModule, adapter: str, sites: Mapping[str, SiteSpec]) -> dict[str, str]:
+    """State-dict key -> parameter of ``gm``, for ``adapter``: the keys are what a graph rewritten with this
+    adapter alone (as the default adapter) names its parameters, so an adapter's checkpoint loads into
+    either; a module it trains in full appears under the module's own name."""
+    mapping = {}
+    for spec in sites.values():
+        for qualname in (spec.lora_A, spec.lora_B):
+            mapping[canonical_name(qualname, adapter)] = qualname
+    for path, copy in adapter_state(gm).get("train_modules", {}).get(adapter, {}).items():
+        for name, _ in gm.get_submodule(copy).named_parameters():
+            mapping[f"{path}.{name}"] = f"{copy}.{name}"
+    return mapping
+
+
+def _served_layouts(gm: GraphModule) -> dict[str, Any] | None:
+    served = (getattr(gm, "meta", {}).get("fxlora") or {}).get("served")
+    return None if served is None else served["sites"]
 
 
 def _bias_names(gm: GraphModule, bias: str, sites: Mapping[str, SiteSpec]) -> list[str]:
@@ -115,12 +168,24 @@ def mark_only_lora_as_trainable(gm: GraphModule, bias: str = "none") -> None:
             p.requires_grad_(False)
 
 
-def lora_state_dict(gm: GraphModule, bias: str = "none") -> dict[str, torch.Tensor]:
-    """The LoRA tensors (and biases per ``bias``), keyed by their qualified names, detached."""
+def lora_state_dict(gm: GraphModule, bias: str = "none", *, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """One adapter's LoRA tensors (and biases per ``bias``, and the modules it trains in full), detached.
+
+    The keys are loralib's, ``<site>.lora_A`` / ``<site>.lora_B``, whichever adapter it is (as PEFT strips
+    adapter names from its keys), so ``lora_state_dict(gm, adapter="b")`` loads into a module rewritten
+    with adapter ``b`` alone, and the other way round.  ``adapter`` defaults to the module's only adapter
+    (or its only active one).  On a served module (:func:`fxlora.serve`) the tensors are read from the
+    adapter's slot of the stacked factors.
+    """
     _check_bias(bias)
-    sites = require_sites(gm, "lora_state_dict")
-    names = [n for spec in sites.values() for n in (spec.lora_A, spec.lora_B)] + _bias_names(gm, bias, sites)
-    return {name: gm.get_parameter(name).detach() for name in dict.fromkeys(names)}
+    name, sites = adapter_sites(gm, adapter, "lora_state_dict")
+    if _served_layouts(gm) is not None:
+        out = {canonical_name(k, name): v.detach() for k, v in read_slot(gm, name).items()}
+    else:
+        out = {key: gm.get_parameter(param).detach() for key, param in adapter_key_map(gm, name, sites).items()}
+    for bias_name in _bias_names(gm, bias, sites):
+        out.setdefault(bias_name, gm.get_parameter(bias_name).detach())
+    return out
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -232,14 +297,15 @@ def commit_tensors(gm: GraphModule, staged: Mapping[str, torch.Tensor], lora_nam
 
 
 def load_into(
-    gm: GraphModule, sites: Mapping[str, SiteSpec], state_dict: Any, *, strict: bool, source: str
+    gm: GraphModule, sites: Mapping[str, SiteSpec], state_dict: Any, *, strict: bool, source: str,
+    extra: list[str] | tuple[str, ...] = (),
 ) -> _IncompatibleKeys:
-    """Load ``state_dict`` into the LoRA parameters of ``sites`` (one adapter's) and the biases of ``gm``:
-    keys checked, every tensor staged (:func:`stage_tensors`), then committed.  ``source`` names the
-    checkpoint in errors."""
+    """Load ``state_dict`` into the LoRA parameters of ``sites`` (one adapter's), the parameters named in
+    ``extra`` (the modules it trains in full) and the biases of ``gm``: keys checked, every tensor staged
+    (:func:`stage_tensors`), then committed.  ``source`` names the checkpoint in errors."""
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{source}: expected a mapping of names to tensors, got {type(state_dict).__name__}.")
-    lora = [n for spec in sites.values() for n in (spec.lora_A, spec.lora_B)]
+    lora = [n for spec in sites.values() for n in (spec.lora_A, spec.lora_B)] + [n for n in extra]
     lora_set = set(lora)
     params = dict(gm.named_parameters())
     biases = {n for n in params if n.rpartition(".")[2] == "bias"}
@@ -267,7 +333,7 @@ def load_into(
 
 
 def load_lora_state_dict(
-    gm: GraphModule, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True
+    gm: GraphModule, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True, adapter: str | None = None
 ) -> _IncompatibleKeys:
     """Load LoRA tensors (and optionally biases) into ``gm``, all or nothing: every key, shape and dtype is
     checked and every value converted to the parameter's dtype and device first (the converted values
@@ -279,9 +345,55 @@ def load_lora_state_dict(
     ``strict=False`` the known keys present are loaded (still all or nothing) and the others reported.
     A ``*.bias`` key is accepted when ``gm`` has that bias.  Returns torch's ``(missing_keys,
     unexpected_keys)`` named tuple, as ``nn.Module.load_state_dict`` does.
+
+    The keys and ``adapter`` are :func:`lora_state_dict`'s: any adapter's checkpoint loads into any
+    adapter with the same sites and shapes (into a served module's slot in place: no graph change).
     """
-    sites = require_sites(gm, "load_lora_state_dict")
-    return load_into(gm, sites, state_dict, strict=strict, source="the LoRA state dict")
+    name, sites = adapter_sites(gm, adapter, "load_lora_state_dict")
+    return load_adapter(gm, name, sites, state_dict, strict=strict, source="the LoRA state dict")
+
+
+def load_adapter(
+    gm: GraphModule, adapter: str, sites: Mapping[str, SiteSpec], state_dict: Any, *, strict: bool, source: str
+) -> _IncompatibleKeys:
+    """Load ``state_dict`` (keys as :func:`lora_state_dict` gives them) into ``adapter`` of ``gm``."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: expected a mapping of names to tensors, got {type(state_dict).__name__}.")
+    if _served_layouts(gm) is not None:
+        return _load_slot(gm, adapter, sites, state_dict, strict=strict, source=source)
+    mapping = adapter_key_map(gm, adapter, sites)
+    back = {v: k for k, v in mapping.items()}
+    renamed = {mapping.get(k, k) if isinstance(k, str) else k: v for k, v in state_dict.items()}
+    trained = [p for p in mapping.values() if p not in _lora_names(sites)]  # modules trained in full
+    result = load_into(gm, sites, renamed, strict=strict, source=source, extra=trained)
+    return _IncompatibleKeys([back.get(k, k) for k in result.missing_keys], [back.get(k, k) for k in result.unexpected_keys])
+
+
+def _lora_names(sites: Mapping[str, SiteSpec]) -> set[str]:
+    return {n for spec in sites.values() for n in (spec.lora_A, spec.lora_B)}
+
+
+def _load_slot(
+    gm: GraphModule, adapter: str, sites: Mapping[str, SiteSpec], state_dict: Mapping[str, Any], *, strict: bool,
+    source: str,
+) -> _IncompatibleKeys:
+    """Load one adapter's factors into its slot of a served module's stacks, in place."""
+    current = read_slot(gm, adapter)
+    targets = {canonical_name(k, adapter): v for k, v in current.items()}
+    missing = [k for k in targets if k not in state_dict]
+    params = dict(gm.named_parameters())
+    unexpected = [k for k in state_dict if k not in targets and not (k in params and k.endswith(".bias"))]
+    if strict and (missing or unexpected):
+        parts = [f"missing LoRA keys: {', '.join(missing[:6])}"] if missing else []
+        parts += [f"unexpected keys: {', '.join(map(str, unexpected[:6]))}"] if unexpected else []
+        raise CheckpointError(f"cannot load {source}, nothing was loaded: " + "; ".join(parts) + ".")
+    known = {k: v for k, v in state_dict.items() if k in targets}
+    staged = stage_tensors({k: targets[k] for k in known}, known, source=source)
+    biases = {k: v for k, v in state_dict.items() if k not in targets and k not in unexpected}
+    staged_biases = stage_tensors({k: params[k] for k in biases}, biases, source=source)
+    write_slot(gm, adapter, {k: staged[canonical_name(k, adapter)] for k in current if canonical_name(k, adapter) in staged})
+    commit_tensors(gm, staged_biases, set())
+    return _IncompatibleKeys(missing, unexpected)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -423,7 +535,9 @@ def _check_save_path(path: Any) -> Path:
     return p
 
 
-def save_lora(gm: GraphModule, path: str | os.PathLike[str], *, bias: str = "none") -> Path:
+def save_lora(
+    gm: GraphModule, path: str | os.PathLike[str], *, bias: str = "none", adapter: str | None = None
+) -> Path:
     """Write the LoRA state dict to a safetensors file, atomically: the target is replaced by a complete
     temporary file, so a reader or a crash sees the old file or the new one, never a torn one.
 
@@ -431,24 +545,26 @@ def save_lora(gm: GraphModule, path: str | os.PathLike[str], *, bias: str = "non
     checks against the model.  A name ending in ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pkl`` or
     ``.pickle`` is refused (:data:`SAVE_REFUSED_SUFFIXES`): those promise a ``torch.save`` pickle.  A new
     file gets the umask's mode, a replaced file keeps its mode, and a read-only target is refused; see
-    :mod:`fxlora.files`.
+    :mod:`fxlora.files`.  ``adapter`` and the keys are :func:`lora_state_dict`'s.
     """
     _check_bias(bias)
-    sites = require_sites(gm, "save_lora")
+    name, sites = adapter_sites(gm, adapter, "save_lora")
     p = _check_save_path(path)
-    tensors = tensors_for_file(lora_state_dict(gm, bias), f"'{p}'")
+    tensors = tensors_for_file(lora_state_dict(gm, bias, adapter=name), f"'{p}'")
     files.write_file(p, lora_file_bytes(tensors, lora_metadata(sites)), what="LoRA checkpoint")
     return p
 
 
-def load_lora(gm: GraphModule, path: str | os.PathLike[str], *, strict: bool = True) -> _IncompatibleKeys:
+def load_lora(
+    gm: GraphModule, path: str | os.PathLike[str], *, strict: bool = True, adapter: str | None = None
+) -> _IncompatibleKeys:
     """Load a LoRA checkpoint into ``gm``, all or nothing: a safetensors file written by :func:`save_lora`
     (its metadata is validated and checked against the model), or a ``torch.save``-d state dict such
     as loralib's ``torch.save(lora.lora_state_dict(model), "ckpt.pt")``, read with
     ``weights_only=True``.  The format is read from the file's first bytes, not its name, and the
     file is read once, so its metadata and tensors come from one version even while another process
-    saves to it.  ``strict`` and the result are :func:`load_lora_state_dict`'s."""
-    sites = require_sites(gm, "load_lora")
+    saves to it.  ``strict``, ``adapter`` and the result are :func:`load_lora_state_dict`'s."""
+    name, sites = adapter_sites(gm, adapter, "load_lora")
     tensors, metadata = read_lora_file(path)
     check_lora_metadata(metadata, sites, f"'{path}'")
-    return load_into(gm, sites, tensors, strict=strict, source=f"'{path}'")
+    return load_adapter(gm, name, sites, tensors, strict=strict, source=f"'{path}'")

@@ -35,7 +35,7 @@ from .infra import FxLoraPass, PassContractError, counters
 from .lower_pass import LowerLinearBranches, lower_linear_branches
 from .mode_aware_pass import MakeModeAware, TrainingFlag, make_mode_aware
 from .rewrite_pass import RewritePass, rewrite
-from .serve_pass import ServeAdapters, serve_adapters
+from .serve_pass import ServeAdapters, read_slot, serve_adapters, write_slot
 from .units_pass import InlineUnits, SplitUnits, inline_units, split_units, unit_paths
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
     "set_active_adapters",
     "remove_adapter",
     "serve_adapters",
+    "read_slot",
+    "write_slot",
     "RewritePass",
     "ServeAdapters",
     "SetActiveAdapters",

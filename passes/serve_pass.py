@@ -34,10 +34,20 @@ from fxlora.lora import SiteSpec, mixed_embedding, mixed_linear, slice_blocks
 from fxlora.resolution import canonical_name
 
 from .adapters_pass import drop_branches
+from .train_modules import restore
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize, module_at
 from .rewrite_pass import input_of
 
-__all__ = ["ServeAdapters", "ServedSite", "serve_adapters", "adapter_slots", "stack_factors", "IDS_INPUT"]
+__all__ = [
+    "ServeAdapters",
+    "ServedSite",
+    "serve_adapters",
+    "adapter_slots",
+    "stack_factors",
+    "read_slot",
+    "write_slot",
+    "IDS_INPUT",
+]
 
 IDS_INPUT = "adapter_ids"
 
@@ -148,6 +158,43 @@ def stack_factors(gm: GraphModule, layout: ServedSite, adapters: list[str]) -> t
     return A, B, scale, slices
 
 
+def read_slot(gm: GraphModule, adapter: str) -> dict[str, torch.Tensor]:
+    """``adapter``'s own factors, by the names its spec gives them (``q.lora_A_b``), read out of its slot
+    of a served module's stacks (views: the compact ``(r*k, in)`` / ``(o*k, r)`` layouts)."""
+    served = provenance.adapter_state(gm)["served"]
+    slot = served["adapters"].index(adapter)
+    out = {}
+    for layout in served["sites"].values():
+        spec = layout.specs.get(adapter)
+        if spec is None:
+            continue
+        A, B = gm.get_parameter(layout.A)[slot], gm.get_parameter(layout.B)[slot]
+        R, o = layout.rank, layout.rows
+        blocks = layout.block_of[adapter]
+        out[spec.lora_A] = torch.cat([A[b * R : b * R + spec.r] for b in blocks], 0)
+        out[spec.lora_B] = torch.cat([B[b * o : (b + 1) * o, : spec.r] for b in blocks], 0)
+    return out
+
+
+def write_slot(gm: GraphModule, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``adapter``'s factors (named as :func:`read_slot` names them) into its slot, in place: the
+    graph and the stacks' identities do not change, so a compiled served module is not recompiled."""
+    served = provenance.adapter_state(gm)["served"]
+    slot = served["adapters"].index(adapter)
+    with torch.no_grad():
+        for layout in served["sites"].values():
+            spec = layout.specs.get(adapter)
+            if spec is None:
+                continue
+            A, B = gm.get_parameter(layout.A)[slot], gm.get_parameter(layout.B)[slot]
+            R, o = layout.rank, layout.rows
+            for g, b in enumerate(layout.block_of[adapter]):
+                if spec.lora_A in tensors:
+                    A[b * R : b * R + spec.r].copy_(tensors[spec.lora_A][g * spec.r : (g + 1) * spec.r])
+                if spec.lora_B in tensors:
+                    B[b * o : (b + 1) * o, : spec.r].copy_(tensors[spec.lora_B][g * o : (g + 1) * o])
+
+
 def _add_ids_input(gm: GraphModule) -> Node:
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -190,6 +237,7 @@ class ServeAdapters(FxLoraPass):
 
         for adapter in state["active"]:
             drop_branches(gm, adapter)
+        restore(gm)  # the base modules, not an active adapter's copy of a module it trains in full
         for specs in known.values():  # every adapter's own factors go: the stacks hold the served ones
             for spec in specs.values():
                 for qualname in (spec.lora_A, spec.lora_B, spec.dropout_module):

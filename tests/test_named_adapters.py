@@ -272,3 +272,35 @@ def test_train_modules_through_torch_export():
     torch.testing.assert_close(folded(ids).logits, out, atol=1e-5, rtol=1e-5)
     model.load_state_dict(folded.state_dict(), strict=False)  # the folded head is the trained one
     assert torch.equal(model.classifier.weight, gm.get_submodule("classifier_a").weight)
+
+
+def test_each_adapters_state_dict_and_files_are_portable(tmp_path):
+    model, gm = _two_adapters()
+    with pytest.raises(fxlora.ArgumentError, match="name one"):
+        fxlora.set_adapter(gm, ["a", "b"]) or fxlora.lora_state_dict(gm)
+    fxlora.set_adapter(gm, "a")
+    sd_b = fxlora.lora_state_dict(gm, adapter="b")
+    alone = fxlora.rewrite(model, RULES_B)  # a graph rewritten with b alone: loralib's keys
+    assert set(sd_b) == set(fxlora.lora_state_dict(alone)) and not any(k.endswith("_b") for k in sd_b)
+    assert fxlora.load_lora_state_dict(alone, sd_b) == ((), ()) or not any(fxlora.load_lora_state_dict(alone, sd_b))
+    x = torch.randint(0, 40, (2, 5))
+    fxlora.set_adapter(gm, "b")
+    torch.testing.assert_close(alone(x), gm(x), atol=1e-6, rtol=1e-6)
+    # and back: a single adapter's file loads into adapter b of the two-adapter module
+    fxlora.save_lora(alone, tmp_path / "b.safetensors")
+    with torch.no_grad():
+        for name in fxlora.lora_parameter_names(gm, "b"):
+            gm.get_parameter(name).zero_()
+    fxlora.load_lora(gm, tmp_path / "b.safetensors", adapter="b")
+    torch.testing.assert_close(gm(x), alone(x), atol=1e-6, rtol=1e-6)
+    fxlora.save_lora(gm, tmp_path / "b2.safetensors", adapter="b")
+    from safetensors.torch import load_file
+
+    one, two = load_file(tmp_path / "b.safetensors"), load_file(tmp_path / "b2.safetensors")
+    assert list(one) == list(two) and all(torch.equal(one[k], two[k]) for k in one)
+    fxlora.save_peft_adapter(gm, tmp_path / "peft_b", adapter="b")
+    peft_alone = fxlora.rewrite(model, fxlora.peft_rules(tmp_path / "peft_b"))
+    fxlora.load_peft_adapter(peft_alone, tmp_path / "peft_b")
+    torch.testing.assert_close(peft_alone(x), gm(x), atol=1e-6, rtol=1e-6)
+    with pytest.raises(fxlora.CheckpointError, match="missing LoRA keys"):  # a's shapes are not b's
+        fxlora.load_lora_state_dict(gm, fxlora.lora_state_dict(gm, adapter="a"), adapter="b")

@@ -224,7 +224,8 @@ X, Y = "layers." + "x" * 30, "layers." + "y" * 30
         (dict(exclude_modules=["x" * 30]), "field 'exclude_modules' excludes module"),
         (dict(use_rslora="yes"), "field 'use_rslora' must be null or true or false"),
         (dict(use_dora=True), "field 'use_dora' is true"),
-        (dict(modules_to_save=["head"]), "field 'modules_to_save' is set"),
+        (dict(modules_to_save=[3]), "field 'modules_to_save'"),
+        (dict(target_parameters=["w"]), "field 'target_parameters' is set"),
         (dict(bias="some"), "field 'bias'"),
         (dict(init_lora_weights="pissa_niter_4"), "changes the base model's weights"),
         (dict(init_lora_weights=3), "field 'init_lora_weights'"),
@@ -386,3 +387,61 @@ def test_readers_during_saves_get_the_old_or_the_new_adapter(tmp_path):
         kill(writer)
     assert loads > 10 and refused > 10, (loads, refused)
     print(f"folder reader/writer: {loads} loads, {refused} refusals")
+
+
+def test_two_peft_adapters_loaded_into_fxlora_give_peft_outputs(tmp_path):
+    """Issue 10: PEFT's set_adapter and its mixed-batch adapter_names=, against fxlora's set_adapter and serve."""
+    import copy as _copy
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 16)
+            self.q, self.v, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+        def forward(self, idx):
+            h = self.emb(idx)
+            return self.head(torch.tanh(self.q(h)) + self.v(h))
+
+    torch.manual_seed(0)
+    base = Net()
+    configs = {
+        "t1": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]),
+        "t2": peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q", "emb"]),
+        "t3": peft.LoraConfig(r=2, lora_alpha=2, target_modules=["v"], modules_to_save=["head"]),
+    }
+    pm = peft.get_peft_model(_copy.deepcopy(base), configs["t1"], adapter_name="t1")
+    for name in ("t2", "t3"):
+        pm.add_adapter(name, configs[name])
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.normal_(0, 0.3)
+    folders = {}
+    for name in configs:
+        pm.save_pretrained(tmp_path, selected_adapters=[name])
+        folders[name] = tmp_path / name  # PEFT saves a named adapter in a folder of its name
+    gm = fxlora.rewrite(base, fxlora.peft_rules(folders["t1"]), adapter="t1")
+    fxlora.load_peft_adapter(gm, folders["t1"], adapter="t1")
+    for name in ("t2", "t3"):
+        fxlora.add_adapter(gm, fxlora.peft_rules(folders[name]), name, train_modules=fxlora.peft_train_modules(folders[name]))
+        fxlora.load_peft_adapter(gm, folders[name], adapter=name)
+    assert fxlora.peft_train_modules(folders["t3"]) == ["head"]
+    pm.eval()
+    idx = torch.randint(0, 30, (4, 6))
+    for name in configs:
+        fxlora.set_adapter(gm, name)
+        pm.set_adapter(name)
+        torch.testing.assert_close(gm(idx), pm(idx), atol=1e-5, rtol=1e-5)
+    # PEFT's mixed batch (adapter_names=) against fxlora's served mixed batch (PEFT's own mixed batch cannot
+    # include a module trained in full that one adapter lacks, so t1 and t2 only)
+    mixed_pm = peft.PeftModel.from_pretrained(_copy.deepcopy(base), folders["t1"], adapter_name="t1")
+    mixed_pm.load_adapter(folders["t2"], adapter_name="t2")
+    server = fxlora.serve(gm, ["t1", "t2"])
+    mixed = mixed_pm.eval()(idx, adapter_names=["t2", "__base__", "t1", "t2"])
+    torch.testing.assert_close(server(idx, adapter_ids=torch.tensor([1, -1, 0, 1])), mixed, atol=1e-5, rtol=1e-5)
+    # the folder written back (with the head trained in full) is PEFT's
+    fxlora.save_peft_adapter(gm, tmp_path / "out_t3", adapter="t3")
+    reloaded = peft.PeftModel.from_pretrained(_copy.deepcopy(base), tmp_path / "out_t3").eval()
+    fxlora.set_adapter(gm, "t3")
+    torch.testing.assert_close(reloaded(idx), gm(idx), atol=1e-5, rtol=1e-5)

@@ -153,3 +153,30 @@ def test_a_hugging_face_decoder_captured_with_torch_export():
     for i, name in enumerate(("a", "b", None, "b")):
         torch.testing.assert_close(out[i], alone[name][i], atol=1e-5, rtol=1e-5)
     assert server(torch.randint(0, 100, (3, 5)), adapter_ids=torch.tensor([0, 1, -1]), **kw).logits.shape == (3, 5, 100)
+
+
+def test_a_checkpoint_loads_into_an_adapters_slot_without_recompiling(tmp_path):
+    model, gm = _adapters()
+    x = torch.randint(0, 40, (4, 5))
+    fxlora.save_lora(gm, tmp_path / "b.safetensors", adapter="b")
+    server = fxlora.serve(gm).eval()
+    assert all(torch.equal(v, fxlora.lora_state_dict(gm, adapter="b")[k])
+               for k, v in fxlora.lora_state_dict(server, adapter="b").items())
+    retrained = fxlora.rewrite(model, RULES["b"])  # another b, trained elsewhere
+    randomize_lora(retrained, seed=5)
+    fxlora.save_lora(retrained, tmp_path / "b_new.safetensors")
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = torch.compile(server, backend="eager")
+    ids = torch.tensor([1, 0, 1, -1])
+    with torch.no_grad():
+        compiled(x, ids)
+        fxlora.load_lora(server, tmp_path / "b_new.safetensors", adapter="b")
+        out = compiled(x, ids)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(out[0], retrained(x)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], fxlora.set_adapter(gm, "a") or gm(x)[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(fxlora.CheckpointError, match="missing LoRA keys: blocks.1.qkv.lora_A"):
+        fxlora.load_lora(server, tmp_path / "b.safetensors", adapter="c")  # another adapter's checkpoint
