@@ -16,7 +16,9 @@ Configurations (transformers models built from configs, random weights, bf16 on 
 Implementations: ``base`` (the transformers model, frozen) and ``full FT`` (a copy of it, every
 parameter trained); ``loralib`` (the same model with its layers swapped for loralib's, as loralib's
 users do; skipped with a note where loralib is not installed); ``PEFT`` (``get_peft_model``);
-``fxlora`` (``fxlora.rewrite``, captured with torch.export).  Every LoRA implementation gets non-zero
+``fxlora`` (``fxlora.rewrite``, captured with torch.export).  Every implementation holds its LoRA
+factors in the model's dtype (PEFT's default for bf16 models is float32 adapters, with the branch computed
+in float32: ``--peft-adapter-dtype fp32`` measures that).  Every LoRA implementation gets non-zero
 random factors, the same ones wherever the shapes agree (fxlora and loralib always; PEFT on Llama).
 
 Before anything is timed, every implementation is checked against an independent float32 reference: a
@@ -51,11 +53,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
 import gc
+import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,10 +69,10 @@ from fxlora.tools import results
 from fxlora.tools.benchkit import (
     DTYPES,
     OUT_TOL,
-    allowed,
     Budget,
     Errors,
     Log,
+    allowed,
     build_model,
     interleave,
     markdown,
@@ -204,12 +207,14 @@ def make_loralib(model: nn.Module, fx: Impl) -> Impl:
     return Impl("loralib", lm.train(), sites)
 
 
-def make_peft(model: nn.Module, cfg: Config) -> Impl:
+def make_peft(model: nn.Module, cfg: Config, fp32_adapters: bool = False) -> Impl:
+    """PEFT on a copy of ``model``; its adapters in the model's dtype like the others'
+    (``autocast_adapter_dtype=False``), or in float32, PEFT's default for bf16/fp16 models."""
     import peft
 
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=cfg.peft_targets,
                              fan_in_fan_out=cfg.fan_in_fan_out)
-    pm = peft.get_peft_model(copy.deepcopy(model), config)
+    pm = peft.get_peft_model(copy.deepcopy(model), config, autocast_adapter_dtype=fp32_adapters)
     sites = {name: Site(m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"])
              for name, m in pm.base_model.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     return Impl("PEFT", pm.train(), sites)
@@ -290,7 +295,7 @@ def check_impl(impl: Impl, ref: dict[str, Any], ids: torch.Tensor, tol: tuple[fl
         num = den = 0.0
         worst = 0.0
         for name, s in impl.sites.items():
-            for got, exp in zip((s.A.grad, s.B.grad), ref["grads"][name]):
+            for got, exp in zip((s.A.grad, s.B.grad), ref["grads"][name], strict=True):
                 got = torch.zeros_like(exp) if got is None else got.float()
                 num += float((got - exp).square().sum())
                 den += float(exp.square().sum())
@@ -347,7 +352,7 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
             impls["loralib"] = make_loralib(model, fx)
             set_factors(impls["loralib"], fx_factors)
     with errors.guard(f"{cfg.model}: build PEFT"):
-        pm = make_peft(model, cfg)
+        pm = make_peft(model, cfg, a.peft_adapter_dtype == "fp32")
         shapes = {n: (tuple(s.A.shape), tuple(s.B.shape), s.scale) for n, s in pm.sites.items()}
         set_factors(pm, fx_factors if shapes == fx_shapes else random_factors(shapes, seed=200, device=dev))
         res["peft_same_factors_as_fxlora"] = shapes == fx_shapes
@@ -537,6 +542,8 @@ def _compiled(impls, ids, a, log, errors, budget, label, res, out, tol, checkpoi
     fns: dict[str, Callable[[], None]] = {}
     estimate = 20.0 if a.small else 60.0
     for kind, names in groups:
+        if names[1] not in a.compile_impls:
+            continue
         for name in names:
             key = f"{kind}/{name}"
             if key in fns or key in out["compile_s"] or name not in impls:
@@ -663,14 +670,14 @@ def plot(all_res: list[dict[str, Any]], path: str, log: Log, notes: list[str]) -
                 ("compiled_forward_ratio", "compiled fwd\n/ compiled base"),
                 ("compiled_train_ratio", "compiled train\n/ compiled FT")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False)
-    for ax, (model, key, sh) in zip(axes[0], panels):
+    for ax, (model, key, sh) in zip(axes[0], panels, strict=True):
         used = [(k, lbl) for k, lbl in measures if sh.get(k)]
         width = 0.8 / len(LORA_IMPLS)
         for i, n in enumerate(LORA_IMPLS):
             vals = [sh[k].get(n) or 0.0 for k, _ in used]
             xs = [j + (i - (len(LORA_IMPLS) - 1) / 2) * width for j in range(len(used))]
             bars = ax.bar(xs, vals, width, label=n)
-            for bar, v in zip(bars, vals):
+            for bar, v in zip(bars, vals, strict=True):
                 if v:
                     ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
@@ -691,9 +698,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(c.model for c in configs(False)))
     p.add_argument("--compile", default="llama", help="models whose compiled rows run: llama, gpt2, all or none")
     p.add_argument("--compile-backend", default=None, help="default inductor (aot_eager with --small)")
+    p.add_argument("--compile-impls", default="fxlora,PEFT",
+                   help="LoRA implementations with compiled rows (fxlora, PEFT), each timed with the compiled base / full FT")
     p.add_argument("--repeats", type=int, default=None, help="default 7 (2 with --small)")
     p.add_argument("--fold-repeats", type=int, default=3)
     p.add_argument("--check-len", type=int, default=None, help="tokens per sample of the checks; default 64 (8 with --small)")
+    p.add_argument("--peft-adapter-dtype", choices=("model", "fp32"), default="model",
+                   help="PEFT's adapters in the model's dtype like loralib's and fxlora's (default; "
+                        "autocast_adapter_dtype=False), or float32 (PEFT's default for bf16 models)")
     p.add_argument("--layers", type=int, default=None, help="override the models' depth (for quick tests)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip optional sections that would start after this many seconds (default 240; none with --small)")
@@ -706,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     a.repeats = a.repeats or (2 if a.small else 7)
     a.check_len = a.check_len or (8 if a.small else 64)
     a.compile = {c.strip() for c in a.compile.split(",")}
+    a.compile_impls = [c.strip() for c in a.compile_impls.split(",") if c.strip()]
     if a.budget_s is None and not a.small:
         a.budget_s = 240.0
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -731,8 +744,9 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "bench", "small": a.small, "partial": partial, "device": dev_name, "dtype": a.dtype,
             "versions": versions(),
             "settings": {"repeats": a.repeats, "fold_repeats": a.fold_repeats, "compile": sorted(a.compile),
+                         "compile_impls": a.compile_impls,
                          "compile_backend": a.compile_backend, "check_len": a.check_len, "r": R, "alpha": ALPHA,
-                         "budget_s": a.budget_s},
+                         "budget_s": a.budget_s, "peft_adapter_dtype": a.peft_adapter_dtype},
             "models": models, "notes": notes, "errors": list(errors), "seconds": log.elapsed(), "markdown": text,
         }
 
