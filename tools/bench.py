@@ -74,6 +74,7 @@ from fxlora.tools.benchkit import (
     Log,
     allowed,
     build_model,
+    hard_deadline,
     interleave,
     markdown,
     module_bytes,
@@ -314,12 +315,11 @@ def check_impl(impl: Impl, ref: dict[str, Any], ids: torch.Tensor, tol: tuple[fl
 
 
 def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budget: Budget,
-              checkpoint: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Build, check and time every implementation on one model; ``checkpoint(res)`` after each section
-    writes what is known so far."""
+              checkpoint: Callable[[dict[str, Any]], None], res: dict[str, Any]) -> None:
+    """Build, check and time every implementation on one model, into ``res`` (so that what was measured
+    survives an exception); ``checkpoint(res)`` after each section writes what is known so far."""
     dev, dtype = a.device, DTYPES[a.dtype]
-    res: dict[str, Any] = {"model": cfg.model, "note": cfg.note, "r": R, "alpha": ALPHA, "checks": {}, "shapes": {},
-                           "notes": []}
+    res.update({"model": cfg.model, "note": cfg.note, "r": R, "alpha": ALPHA, "checks": {}, "shapes": {}, "notes": []})
     t0 = time.perf_counter()
     model = build_model(cfg.model, a.small, dev, dtype, layers=a.layers).train()
     for p in model.parameters():
@@ -437,11 +437,6 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
         _compiled(impls, ids, a, log, errors, budget, cfg.model, res, res["shapes"][f"b{b} x s{s}"], tol, checkpoint)
     for impl in impls.values():
         impl.opt = None
-    del impls, fx
-    gc.collect()
-    if torch.device(dev).type == "cuda":
-        torch.cuda.empty_cache()
-    return res
 
 
 def _step(impl: Impl, ids: torch.Tensor, module: nn.Module | None = None) -> Callable[[], None]:
@@ -540,15 +535,17 @@ def _compiled(impls, ids, a, log, errors, budget, label, res, out, tol, checkpoi
               ("train", ("full FT", "PEFT"))]
     wrappers: dict[str, nn.Module] = {}
     fns: dict[str, Callable[[], None]] = {}
-    estimate = 20.0 if a.small else 60.0
+    tried: set[str] = set()
+    estimate = {"forward": 20.0, "train": 40.0} if a.small else {"forward": 60.0, "train": 120.0}
     for kind, names in groups:
         if names[1] not in a.compile_impls:
             continue
         for name in names:
             key = f"{kind}/{name}"
-            if key in fns or key in out["compile_s"] or name not in impls:
+            if key in tried or name not in impls:
                 continue
-            if not budget.allows(f"{label} compiled {kind} {name}", needs=estimate, notes=res["notes"]):
+            tried.add(key)
+            if not budget.allows(f"{label} compiled {kind} {name}", needs=estimate[kind], notes=res["notes"]):
                 continue
             impl = impls[name]
             with errors.guard(f"{label} compiled {kind} {name}"):
@@ -574,7 +571,9 @@ def _compiled(impls, ids, a, log, errors, budget, label, res, out, tol, checkpoi
                         err = rel_err(loss, lm_loss(impl(ids), ids))
                 out["compile_s"][key] = secs
                 out["compiled_check"][key] = err
-                estimate = max(estimate, 1.3 * secs)
+                estimate[kind] = max(estimate[kind], 1.3 * secs)
+                if kind == "forward":  # a train step compiles the forward and the backward: about 2-3x
+                    estimate["train"] = max(estimate["train"], 2.5 * secs)
                 log(f"  {label}: compiled {kind} {name} in {secs:.1f} s; vs eager {err:.1e}")
                 if err > tol[0]:
                     raise RuntimeError(f"compiled {kind} of {name} differs from eager by {err:.2e} (tolerance {tol[0]:.1e})")
@@ -614,7 +613,7 @@ def _gib(b: int | None) -> float | None:
 def tables(all_res: list[dict[str, Any]]) -> str:
     out = []
     for res in all_res:
-        for key, sh in res["shapes"].items():
+        for key, sh in res.get("shapes", {}).items():
             title = f"{res['model']}, {key}"
             rows = [
                 ["unmerged forward / base", *(sh["forward_ratio"].get(n) for n in LORA_IMPLS)],
@@ -629,6 +628,10 @@ def tables(all_res: list[dict[str, Any]]) -> str:
             if pk:
                 rows.append([f"peak train memory GiB (full FT {_gib(pk.get('full FT')) or 0:.2f})",
                              *(_gib(pk.get(n)) for n in LORA_IMPLS)])
+            cpk = sh.get("compiled_peak_train_bytes")
+            if cpk:
+                rows.append([f"compiled: peak train memory GiB (full FT {_gib(cpk.get('full FT')) or 0:.2f})",
+                             *(_gib(cpk.get(n)) for n in LORA_IMPLS)])
             if res.get("fold_ms") and key == next(iter(res["shapes"])):
                 rows.append(["fold / merge ms", *(res["fold_ms"].get(n) for n in LORA_IMPLS)])
             out.append(f"\n### {title}\n")
@@ -640,8 +643,8 @@ def tables(all_res: list[dict[str, Any]]) -> str:
                                 sh.get("compile_s", {}).get(f"forward/{n}"), sh.get("compile_s", {}).get(f"train/{n}")])
             out.append("\n" + markdown(["ms", "forward", "train step", "compiled forward", "compiled train step",
                                         "compile s (forward)", "compile s (train)"], ms_rows))
-        out.append(f"\n{res['model']}: {res['note']}.")
-        checks = res["checks"]
+        out.append(f"\n{res['model']}: {res.get('note', '')}.")
+        checks = res.get("checks", {})
         out.append("checks against the float32 reference (relative errors): " + "; ".join(
             f"{n} {'ok' if c.get('ok') else 'FAILED'} (logits {c.get('logits', float('nan')):.1e}"
             + (f", grads {c['grads']:.1e}" if "grads" in c else "")
@@ -665,7 +668,7 @@ def plot(all_res: list[dict[str, Any]], path: str, log: Log, notes: list[str]) -
         log(msg)
         notes.append(msg)
         return
-    panels = [(res["model"], key, sh) for res in all_res for key, sh in res["shapes"].items()]
+    panels = [(res["model"], key, sh) for res in all_res for key, sh in res.get("shapes", {}).items()]
     measures = [("forward_ratio", "forward\n/ base"), ("train_ratio", "train\n/ full FT"),
                 ("compiled_forward_ratio", "compiled fwd\n/ compiled base"),
                 ("compiled_train_ratio", "compiled train\n/ compiled FT")]
@@ -709,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override the models' depth (for quick tests)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip optional sections that would start after this many seconds (default 240; none with --small)")
+    p.add_argument("--grace-s", type=float, default=90.0,
+                   help="a row still running this long after the budget is interrupted, reported, and the run ends")
     p.add_argument("--out", metavar="FILE.json")
     p.add_argument("--plot", metavar="FILE.png")
     a = p.parse_args(argv)
@@ -735,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     log = Log()
     errors = Errors(log)
     budget = Budget(log, a.budget_s)
+    hard_deadline(None if a.budget_s is None else a.budget_s + a.grace_s, log)
     dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
     log(f"bench on {dev_name}, {a.dtype}, compile backend {a.compile_backend}; {versions()}")
     all_res, notes = [], []
@@ -750,17 +756,22 @@ def main(argv: list[str] | None = None) -> int:
             "models": models, "notes": notes, "errors": list(errors), "seconds": log.elapsed(), "markdown": text,
         }
 
-    def checkpoint(res: dict[str, Any]) -> None:  # a run killed later still leaves its results so far
+    def checkpoint() -> None:  # a run killed later still leaves its results so far
         if a.out:
             with contextlib.redirect_stdout(io.StringIO()):
-                results.write(a.out, payload([*all_res, res], None, True))
+                results.write(a.out, payload(all_res, None, True))
 
     for m in wanted:
         if not budget.allows(f"model {m}", needs=30 if a.small else 60, notes=notes):
             errors.append({"row": m, "error": "skipped: time budget"})
             continue
+        res: dict[str, Any] = {"model": m}
+        all_res.append(res)
         with errors.guard(f"model {m}"):
-            all_res.append(run_model(by_name[m], a, log, errors, budget, checkpoint))
+            run_model(by_name[m], a, log, errors, budget, lambda _: checkpoint(), res)
+        gc.collect()
+        if a.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     text = tables(all_res)
     print(text, flush=True)
     if a.plot:

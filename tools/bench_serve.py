@@ -74,6 +74,7 @@ from fxlora.tools.benchkit import (
     Log,
     allowed,
     build_model,
+    hard_deadline,
     interleave,
     markdown,
     peak_bytes,
@@ -189,12 +190,13 @@ def agreement(a: torch.Tensor, b: torch.Tensor, prompt: int) -> float:
 
 
 def run_model(name: str, a: argparse.Namespace, log: Log, errors: Errors, budget: Budget,
-              checkpoint: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Build, check and time one model; ``checkpoint(res)`` after each section writes what is known so far."""
+              checkpoint: Callable[[dict[str, Any]], None], res: dict[str, Any]) -> None:
+    """Build, check and time one model, into ``res`` (so that what was measured survives an exception);
+    ``checkpoint(res)`` after each section writes what is known so far."""
     from fxlora.generation import capture_options, greedy_generate, with_static_cache
 
     dev, dtype = a.device, DTYPES[a.dtype]
-    res: dict[str, Any] = {"model": name, "notes": [], "checks": {}}
+    res.update({"model": name, "notes": [], "checks": {}})
     t0 = time.perf_counter()
     model = build_model(name, a.small, dev, dtype, layers=a.layers)
     rules, peft_targets, fan_in_fan_out, what = targets(name, a.targets, a.r)
@@ -311,7 +313,6 @@ def run_model(name: str, a: argparse.Namespace, log: Log, errors: Errors, budget
                                            res["decode_ms_per_token"].get("fxlora mixed")),
     }
     checkpoint(res)
-    return res
 
 
 def _decode(res, model, pm, rules, names, factors, ids, adapter_ids, per_sample, a, log, errors,
@@ -400,10 +401,11 @@ def tables(all_res: list[dict[str, Any]]) -> str:
         for row in PREFILL_ROWS:
             rows.append([row, pf.get(row), ratio(pf.get(row), pf.get("fxlora single")), _mib(peaks.get(row)),
                          dc.get(row), ratio(dc.get(row), dc.get("fxlora single")), _mib(dpeaks.get(row))])
-        out.append(f"\n### {res['model']}: batch {res['batch']} x {res['prompt']} tokens, {res['adapters']} adapters "
-                   f"r={res['r']} on {res['targets']}\n")
+        g = res.get
+        out.append(f"\n### {res['model']}: batch {g('batch')} x {g('prompt')} tokens, {g('adapters')} adapters "
+                   f"r={g('r')} on {g('targets')}\n")
         out.append(markdown(["row", "prefill ms", "x fxlora single", "prefill peak MiB", "decode ms/token",
-                             "x fxlora single", f"decode peak MiB ({res['new_tokens'] + 1} tokens)"], rows))
+                             "x fxlora single", f"decode peak MiB ({(g('new_tokens') or 0) + 1} tokens)"], rows))
         ab = res.get("adapter_bytes")
         if ab:
             out.append(f"\nadapter storage: fxlora served {_mib(ab['fxlora served']):.2f} MiB, PEFT {_mib(ab['PEFT']):.2f} MiB, "
@@ -411,13 +413,14 @@ def tables(all_res: list[dict[str, Any]]) -> str:
     out.append("\n### Targets\n")
     rows = []
     for res in all_res:
-        p, d = res.get("prefill_ratios", {}), res.get("decode_ratios", {})
+        p, d = res.get("prefill_ms", {}), res.get("decode_ms_per_token", {})
         ab = res.get("adapter_bytes") or {}
         own = ab.get(OWN)
-        rows.append([res["model"], p.get("fxlora mixed / fxlora single"), p.get("PEFT mixed / fxlora mixed"),
-                     d.get("fxlora mixed / fxlora single"), d.get("PEFT mixed / fxlora mixed"),
+        rows.append([res["model"], ratio(p.get("fxlora mixed"), p.get("fxlora single")),
+                     ratio(p.get("PEFT mixed"), p.get("fxlora mixed")),
+                     ratio(d.get("fxlora mixed"), d.get("fxlora single")), ratio(d.get("PEFT mixed"), d.get("fxlora mixed")),
                      ratio(ab.get("fxlora served"), own), ratio(ab.get("PEFT"), own),
-                     "ok" if res["checks"].get("ok") else "FAILED"])
+                     "ok" if res.get("checks", {}).get("ok") else "FAILED"])
     out.append(markdown(["model", "prefill mixed / single (<= 1.2)", "prefill PEFT / fxlora mixed (>= 3)",
                          "decode mixed / single (<= 1.2)", "decode PEFT / fxlora mixed (>= 3)",
                          "served bytes / own", "PEFT bytes / own", "checks"], rows))
@@ -445,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override the models' depth (for quick tests)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip sections that would start after this many seconds (default 200; none with --small)")
+    p.add_argument("--grace-s", type=float, default=90.0,
+                   help="a row still running this long after the budget is interrupted, reported, and the run ends")
     p.add_argument("--out", metavar="FILE.json")
     a = p.parse_args(argv)
     small = a.small
@@ -469,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     log = Log()
     errors = Errors(log)
     budget = Budget(log, a.budget_s)
+    hard_deadline(None if a.budget_s is None else a.budget_s + a.grace_s, log)
     dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
     log(f"bench_serve on {dev_name}, {a.dtype}; {versions()}")
     all_res: list[dict[str, Any]] = []
@@ -482,17 +488,19 @@ def main(argv: list[str] | None = None) -> int:
             "models": models, "errors": list(errors), "seconds": log.elapsed(), "markdown": text,
         }
 
-    def checkpoint(res: dict[str, Any]) -> None:  # a run killed later still leaves its results so far
+    def checkpoint() -> None:  # a run killed later still leaves its results so far
         if a.out:
             with contextlib.redirect_stdout(io.StringIO()):
-                results.write(a.out, payload([*all_res, res], None, True))
+                results.write(a.out, payload(all_res, None, True))
 
     for m in models:
         if not budget.allows(f"model {m}", needs=30 if small else 60):
             errors.append({"row": m, "error": "skipped: time budget"})
             continue
+        res: dict[str, Any] = {"model": m}
+        all_res.append(res)
         with errors.guard(f"model {m}"):
-            all_res.append(run_model(m, a, log, errors, budget, checkpoint))
+            run_model(m, a, log, errors, budget, lambda _: checkpoint(), res)
         gc.collect()
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -248,3 +248,20 @@ def build_model(name: str, small: bool, device: str | torch.device, dtype: torch
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def hard_deadline(seconds: float | None, log: Log) -> None:
+    """Once ``seconds`` after start have passed, raise ``TimeoutError`` in the main thread, once: the row
+    running then (a compile that takes too long, say) fails and is reported, the exhausted budget skips the
+    sections after it, and the results are still written.  No-op for None or where SIGALRM does not exist."""
+    import signal
+
+    if seconds is None or not hasattr(signal, "SIGALRM"):
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise TimeoutError(f"hard time limit of {seconds:.0f} s reached")
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds - log.elapsed()))
