@@ -319,19 +319,22 @@ def _decode(res, model, pm, rules, names, factors, ids, adapter_ids, per_sample,
             capture_options, greedy_generate, with_static_cache) -> None:
     dev, dtype = a.device, DTYPES[a.dtype]
     n = a.new_tokens + 1  # the first token comes from the prefill
-    t0 = time.perf_counter()
-    dec = fxlora.rewrite(with_static_cache(model), rules, adapter=names[0], capture=capture_options(model))
-    res["decode_capture_rewrite_s"] = time.perf_counter() - t0
-    for name in names[1:]:
-        fxlora.add_adapter(dec, rules, name)
-    if {s for s in fxlora.graph_sites(dec, names[0])} != {s for (nm, s) in factors if nm == names[0]}:
-        raise RuntimeError("the decoder capture found other sites than the prefill capture")
-    load_fxlora(dec, factors)
-    server = fxlora.serve(dec, names).eval()
-    fxlora.set_adapter(dec, names[0])
-    dec.eval()
-    base = fxlora.unload(dec).eval()
-    log(f"  decode: static-cache decoder captured and rewritten in {res['decode_capture_rewrite_s']:.1f} s")
+    label = f"{res['model']}: decode"
+    server = dec = base = None
+    with errors.guard(f"{label} capture (fxlora.generation)"):
+        t0 = time.perf_counter()
+        dec = fxlora.rewrite(with_static_cache(model), rules, adapter=names[0], capture=capture_options(model))
+        res["decode_capture_rewrite_s"] = time.perf_counter() - t0
+        for name in names[1:]:
+            fxlora.add_adapter(dec, rules, name)
+        if set(fxlora.graph_sites(dec, names[0])) != {s for (nm, s) in factors if nm == names[0]}:
+            raise RuntimeError("the decoder capture found other sites than the prefill capture")
+        load_fxlora(dec, factors)
+        server = fxlora.serve(dec, names).eval()
+        fxlora.set_adapter(dec, names[0])
+        dec.eval()
+        base = fxlora.unload(dec).eval()
+        log(f"  decode: static-cache decoder captured and rewritten in {res['decode_capture_rewrite_s']:.1f} s")
     mask = torch.ones_like(ids)
 
     def gen(module, k, **kw):
@@ -341,16 +344,20 @@ def _decode(res, model, pm, rules, names, factors, ids, adapter_ids, per_sample,
         return lambda: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, do_sample=False, **kw)
 
     # checks: the served decoder's tokens against each sample alone and against PEFT
-    with torch.no_grad():
+    c = res["checks"]
+    with errors.guard(f"{label} checks"), torch.no_grad():
+        if server is None:
+            raise RuntimeError("no fxlora decoder to check")
         served = gen(server, n, adapter_ids=adapter_ids)()
         alone = torch.empty_like(served)
-        for slot, name in enumerate(names):
-            fxlora.set_adapter(dec, name)
-            rows = (adapter_ids == slot).nonzero().flatten()
-            alone[rows] = greedy_generate(dec, ids[rows], max_new_tokens=n, model=model)
-        fxlora.set_adapter(dec, names[0])
-        dec.eval()
-        c = res["checks"]
+        try:
+            for slot, name in enumerate(names):
+                fxlora.set_adapter(dec, name)
+                rows = (adapter_ids == slot).nonzero().flatten()
+                alone[rows] = greedy_generate(dec, ids[rows], max_new_tokens=n, model=model)
+        finally:
+            fxlora.set_adapter(dec, names[0])
+            dec.eval()
         c["decode_tokens_served_vs_alone"] = agreement(served, alone, a.prompt)
         if pm is not None:
             c["decode_tokens_peft_vs_served"] = agreement(hf(pm, n, adapter_names=per_sample)(), served, a.prompt)
@@ -360,13 +367,14 @@ def _decode(res, model, pm, rules, names, factors, ids, adapter_ids, per_sample,
             f"PEFT vs served {c.get('decode_tokens_peft_vs_served', float('nan')):.1%}"
             + ("" if exact else " (bf16: reported, not required)"))
         if exact and not c["decode_ok"]:
-            errors.append({"row": f"{res['model']}: decode checks", "error": "tokens differ in float32"})
+            errors.append({"row": f"{label} checks", "error": "tokens differ in float32"})
 
     fns = {}
     for k in (1, n):
-        fns[f"fxlora mixed/{k}"] = gen(server, k, adapter_ids=adapter_ids)
-        fns[f"fxlora single/{k}"] = gen(dec, k)
-        fns[f"base graph/{k}"] = gen(base, k)
+        if server is not None:
+            fns[f"fxlora mixed/{k}"] = gen(server, k, adapter_ids=adapter_ids)
+            fns[f"fxlora single/{k}"] = gen(dec, k)
+            fns[f"base graph/{k}"] = gen(base, k)
         if pm is not None:
             fns[f"PEFT mixed/{k}"] = hf(pm, k, adapter_names=per_sample)
         fns[f"base HF/{k}"] = hf(model, k)
