@@ -47,8 +47,10 @@ above what was allocated before it.
 
 Ratios: fxlora mixed / fxlora single (target <= 1.2) and PEFT mixed / fxlora mixed (target >= 3), for
 prefill and for decode.  Prints markdown tables, writes JSON (``--out``) through
-``fxlora.tools.results.write``.  A row that fails is reported (``errors``) and the run goes on; the exit
-status is 1 if a check or a row failed.
+``fxlora.tools.results.write``, after every section (``"partial": true`` until the run ends).  A row that
+fails is reported (``errors``) and the run goes on; the exit status is 1 if a check or a row failed.
+``--budget-s`` (200 s by default on a GPU) skips the sections (a model, a decode benchmark) that would start
+after it; a row still running ``--grace-s`` (90 s) after it is interrupted, reported, and the run ends.
 """
 
 from __future__ import annotations
