@@ -234,7 +234,7 @@ def build_model(name: str, small: bool, device: str | torch.device, dtype: torch
         size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=128, vocab_size=128, initializer_range=0.2) if small \
             else dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=8192, vocab_size=128256, rope_theta=500000.0)
+                      intermediate_size=8192, vocab_size=128256)
         if layers:
             size["num_hidden_layers"] = layers
         cfg = transformers.LlamaConfig(**size, max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=0)
