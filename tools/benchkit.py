@@ -195,11 +195,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def versions() -> dict[str, str | None]:
+    """Versions of torch and the peers (None where one does not import)."""
+    import importlib.metadata
+    import importlib.util
+
     out: dict[str, str | None] = {"torch": torch.__version__}
-    for name in ("transformers", "peft", "loralib", "triton"):
+    for name in ("transformers", "peft", "loralib", "triton", "matplotlib"):
         try:
-            out[name] = getattr(__import__(name), "__version__", "?")
-        except Exception:  # noqa: BLE001
+            out[name] = importlib.metadata.version(name) if importlib.util.find_spec(name) else None
+        except (importlib.metadata.PackageNotFoundError, ValueError):
             out[name] = None
     return out
 
