@@ -1,0 +1,62 @@
+"""The side-by-side benchmarks run end to end in their --small mode (CPU, tiny models), so that the GPU
+runs they are made for do not fail on a bug: every row is measured, every check passes, results files
+are written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from fxlora.tools import bench, bench_serve  # noqa: E402
+
+
+def test_bench_serve_small(tmp_path):
+    out = tmp_path / "serve.json"
+    argv = ["--small", "--layers", "1", "--models", "llama-1.2b", "--repeats", "1", "--new-tokens", "2", "--out", str(out)]
+    assert bench_serve.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert not data["errors"] and not data["partial"]
+    (res,) = data["models"]
+    checks = res["checks"]
+    assert checks["ok"] and checks["decode_ok"]
+    assert checks["served_vs_alone"] <= checks["tolerance"] and checks["peft_mixed_vs_served"] <= checks["tolerance"]
+    assert checks["adapter_effect"] > 0.05  # the adapters do change the output
+    assert set(res["prefill_ms"]) == set(bench_serve.PREFILL_ROWS)
+    assert set(res["decode_ms_per_token"]) == set(bench_serve.DECODE_ROWS)
+    assert all(v is not None for v in [*res["prefill_ratios"].values(), *res["decode_ratios"].values()])
+    stored = res["adapter_bytes"]
+    assert stored["PEFT"] == stored["adapters' own factors"]  # each adapter once, in the model's dtype
+    # stacked: one zero slot for the base beside 4 adapters, and a scale per rank row
+    assert stored["adapters' own factors"] < stored["fxlora served"] < 1.3 * stored["adapters' own factors"]
+    assert "| fxlora mixed |" in data["markdown"]
+
+
+def test_bench_small(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["--small", "--layers", "1", "--repeats", "1", "--fold-repeats", "1", "--compile-impls", "fxlora",
+            "--out", str(out), "--plot", str(png)]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert not data["errors"] and not data["partial"]
+    impls = ["PEFT", "fxlora"] + (["loralib"] if importlib.util.find_spec("loralib") else [])
+    assert [m["model"] for m in data["models"]] == ["gpt2-medium", "llama-1.2b"]
+    for res in data["models"]:
+        for name in ["base", *impls]:
+            assert res["checks"][name]["ok"], (res["model"], name, res["checks"][name])
+        for name in impls:
+            assert res["checks"][name]["grads"] <= res["checks"]["tolerance"]["grads"]
+            assert res["checks"][name]["folded_logits"] <= res["checks"]["tolerance"]["outputs"]
+        assert set(res["fold_ms"]) == set(impls)
+        for shape in res["shapes"].values():
+            assert set(shape["forward_ratio"]) == set(impls) and set(shape["train_ratio"]) == set(impls)
+    assert len(data["models"][0]["shapes"]) == 2  # GPT-2 at two shapes
+    llama = next(iter(data["models"][1]["shapes"].values()))
+    assert set(llama["compiled_forward_ratio"]) == {"fxlora"} and set(llama["compiled_train_ratio"]) == {"fxlora"}
+    assert set(llama["compile_s"]) == {"forward/base", "forward/fxlora", "train/full FT", "train/fxlora"}
+    assert png.exists() or any("matplotlib" in n for n in data["notes"])
+    assert "unmerged forward / base" in data["markdown"]
