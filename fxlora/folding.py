@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .distributed import full, plain_class
 from .errors import ArgumentError
 from .passes import FoldPass, InlineUnits, merged_weights
 from .provenance import active_adapters, adapter_state, adapters_of, require_sites
@@ -104,9 +105,11 @@ def _sources(gm: GraphModule, weights: Mapping[str, float]) -> dict[str, str]:
 
 
 def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch.Tensor], sources: dict[str, str]) -> GraphModule:
-    cls = type(template)
-    new_cls = type(cls.__name__, (cls,), {"graph": _lazy_graph})
-    out = new_cls.__new__(new_cls)
+    # A class of its own (recompiling one folded module must not touch another), reusing the template's
+    # generated forward; named as torch names per-instance classes, so that GraphModule.__new__ (deepcopy,
+    # unpickling) builds its usual class from the code instead of subclassing this one.
+    new_cls = type("GraphModuleImpl", (GraphModule,), {"forward": type(template).forward, "graph": _lazy_graph})
+    out = object.__new__(new_cls)  # not GraphModule.__new__, which would make yet another class
     nn.Module.__init__(out)
     state_keys = set(out.__dict__)
     for key, value in template.__dict__.items():
@@ -128,8 +131,9 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
             return nn.Parameter(merged[name], requires_grad=old.requires_grad)
         value = gm.get_parameter(source(name)) if kind == "parameter" else gm.get_buffer(source(name))
         if id(value) not in memo:
+            data = full(value).detach()  # a sharded (FSDP2) tensor is gathered: the folded module is whole
             memo[id(value)] = (
-                nn.Parameter(value.detach(), requires_grad=value.requires_grad) if kind == "parameter" else value.detach().clone()
+                nn.Parameter(data, requires_grad=value.requires_grad) if kind == "parameter" else data.clone()
             )
         return memo[id(value)]
 
@@ -144,7 +148,9 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
             new = copy.copy(child)
             for attr, value in list(new.__dict__.items()):
                 if isinstance(value, dict):
-                    new.__dict__[attr] = copy.copy(value)
+                    # the folded model is a fresh module: no hooks (FSDP2's, or the user's on gm) carry over
+                    new.__dict__[attr] = type(value)() if attr.endswith("hooks") or attr.endswith("hooks_with_kwargs") else copy.copy(value)
+            new.__class__ = plain_class(child)
             clone(child, new, f"{prefix}{k}.")
             children[k] = new
         target._modules = children

@@ -110,7 +110,9 @@ def capture_options(model: nn.Module, *, batch: int = 2, prompt: int = 5, length
         "keys": keys,
         "values": values,
     }
-    B, T, L = Dim("batch", min=1, max=4096), Dim("step", min=1, max=65536), Dim("cache", min=2, max=1 << 20)
+    # Dim.AUTO lets torch.export decide each dimension (dynamic where the model allows it): named Dims
+    # with ranges hit constraint errors on some transformers versions' cache and mask code.
+    B = T = L = Dim.AUTO
     kv = {0: B, 2: L}
     shapes = {
         "input_ids": {0: B, 1: T},

@@ -34,6 +34,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import files
+from .distributed import is_writer
 from .errors import ArgumentError, CheckpointError
 from .lora import SiteSpec
 from .patterns import Pattern, compile_pattern
@@ -572,5 +573,6 @@ def save_peft_adapter(
     extra = {k: v for k, v in state.items() if any(k.startswith(p + ".") for p in trained)}
     tensors = tensors_for_file(by_spec | extra, f"the PEFT adapter '{folder}'")
     root = files.as_path(folder, "PEFT adapter")
-    files.write_folder(root, adapter_files(specs, tensors, base_model_name_or_path, trained), what="PEFT adapter")
+    if is_writer():  # on a sharded module every rank gathers, rank 0 writes
+        files.write_folder(root, adapter_files(specs, tensors, base_model_name_or_path, trained), what="PEFT adapter")
     return root

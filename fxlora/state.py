@@ -27,6 +27,7 @@ from torch.fx import GraphModule
 from torch.nn.modules.module import _IncompatibleKeys
 
 from . import files
+from .distributed import copy_into, full, is_sharded, is_writer, local_empty_like
 from .errors import ArgumentError, CheckpointError
 from .lora import SiteSpec
 from .passes import read_slot, write_slot
@@ -131,9 +132,10 @@ def _bias_names(gm: GraphModule, bias: str, sites: Mapping[str, SiteSpec]) -> li
 
 def _private(gm: GraphModule, name: str) -> nn.Parameter:
     """The base parameter ``name`` with storage of its own (copy-on-write): rewrite shares the caller's
-    weights, so a parameter fxlora will write (a trained or loaded bias) is first copied."""
+    weights, so a parameter fxlora will write (a trained or loaded bias) is first copied.  A sharded
+    parameter (FSDP2) already has storage of its own, and its module owns it: it is not replaced."""
     p = gm.get_parameter(name)
-    if not getattr(p, "_fxlora_private", False):
+    if not getattr(p, "_fxlora_private", False) and not is_sharded(p):
         owner, _, attr = name.rpartition(".")
         p = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
         p._fxlora_private = True  # type: ignore[attr-defined]
@@ -181,10 +183,10 @@ def lora_state_dict(gm: GraphModule, bias: str = "none", *, adapter: str | None 
     name, sites = adapter_sites(gm, adapter, "lora_state_dict")
     if _served_layouts(gm) is not None:
         out = {canonical_name(k, name): v.detach() for k, v in read_slot(gm, name).items()}
-    else:
-        out = {key: gm.get_parameter(param).detach() for key, param in adapter_key_map(gm, name, sites).items()}
+    else:  # on a sharded module (FSDP2) every rank gathers the full tensors
+        out = {key: full(gm.get_parameter(param)).detach() for key, param in adapter_key_map(gm, name, sites).items()}
     for bias_name in _bias_names(gm, bias, sites):
-        out.setdefault(bias_name, gm.get_parameter(bias_name).detach())
+        out.setdefault(bias_name, full(gm.get_parameter(bias_name)).detach())
     return out
 
 
@@ -232,7 +234,7 @@ def _stage_one(key: str, value: Any, target: torch.Tensor, hint: str) -> tuple[s
             ), None
         if not _storage_covers(value):
             return f"'{key}' addresses memory outside its storage (freed or resized); it cannot be read", None
-        staged = torch.empty_like(target.detach(), memory_format=torch.preserve_format)
+        staged = local_empty_like(target)  # the full shape, even for a sharded (FSDP2) target
         staged.copy_(value.detach())
     except Exception as e:  # noqa: BLE001 - an unreadable device, an odd tensor subclass...
         return f"'{key}' cannot be read into the model's {target.dtype} on {target.device} ({_first_line(e)})", None
@@ -288,7 +290,7 @@ def commit_tensors(gm: GraphModule, staged: Mapping[str, torch.Tensor], lora_nam
             for key, value in staged.items():
                 target = gm.get_parameter(key) if key in lora_names else _private(gm, key)
                 backup = target.detach().clone()
-                target.copy_(value)
+                copy_into(target, value)  # a sharded target takes this rank's shard
                 done.append((target, backup))
         except Exception as e:  # noqa: BLE001 - roll back, then report
             for target, backup in reversed(done):
@@ -545,13 +547,15 @@ def save_lora(
     checks against the model.  A name ending in ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pkl`` or
     ``.pickle`` is refused (:data:`SAVE_REFUSED_SUFFIXES`): those promise a ``torch.save`` pickle.  A new
     file gets the umask's mode, a replaced file keeps its mode, and a read-only target is refused; see
-    :mod:`fxlora.files`.  ``adapter`` and the keys are :func:`lora_state_dict`'s.
+    :mod:`fxlora.files`.  ``adapter`` and the keys are :func:`lora_state_dict`'s.  On a module sharded
+    across processes (FSDP2) call it on every rank: every rank gathers the tensors, rank 0 writes.
     """
     _check_bias(bias)
     name, sites = adapter_sites(gm, adapter, "save_lora")
     p = _check_save_path(path)
     tensors = tensors_for_file(lora_state_dict(gm, bias, adapter=name), f"'{p}'")
-    files.write_file(p, lora_file_bytes(tensors, lora_metadata(sites)), what="LoRA checkpoint")
+    if is_writer():  # on a sharded module every rank gathers, rank 0 writes
+        files.write_file(p, lora_file_bytes(tensors, lora_metadata(sites)), what="LoRA checkpoint")
     return p
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxlora import provenance
+from fxlora.distributed import full
 from fxlora.errors import FoldError
 from fxlora.lora import merged_weight
 
@@ -108,10 +109,11 @@ def merged_weights(gm: GraphModule, weights: Mapping[str, float], dtype: torch.d
     updates: dict[str, list] = defaultdict(list)  # weight name -> [(A, B, spec, coeff)]
     for name, coeff in weights.items():
         for spec in adapters[name].values():
-            updates[spec.weight].append((gm.get_parameter(spec.lora_A), gm.get_parameter(spec.lora_B), spec, coeff))
+            A, B = full(gm.get_parameter(spec.lora_A)), full(gm.get_parameter(spec.lora_B))  # gathered under FSDP2
+            updates[spec.weight].append((A, B, spec, coeff))
     merged: dict[str, torch.Tensor] = {}
     for weight, terms in updates.items():
-        w = merged_weight(gm.get_parameter(weight), terms, dtype=dtype)
+        w = merged_weight(full(gm.get_parameter(weight)), terms, dtype=dtype)
         if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
             spec = terms[0][2]
             raise FoldError(
