@@ -24,6 +24,7 @@ from .options import CaptureOptions, capture_options
 from .passes import FuseSiblings, RewritePass
 from .resolution import MODULE_TYPES_META, Plan, make_plan
 from .rules import Rule, as_rules
+from .ties import check_tied_mode
 from .state import BIAS_MODES, mark_only_lora_as_trainable
 from .tracing import copy_graph_module, export_capture, trace
 
@@ -73,19 +74,19 @@ def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphMod
     return gm, root
 
 
-def _plan(model: nn.Module, rules: list[Rule], opts: CaptureOptions, adapter: str) -> Plan:
+def _plan(model: nn.Module, rules: list[Rule], opts: CaptureOptions, adapter: str, tied: str = "adapt") -> Plan:
     """Capture and resolve the rules (raising before any change).  With ``method="auto"`` and example
     inputs, a symbolic graph in which the rules cannot select their sites (they sit inside a module the
     symbolic tracer keeps opaque, such as ``nn.MultiheadAttention``) is captured again with torch.export."""
     gm, root = _capture(model, opts)
     try:
-        return make_plan(gm, rules, root, adapter=adapter)
+        return make_plan(gm, rules, root, adapter=adapter, tied=tied)
     except RuleError:
         if not (opts.method == "auto" and gm.meta.get(CAPTURE_META) == "symbolic_trace" and opts.has_examples):
             raise
     logger.info("the rules do not resolve on the symbolic graph; capturing with torch.export")
     gm, root = _capture(model, dataclasses.replace(opts, method="export"))
-    return make_plan(gm, rules, root, adapter=adapter)
+    return make_plan(gm, rules, root, adapter=adapter, tied=tied)
 
 
 def _check_model(model: Any, where: str) -> None:
@@ -125,6 +126,7 @@ def plan(
     rules: Rule | Sequence[Rule] | None = None,
     *,
     adapter: str = DEFAULT_ADAPTER,
+    tied: str = "adapt",
     capture: CaptureOptions | str | None = None,
     **capture_kwargs: Any,
 ) -> Plan:
@@ -132,12 +134,12 @@ def plan(
 
     Returns a :class:`~fxlora.resolution.Plan` bound to the graph module it captured; pass it to
     :func:`rewrite` (``fxlora.rewrite(plan)``) to apply it, or to :func:`fxlora.report` to print it.
-    Without rules, the plan selects nothing and lists every candidate site.  Capture options as for
-    :func:`capture`.
+    Without rules, the plan selects nothing and lists every candidate site.  ``tied`` as for
+    :func:`rewrite`; capture options as for :func:`capture`.
     """
     _check_model(model, "fxlora.plan")
     opts = capture_options(capture, capture_kwargs, "plan")
-    return _plan(model, [] if rules is None else as_rules(rules), opts, _check_adapter_name(adapter))
+    return _plan(model, [] if rules is None else as_rules(rules), opts, _check_adapter_name(adapter), check_tied_mode(tied))
 
 
 def rewrite(
@@ -148,6 +150,7 @@ def rewrite(
     bias: str = "none",
     merge_on_eval: bool = False,
     fuse_siblings: bool = False,
+    tied: str = "adapt",
     capture: CaptureOptions | str | None = None,
     **capture_kwargs: Any,
 ) -> LoraGraphModule:
@@ -165,6 +168,9 @@ def rewrite(
             copy of each adapted weight while in eval mode).
         fuse_siblings: run ``fxlora.passes.fuse_siblings``: linear branches that read the same input
             (q, k and v projections) share one shrink matmul.  Same parameters and state dict.
+        tied: what a rule that selects a use of a tied weight (GPT-2's token embedding and LM head) does:
+            ``"adapt"`` (default) gives the *weight* one LoRA pair applied at every use and folded once,
+            so the folded weights stay tied; ``"refuse"`` raises :class:`RuleError` naming both uses.
         capture, **capture_kwargs: how to capture the model: see :func:`capture`.  Hugging Face
             transformers models need ``torch.export``: pass example inputs (and
             ``example_kwargs={"use_cache": False}`` for decoders).  Dropout, attention dropout and batch
@@ -179,7 +185,7 @@ def rewrite(
     if bias not in BIAS_MODES:
         raise ArgumentError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
     if isinstance(model, Plan):
-        if rules is not None or capture is not None or capture_kwargs or adapter != DEFAULT_ADAPTER:
+        if rules is not None or capture is not None or capture_kwargs or adapter != DEFAULT_ADAPTER or tied != "adapt":
             raise ArgumentError(
                 "rewrite(plan) applies the plan as it is: give no rules, adapter or capture options (make a new "
                 "plan with fxlora.plan(model, rules, ...) instead)."
@@ -191,7 +197,7 @@ def rewrite(
         if rules is None:
             raise RuleError("rewrite needs rules: fxlora.rewrite(model, [fxlora.Rule('*.q', r=8, alpha=16)]).")
         opts = capture_options(capture, capture_kwargs, "rewrite")
-        the_plan = _plan(model, as_rules(rules), opts, _check_adapter_name(adapter))
+        the_plan = _plan(model, as_rules(rules), opts, _check_adapter_name(adapter), check_tied_mode(tied))
         gm = the_plan.graph_module
     if not the_plan.sites:
         raise RuleError("the plan selects no site: give rules that select at least one site.")
