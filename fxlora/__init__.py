@@ -23,7 +23,7 @@ from .errors import (
     RuleError,
     TraceError,
 )
-from .folding import fold
+from .folding import fold, load_folded
 from .graph_module import LoraGraphModule
 from .lora import SiteSpec
 from .options import CaptureOptions
@@ -54,6 +54,7 @@ __all__ = [
     "Plan",
     "rewrite",
     "fold",
+    "load_folded",
     "LoraGraphModule",
     "SiteSpec",
     "graph_sites",

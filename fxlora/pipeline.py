@@ -26,7 +26,7 @@ from .resolution import MODULE_TYPES_META, Plan, make_plan
 from .rules import Rule, as_rules
 from .ties import check_tied_mode
 from .state import BIAS_MODES, mark_only_lora_as_trainable
-from .tracing import copy_graph_module, export_capture, trace
+from .tracing import copy_graph_module, export_capture, keep_state_keys, trace
 
 __all__ = ["capture", "plan", "rewrite"]
 
@@ -41,6 +41,7 @@ def _capture(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, n
     gm, root = _capture_graph(model, opts)
     types = getattr(model, "meta", {}).get(MODULE_TYPES_META) if isinstance(model, GraphModule) else None
     gm.meta[MODULE_TYPES_META] = dict(types) if types else {n: type(m) for n, m in root.named_modules() if n}
+    keep_state_keys(gm, model)  # the model's state-dict keys, so that a folded module loads into it
     return gm, root
 
 
