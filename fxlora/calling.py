@@ -9,7 +9,8 @@ returns (and everything made from it: the rewritten module, the folded module) t
 
 * every input is accepted positionally or by keyword, as the original ``forward`` accepts it;
 * the tensors given at capture are required (``gm(ids, attention_mask=mask)`` when the mask was
-  captured);
+  captured; their default in the signature is ``None``, and leaving them out raises
+  :class:`~fxlora.errors.ArgumentError` naming them);
 * a constant given at capture (``use_cache=False``) is the default, and passing another value raises
   :class:`~fxlora.errors.ArgumentError` naming it (the graph was specialised to the captured value);
 * an input of the original ``forward`` that was not captured may be left out or given its default
@@ -35,24 +36,12 @@ from torch.utils import _pytree as pytree
 
 from .errors import ArgumentError
 
-__all__ = ["REQUIRED", "NO_LITERAL", "CallingCodeGen", "convention_of", "install", "bind", "convention"]
+__all__ = ["NO_LITERAL", "CallingCodeGen", "convention_of", "install", "bind", "convention"]
 
 
-class _Marker:
-    def __init__(self, text: str) -> None:
-        self._text = text
-
-    def __repr__(self) -> str:
-        return self._text
-
-    def __reduce__(self) -> str:
-        return "REQUIRED" if self is REQUIRED else "NO_LITERAL"
-
-
-#: The default of an input that was captured as a tensor: the call must give it.
-REQUIRED = _Marker("<required>")
-#: The default of an input whose original default cannot be written in the generated code.
-NO_LITERAL = _Marker("<default>")
+#: The default of an input whose original default cannot be written in the generated code (a string, so
+#: that torch.fx can re-trace the generated code, as it does when it unpickles a graph module).
+NO_LITERAL = "<fxlora: the original default>"
 
 _NAME = "fxlora_calling"
 _register_custom_builtin(_NAME, f"import fxlora.calling as {_NAME}", __import__(__name__, fromlist=["_"]))
@@ -162,13 +151,13 @@ class CallingCodeGen(_PyTreeCodeGen):
                 parts.append("*")
                 star_done = True
             if name in conv["inputs"]:
-                value = f"{_NAME}.REQUIRED"
+                value = "None"  # required: bind() says so when it is not given
             elif name in conv["constants"]:
                 value = repr(conv["constants"][name])
             elif name in conv["defaults"]:
                 value = repr(conv["defaults"][name])
             else:
-                value = f"{_NAME}.NO_LITERAL"
+                value = repr(NO_LITERAL)
             parts.append(f"{name}={value}")
             if i == last_positional_only:
                 parts.append("/")
@@ -195,33 +184,38 @@ class CallingCodeGen(_PyTreeCodeGen):
 def bind(conv: Mapping[str, Any], values: dict[str, Any], in_spec: Any) -> Any:
     """The captured ``(args, kwargs)`` structure for a call given ``values`` (every parameter of the
     generated ``forward``, by name), after checking them against the convention ``conv``."""
+    if any(isinstance(v, torch.fx.Proxy) for v in values.values()):
+        # torch.fx re-traces the generated code (torch.fx.symbolic_trace(gm), or unpickling): keep the
+        # structure, check nothing
+        return _structure(conv, {**conv["constants"], **values}, in_spec)
     model = conv["model"]
     inputs, constants = conv["inputs"], conv["constants"]
     defaults = conv["defaults"]
     for name in inputs:
-        value = values.get(name, REQUIRED)
-        if value is REQUIRED or value is None:
+        value = values.get(name)
+        if value is None:
             raise ArgumentError(
                 f"{model} was captured with {name}=<tensor>, so its graph reads {name}: pass it "
                 f"({name}=... with the same structure and dtype as at capture)."
             )
     for name, captured in constants.items():
-        value = values.get(name, REQUIRED)
-        if value is REQUIRED:
+        if name not in values:  # captured through **kwargs and not given
             values[name] = captured
-        elif not _same(value, captured):
+            continue
+        value = values[name]
+        if not _same(value, captured):
             raise ArgumentError(
                 f"{name}={value!r} differs from the value {model} was captured with ({name}={captured!r}): torch.export "
                 f"specialised the graph to it. Leave {name} out, or capture again with example_kwargs="
                 f"{{'{name}': {value!r}, ...}} and rewrite that capture."
             )
     for name, value in values.items():
-        if name in inputs or name in constants or value is REQUIRED or value is NO_LITERAL:
+        if name in inputs or name in constants or (isinstance(value, str) and value == NO_LITERAL):
             continue
         default = defaults.get(name, NO_LITERAL)
-        if default is not NO_LITERAL and _same(value, default):
+        if name in defaults and _same(value, default):
             continue
-        if default is not NO_LITERAL and default is not None:
+        if name in defaults and default is not None:
             raise ArgumentError(
                 f"{name}={value!r} differs from its default ({default!r}), which {model} was captured with: torch.export "
                 f"specialised the graph to it. Leave {name} out, or capture again with example_kwargs="
@@ -231,6 +225,11 @@ def bind(conv: Mapping[str, Any], values: dict[str, Any], in_spec: Any) -> Any:
             f"{name} was not given when {model} was captured, so the captured graph does not read it. Leave it out, "
             f"or capture again with example_kwargs={{'{name}': ...}} (fxlora.capture / fxlora.rewrite) to use it."
         )
+    return _structure(conv, values, in_spec)
+
+
+def _structure(conv: Mapping[str, Any], values: dict[str, Any], in_spec: Any) -> Any:
+    """``values`` in the structure the graph was captured with: ``(args, kwargs)`` or ``args``."""
     args = [values[name] for name in conv["args"]]
     kwargs = {name: values[name] for name in conv["kwargs"]}
     has_args_kwargs = (

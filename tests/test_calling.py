@@ -68,6 +68,7 @@ def test_called_positionally_or_by_keyword_with_captured_constants_as_defaults(c
     params = inspect.signature(folded.forward).parameters
     assert list(params) == ["x", "mask", "scale", "flag", "extra"]
     assert params["flag"].default is True and params["scale"].default == 1.0 and params["extra"].default is None
+    assert params["mask"].default is None  # required: leaving it out names it (below)
     assert params["extra"].kind is inspect.Parameter.KEYWORD_ONLY
     assert convention(folded)["inputs"] == ("x", "mask")
 
@@ -119,3 +120,23 @@ def test_symbolic_captures_keep_their_own_signature():
     assert convention(gm) is None
     x, _ = _inputs()
     torch.testing.assert_close(gm(x)["y"], model(x)["y"])
+
+
+def test_torch_fx_can_retrace_the_generated_code():
+    """torch.fx re-traces a graph module's code (torch.fx.symbolic_trace(gm), and when it unpickles one):
+    the convention's checks step aside for proxies and the structure stays."""
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None, flag=False):
+            return self.fc(x) * mask + (1 if flag else 0)
+
+    model = Plain()
+    x, mask = torch.randn(2, 4), torch.rand(2, 4)
+    gm = fxlora.capture(model, example_inputs=(x,), example_kwargs={"mask": mask, "flag": True}, capture="export")
+    retraced = torch.fx.symbolic_trace(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(retraced(x, mask), model(x, mask, True))
