@@ -22,7 +22,7 @@ from .graph_module import LoraGraphModule
 from .lora import DEFAULT_ADAPTER
 from .options import CaptureOptions, capture_options
 from .passes import FuseSiblings, RewritePass
-from .resolution import MODULE_TYPES_META, Plan, make_plan
+from .resolution import MODULE_TYPES_META, Plan, make_plan, warn_unreached
 from .rules import Rule, as_rules
 from .ties import check_tied_mode
 from .state import BIAS_MODES, mark_only_lora_as_trainable
@@ -80,14 +80,20 @@ def _plan(model: nn.Module, rules: list[Rule], opts: CaptureOptions, adapter: st
     inputs, a symbolic graph in which the rules cannot select their sites (they sit inside a module the
     symbolic tracer keeps opaque, such as ``nn.MultiheadAttention``) is captured again with torch.export."""
     gm, root = _capture(model, opts)
+    fallback = opts.method == "auto" and gm.meta.get(CAPTURE_META) == "symbolic_trace" and opts.has_examples
     try:
-        return make_plan(gm, rules, root, adapter=adapter, tied=tied)
+        the_plan = make_plan(gm, rules, root, adapter=adapter, tied=tied)
+        if not (fallback and the_plan.opaque):  # a type rule misses modules inside opaque leaves: export sees them
+            warn_unreached(the_plan)
+            return the_plan
     except RuleError:
-        if not (opts.method == "auto" and gm.meta.get(CAPTURE_META) == "symbolic_trace" and opts.has_examples):
+        if not fallback:
             raise
     logger.info("the rules do not resolve on the symbolic graph; capturing with torch.export")
     gm, root = _capture(model, dataclasses.replace(opts, method="export"))
-    return make_plan(gm, rules, root, adapter=adapter, tied=tied)
+    the_plan = make_plan(gm, rules, root, adapter=adapter, tied=tied)
+    warn_unreached(the_plan)
+    return the_plan
 
 
 def _check_model(model: Any, where: str) -> None:

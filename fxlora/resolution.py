@@ -13,6 +13,7 @@ adapted as asked, raises :class:`~fxlora.errors.RuleError` with an explanation b
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,10 +27,12 @@ from .rules import Rule
 from .sites import SUPPORTED, Candidate, find_candidates, op_name, try_submodule
 from .ties import check_tied_mode, tie_groups, weight_uses
 
-__all__ = ["Plan", "PlannedSite", "make_plan", "lora_names", "MODULE_TYPES_META"]
+__all__ = ["Plan", "PlannedSite", "make_plan", "warn_unreached", "lora_names", "MODULE_TYPES_META"]
 
 #: ``gm.meta`` key of the model's module types by qualified name, recorded at capture.
 MODULE_TYPES_META = "fxlora_module_types"
+
+logger = logging.getLogger("fxlora")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class Plan:
     rules: tuple[Rule, ...]
     candidates: tuple[Candidate, ...] = field(repr=False)
     adapter: str = DEFAULT_ADAPTER
+    #: modules a type rule names that are not sites (module name, why): a type rule selects the modules
+    #: of its type the graph shows, and says which others it could not see (also logged as a warning)
+    unreached: tuple[tuple[str, str], ...] = ()
+    #: some of them run inside a module that symbolic tracing kept opaque (a torch.export capture sees them)
+    opaque: bool = False
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -170,7 +178,50 @@ def make_plan(
                 shadowed=tuple(dict.fromkeys(lost)),
             )
         )
-    return Plan(graph_module=gm, sites=tuple(sites), rules=tuple(rules), candidates=tuple(candidates), adapter=adapter)
+    unreached, opaque = _unreached(gm, rules, candidates, root, types)
+    return Plan(
+        graph_module=gm, sites=tuple(sites), rules=tuple(rules), candidates=tuple(candidates), adapter=adapter,
+        unreached=tuple((n, why) for n, why, _ in unreached), opaque=opaque,
+    )
+
+
+def warn_unreached(plan: Plan) -> None:
+    """Log (``logging.getLogger("fxlora")``, warning) the modules that the plan's type rules name but could
+    not select, so that a type rule never skips a module silently."""
+    if not plan.unreached:
+        return
+    names = ", ".join(n for n, _ in plan.unreached[:6]) + (" ..." if len(plan.unreached) > 6 else "")
+    logger.warning(
+        "type rules select %d site(s) but not these %d modules of their types: %s. Why, for the first: %s",
+        len(plan.sites), len(plan.unreached), names, plan.unreached[0][1],
+    )
+
+
+def _unreached(
+    gm: GraphModule, rules: Sequence[Rule], candidates: Sequence[Candidate], root: nn.Module, types: dict[str, type] | None
+) -> tuple[list[tuple[str, str, Rule]], bool]:
+    """Modules with parameters that a type rule names but no candidate covers: ``(name, why, rule)``, and
+    whether some of them sit inside a module the symbolic graph keeps opaque."""
+    type_rules = [r for r in rules if isinstance(r.target, type)]
+    if not type_rules:
+        return [], False
+    types = dict(types) if types else {n: type(m) for n, m in root.named_modules() if n}
+    covered = {n for c in candidates for n in c.names} | {c.owner for c in candidates if c.owner}
+    facts = _GraphFacts(gm)
+    site_names = [c.name for c in candidates if c.kind]
+    found, opaque = [], False
+    for rule in type_rules:
+        for name, t in types.items():
+            if name in covered or not rule.matches_type(t):
+                continue
+            mod = try_submodule(root, name)
+            if mod is not None and not any(True for _ in mod.parameters(recurse=False)):
+                continue
+            if any(s.startswith(name + ".") for s in site_names):
+                continue
+            found.append((name, _why_not_a_site(name, root, candidates, facts, site_names), rule))
+            opaque |= not facts.export and facts.leaf_holding(name) is not None
+    return found, opaque
 
 
 def _is_export_graph(gm: GraphModule) -> bool:

@@ -315,3 +315,25 @@ def test_matmul_sites_in_every_spelling_read_their_layout_from_the_graph(spellin
         assert not torch.allclose(ref(x), model(x), atol=1e-3)
         torch.testing.assert_close(gm(x), ref(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fxlora.fold(gm)(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_type_rule_never_skips_a_module_silently(caplog):
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(x))
+
+    model = Encoder().eval()
+    x = torch.randn(2, 5, 8)
+    with caplog.at_level("WARNING", logger="fxlora"):
+        plan = fxlora.plan(model, [Rule(nn.Linear, r=1, alpha=1)])  # symbolic: the encoder is a leaf
+    assert [s.name for s in plan.sites] == ["head"] and plan.opaque
+    assert {n for n, _ in plan.unreached} == {"encoder.layers.0.self_attn.out_proj", "encoder.layers.0.linear1", "encoder.layers.0.linear2"}
+    assert "not these 3 modules" in caplog.text and "example_inputs" in caplog.text
+    # with example inputs, capture='auto' sees them through torch.export
+    gm = fxlora.rewrite(model, [Rule(nn.Linear, r=1, alpha=1)], example_inputs=(x,))
+    assert gm.meta["fxlora_capture"] == "torch.export" and len(fxlora.graph_sites(gm)) == 4
