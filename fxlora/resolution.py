@@ -64,8 +64,9 @@ class Plan:
     rules: tuple[Rule, ...]
     candidates: tuple[Candidate, ...] = field(repr=False)
     adapter: str = DEFAULT_ADAPTER
-    #: modules a type rule names that are not sites (module name, why): a type rule selects the modules
-    #: of its type the graph shows, and says which others it could not see (also logged as a warning)
+    #: modules a rule names that are not sites (module name, why): every module of a type rule's type, and
+    #: the Linear/Embedding/Conv modules a name rule names inside a leaf the symbolic graph keeps opaque
+    #: (logged as a warning by fxlora.plan and fxlora.rewrite)
     unreached: tuple[tuple[str, str], ...] = ()
     #: some of them run inside a module that symbolic tracing kept opaque (a torch.export capture sees them)
     opaque: bool = False
@@ -186,33 +187,41 @@ def make_plan(
 
 
 def warn_unreached(plan: Plan) -> None:
-    """Log (``logging.getLogger("fxlora")``, warning) the modules that the plan's type rules name but could
-    not select, so that a type rule never skips a module silently."""
+    """Log (``logging.getLogger("fxlora")``, warning) the modules that the plan's rules name but could not
+    select (:attr:`Plan.unreached`), so that a rule never skips a module silently."""
     if not plan.unreached:
         return
     names = ", ".join(n for n, _ in plan.unreached[:6]) + (" ..." if len(plan.unreached) > 6 else "")
     logger.warning(
-        "type rules select %d site(s) but not these %d modules of their types: %s. Why, for the first: %s",
+        "the rules select %d site(s) but not these %d modules they name: %s. Why, for the first: %s",
         len(plan.sites), len(plan.unreached), names, plan.unreached[0][1],
     )
+
+
+_ADAPTABLE_MODULES = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
 
 
 def _unreached(
     gm: GraphModule, rules: Sequence[Rule], candidates: Sequence[Candidate], root: nn.Module, types: dict[str, type] | None
 ) -> tuple[list[tuple[str, str, Rule]], bool]:
-    """Modules with parameters that a type rule names but no candidate covers: ``(name, why, rule)``, and
-    whether some of them sit inside a module the symbolic graph keeps opaque."""
-    type_rules = [r for r in rules if isinstance(r.target, type)]
-    if not type_rules:
+    """Modules with parameters that a rule names but no candidate covers: ``(name, why, rule)``, and
+    whether some of them sit inside a module the symbolic graph keeps opaque.  A type rule reports every
+    such module of its type; a name rule, the Linear / Embedding / Conv modules it names inside an opaque
+    leaf (a broad glob also names LayerNorms and containers, which are not sites anywhere)."""
+    if not rules:
         return [], False
     types = dict(types) if types else {n: type(m) for n, m in root.named_modules() if n}
     covered = {n for c in candidates for n in c.names} | {c.owner for c in candidates if c.owner}
     facts = _GraphFacts(gm)
     site_names = [c.name for c in candidates if c.kind]
     found, opaque = [], False
-    for rule in type_rules:
+    for rule in rules:
+        by_type = isinstance(rule.target, type)
         for name, t in types.items():
-            if name in covered or not rule.matches_type(t):
+            if name in covered or not (rule.matches_type(t) if by_type else rule.matches_name(name)):
+                continue
+            leaf = None if facts.export else facts.leaf_holding(name)
+            if not by_type and (leaf is None or not issubclass(t, _ADAPTABLE_MODULES)):
                 continue
             mod = try_submodule(root, name)
             if mod is not None and not any(True for _ in mod.parameters(recurse=False)):
@@ -220,7 +229,7 @@ def _unreached(
             if any(s.startswith(name + ".") for s in site_names):
                 continue
             found.append((name, _why_not_a_site(name, root, candidates, facts, site_names), rule))
-            opaque |= not facts.export and facts.leaf_holding(name) is not None
+            opaque |= leaf is not None
     return found, opaque
 
 

@@ -333,7 +333,25 @@ def test_a_type_rule_never_skips_a_module_silently(caplog):
         plan = fxlora.plan(model, [Rule(nn.Linear, r=1, alpha=1)])  # symbolic: the encoder is a leaf
     assert [s.name for s in plan.sites] == ["head"] and plan.opaque
     assert {n for n, _ in plan.unreached} == {"encoder.layers.0.self_attn.out_proj", "encoder.layers.0.linear1", "encoder.layers.0.linear2"}
-    assert "not these 3 modules" in caplog.text and "example_inputs" in caplog.text
+    assert "not these 3 modules they name" in caplog.text and "example_inputs" in caplog.text
     # with example inputs, capture='auto' sees them through torch.export
     gm = fxlora.rewrite(model, [Rule(nn.Linear, r=1, alpha=1)], example_inputs=(x,))
     assert gm.meta["fxlora_capture"] == "torch.export" and len(fxlora.graph_sites(gm)) == 4
+
+
+def test_a_glob_that_names_modules_inside_an_opaque_leaf_recaptures_with_example_inputs():
+    class WithMHA2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0])
+
+    x = torch.randn(2, 5, 8)
+    plan = fxlora.plan(WithMHA2(), [Rule("*", r=1, alpha=1)])  # symbolic, no example inputs: said, not silent
+    assert [s.name for s in plan.sites] == ["head"] and [n for n, _ in plan.unreached] == ["attn.out_proj"]
+    gm = fxlora.rewrite(WithMHA2(), [Rule("*", r=1, alpha=1)], example_inputs=(x,))
+    assert gm.meta["fxlora_capture"] == "torch.export"
+    assert set(fxlora.graph_sites(gm)) == {"attn.in_proj_weight", "attn.out_proj", "head"}
