@@ -319,3 +319,22 @@ def test_experts_rules_and_messages():
         fxlora.rewrite(model, [fxlora.Rule("W", r=2, alpha=2)])
     gm = fxlora.rewrite(model, [fxlora.Rule("W", r=4, alpha=2, fan_in_fan_out=False)])
     assert fxlora.graph_sites(gm)["W"].kind == "experts"
+
+
+def test_conv_transpose_as_aten_convolution():
+    """A decomposed ATen graph spells the transposed conv aten.convolution(..., transposed=True, output_padding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    decomposed = torch.export.export(model, (x,), strict=False).run_decompositions().module()
+    assert any(n.target is torch.ops.aten.convolution.default for n in decomposed.graph.nodes)
+    gm = fxlora.rewrite(decomposed, [fxlora.Rule("0", r=2, alpha=2)])
+    spec = fxlora.graph_sites(gm)["0"]
+    assert spec.kind == "conv_transpose" and spec.op["output_padding"] == (1, 1) and spec.op["groups"] == 2
+    randomize_lora(gm, std=0.3)
+    A, B = gm.get_parameter("0.lora_A").detach(), gm.get_parameter("0.lora_B").detach()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref[0].weight.copy_(_conv_transpose_reference(model[0].weight, A, B, 2, 1.0))
+        torch.testing.assert_close(gm(x), ref(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fxlora.fold(gm)(x), ref(x), atol=1e-5, rtol=1e-5)
