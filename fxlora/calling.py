@@ -83,6 +83,14 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+def _short(value: Any) -> str:
+    """``repr(value)`` for a message: a tensor as its shape and dtype, anything else cut to 60 characters."""
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _has_tensor(value: Any) -> bool:
     return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
@@ -205,9 +213,9 @@ def bind(conv: Mapping[str, Any], values: dict[str, Any], in_spec: Any) -> Any:
         value = values[name]
         if not _same(value, captured):
             raise ArgumentError(
-                f"{name}={value!r} differs from the value {model} was captured with ({name}={captured!r}): torch.export "
-                f"specialised the graph to it. Leave {name} out, or capture again with example_kwargs="
-                f"{{'{name}': {value!r}, ...}} and rewrite that capture."
+                f"{name}={_short(value)} differs from the value {model} was captured with ({name}={captured!r}): "
+                f"torch.export specialised the graph to it. Leave {name} out, or capture again with example_kwargs="
+                f"{{'{name}': ..., ...}} and rewrite that capture."
             )
     for name, value in values.items():
         if name in inputs or name in constants or (isinstance(value, str) and value == NO_LITERAL):
@@ -217,9 +225,9 @@ def bind(conv: Mapping[str, Any], values: dict[str, Any], in_spec: Any) -> Any:
             continue
         if name in defaults and default is not None:
             raise ArgumentError(
-                f"{name}={value!r} differs from its default ({default!r}), which {model} was captured with: torch.export "
-                f"specialised the graph to it. Leave {name} out, or capture again with example_kwargs="
-                f"{{'{name}': {value!r}, ...}} and rewrite that capture."
+                f"{name}={_short(value)} differs from its default ({default!r}), which {model} was captured with: "
+                f"torch.export specialised the graph to it. Leave {name} out, or capture again with example_kwargs="
+                f"{{'{name}': ..., ...}} and rewrite that capture."
             )
         raise ArgumentError(
             f"{name} was not given when {model} was captured, so the captured graph does not read it. Leave it out, "

@@ -140,3 +140,15 @@ def test_torch_fx_can_retrace_the_generated_code():
     retraced = torch.fx.symbolic_trace(gm)
     with torch.no_grad():
         torch.testing.assert_close(retraced(x, mask), model(x, mask, True))
+
+
+def test_an_input_captured_as_none_is_a_constant_and_the_message_stays_short():
+    model = Net()
+    x, mask = _inputs()
+    gm = fxlora.capture(model, example_inputs=(x,), example_kwargs={"mask": None}, capture="export")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)["y"], model(x)["y"])
+    with pytest.raises(ArgumentError) as info:
+        gm(x, mask=mask)
+    assert "mask=<tensor (2, 3, 1) float32> differs from the value Net was captured with (mask=None)" in str(info.value)
+    assert len(str(info.value)) < 400
