@@ -412,6 +412,25 @@ def test_moe_experts_like_peft_target_parameters(factory, implementation):
         torch.testing.assert_close(fxlora.fold(gm)(ids).logits, pm.merge_and_unload()(ids, **kw).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_moe_expert_factors_train(implementation):
+    torch.manual_seed(0)
+    model = hf_models.mixtral(implementation)
+    ids = hf_models.ids()
+    gm = fxlora.rewrite(model, [Rule("*.experts.*", r=2, alpha=4)], example_inputs=(ids,), example_kwargs={"labels": ids, "use_cache": False})
+    gm.train()
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(4):
+        loss = gm(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert all(gm.get_parameter(s.lora_B).abs().sum() > 0 for s in fxlora.graph_sites(gm).values())
+
+
 def test_tied_embedding_and_head_like_peft_ensure_weight_tying():
     torch.manual_seed(0)
     model = hf_models.gemma().eval()
