@@ -415,7 +415,6 @@ class Candidate:
     reason: str | None = None  # why it cannot be adapted
     type_name: str = ""
     custom_leaf: bool = False  # a leaf module that is not torch.nn's: its layout comes from the rule
-    call_module: bool = False  # a call_module site (the others are ops of the graph)
 
 
 def _module_names(root: nn.Module) -> dict[int, list[str]]:
@@ -779,7 +778,7 @@ def find_candidates(
                 mod = gm.get_submodule(node.target)
                 original = try_submodule(root, node.target) or mod
                 names = tuple(dict.fromkeys([node.target, *aliases.get(id(original), [])]))
-                cand = Candidate(name=node.target, kind=None, module=mod, names=names, owner=node.target, call_module=True)
+                cand = Candidate(name=node.target, kind=None, module=mod, names=names, owner=node.target)
                 _classify_module(cand, mod)
                 cand.module_type = module_types.get(node.target, type(original))
                 cand.weight = f"{node.target}.weight" if cand.kind else ""
