@@ -30,7 +30,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch.fx.graph import _PyTreeCodeGen, _register_custom_builtin
+from torch.fx.graph import _custom_builtins, _PyTreeCodeGen, _register_custom_builtin
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
@@ -107,7 +107,8 @@ def convention_of(forward: Any, args: Sequence[Any], kwargs: Mapping[str, Any], 
     params = list(sig.parameters.values())
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL and p.name in bound.arguments for p in params):
         return None
-    if any(keyword.iskeyword(p.name) or p.name == "self" for p in params):
+    reserved = {"self", "operator", "builtins", "math", *_custom_builtins}  # names the generated code reads
+    if any(keyword.iskeyword(p.name) or p.name in reserved for p in params):
         return None
     var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     captured = {k: v for k, v in bound.arguments.items() if k != var_kw}
