@@ -24,7 +24,7 @@ from .errors import (
     RuleError,
     TraceError,
 )
-from .folding import fold
+from .folding import fold, load_folded
 from .graph_module import LoraGraphModule
 from .lora import SiteSpec
 from .named_adapters import (
@@ -74,6 +74,7 @@ __all__ = [
     "unload",
     "combine_adapters",
     "serve",
+    "load_folded",
     "LoraGraphModule",
     "SiteSpec",
     "graph_sites",

@@ -1,4 +1,5 @@
-""":func:`fold`: the deployable model, the base graph with merged weights, as a new module.
+""":func:`fold`: the deployable model, the base graph with merged weights, as a new module; and
+:func:`load_folded`: the merged weights back in the user's own model object.
 
 The folded graph of a rewritten module is always the same (the base graph), whatever the adapters'
 values, so it is built once (a copy of the module run through ``fxlora.passes.FoldPass`` with no
@@ -19,14 +20,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .distributed import full, plain_class
-from .errors import ArgumentError
+from .errors import ArgumentError, CheckpointError
 from .passes import FoldPass, InlineUnits, merged_weights
-from .provenance import active_adapters, adapter_state, adapters_of, require_sites
+from .provenance import active_adapters, adapter_state, adapters_of, graph_sites, require_sites
 from .tracing import copy_graph_module
 
-__all__ = ["fold"]
+__all__ = ["fold", "load_folded"]
 
 _TEMPLATE = "_fxlora_fold_template"
 
@@ -125,10 +127,11 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
                 return copy_path + name[len(path):]
         return name
 
+    for name, value in merged.items():  # one new parameter per merged weight, under each of its names (ties)
+        old = gm.get_parameter(name)
+        memo[id(old)] = nn.Parameter(value, requires_grad=old.requires_grad)
+
     def tensor(kind: str, name: str) -> torch.Tensor:
-        if kind == "parameter" and name in merged:
-            old = gm.get_parameter(name)
-            return nn.Parameter(merged[name], requires_grad=old.requires_grad)
         value = gm.get_parameter(source(name)) if kind == "parameter" else gm.get_buffer(source(name))
         if id(value) not in memo:
             data = full(value).detach()  # a sharded (FSDP2) tensor is gathered: the folded module is whole
@@ -174,3 +177,45 @@ def _lazy_graph_set(self: GraphModule, graph: Any) -> None:
 
 
 _lazy_graph = property(_lazy_graph_get, _lazy_graph_set)
+
+
+def load_folded(model: nn.Module, folded: GraphModule) -> _IncompatibleKeys:
+    """Write the merged weights of ``folded`` (the module :func:`fold` returned, or a rewritten module,
+    which is folded first) into ``model``, the user's own model object, in place: a Hugging Face model
+    can then ``generate`` and ``save_pretrained`` with them.  This is the only fxlora call that changes the
+    model passed to :func:`fxlora.rewrite`.
+
+    The folded module has ``model``'s state-dict keys (fxlora keeps non-persistent buffers and
+    torch.export's lifted constants out of them, and tied weights under every name), so this is
+    ``model.load_state_dict(folded.state_dict(), strict=True)`` with checks first: a key ``model`` lacks,
+    or a tensor of another shape, raises :class:`~fxlora.errors.CheckpointError` and loads nothing.  Keys
+    the folded module lacks (parameters a symbolically traced graph never reads, so that fold cannot
+    have changed them) are left as they are and returned as ``missing_keys``.
+    """
+    if not isinstance(model, nn.Module) or not isinstance(folded, nn.Module):
+        raise ArgumentError(
+            f"load_folded(model, folded) takes the model and the folded module, got {type(model).__name__} and "
+            f"{type(folded).__name__}."
+        )
+    if isinstance(folded, GraphModule) and graph_sites(folded):
+        folded = fold(folded)
+    source, target = folded.state_dict(), model.state_dict()
+    unexpected = [k for k in source if k not in target]
+    mismatched = [
+        f"'{k}' {tuple(v.shape)} (the model has {tuple(target[k].shape)})"
+        for k, v in source.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    if unexpected or mismatched:
+        problems = []
+        if unexpected:
+            problems.append(f"tensors the model does not have: {', '.join(unexpected[:6])}")
+        if mismatched:
+            problems.append(f"tensors of another shape: {', '.join(mismatched[:6])}")
+        raise CheckpointError(
+            "load_folded: the folded module does not fit this model (" + "; ".join(problems) + "). Pass the model "
+            "that was rewritten. Nothing was loaded."
+        )
+    missing = [k for k in target if k not in source]
+    model.load_state_dict({**{k: target[k] for k in missing}, **source}, strict=True)
+    return _IncompatibleKeys(missing, [])

@@ -1,7 +1,7 @@
 """The LoRA math, in one place.
 
 Every adapted site is described by a :class:`SiteSpec`.  For each kind of site (linear, embedding,
-conv) one class below says:
+conv, conv_transpose, experts, tied) one class below says:
 
 * ``shapes(spec)``: the shapes of ``lora_A`` and ``lora_B``;
 * ``init_(A, B)``: their initialisation (loralib's conventions);
@@ -13,18 +13,25 @@ conv) one class below says:
 ``torch.fx.Proxy`` objects: the rewrite pass records them into the graph by calling them on proxies.
 ``expand(shrink(x)) == base_op(x, delta)`` is the invariant the tests check for every kind; nothing
 outside this module knows how a kind's update is computed.
+
+Two kinds depend on *how each call reads the weight* (``per_call = True``): MoE experts (a 3-D weight
+indexed per expert before a matmul) and tied weights (one weight read by several uses, such as an
+embedding lookup and an LM head).  Their ``shrink`` and ``expand`` take one more argument, a
+:class:`Call` that the rewrite pass builds from the graph for each call (:func:`fxlora.sites.bind_call`):
+the call's op with its weight operand replaced, the chain of views the call applies to its weight, or
+which kind of use the call is.  The math stays here; the graph only says where the weight went.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SiteSpec", "kind_of", "delta_weight", "merged_weight", "fold_fidelity", "DEFAULT_ADAPTER"]
+__all__ = ["SiteSpec", "Call", "kind_of", "init_factors", "delta_weight", "merged_weight", "fold_fidelity", "DEFAULT_ADAPTER", "KINDS"]
 
 #: The name of the adapter :func:`fxlora.rewrite` creates unless told otherwise.
 DEFAULT_ADAPTER = "default"
@@ -39,15 +46,15 @@ class SiteSpec:
     """
 
     name: str  # site qualified name, e.g. "encoder.layer.0.attention.self.query"
-    kind: str  # "linear" | "embedding" | "conv"
+    kind: str  # "linear" | "embedding" | "conv" | "conv_transpose" | "experts" | "tied"
     weight: str  # qualified name of the base weight parameter
     bias: str | None  # qualified name of the base bias parameter, if any
     lora_A: str  # qualified names of the LoRA parameters
     lora_B: str
     dropout_module: str | None  # qualified name of the branch's nn.Dropout, if dropout > 0
     weight_shape: tuple[int, ...]
-    in_features: int  # linear: in; embedding: num_embeddings; conv: in_channels
-    out_features: int  # linear: out; embedding: embedding_dim; conv: out_channels
+    in_features: int  # linear, experts: in; embedding: num_embeddings; conv(_transpose): in_channels; tied: columns
+    out_features: int  # linear, experts: out; embedding: embedding_dim; conv(_transpose): out_channels; tied: rows
     r: int
     alpha: float
     dropout: float
@@ -64,8 +71,26 @@ class SiteSpec:
         return self.alpha / self.r
 
 
+@dataclass(frozen=True)
+class Call:
+    """How one call of a ``per_call`` kind's site reads its weight, built by the rewrite pass from the graph.
+
+    ``apply(x, operand)`` records the call's own op with ``x`` as its input and ``operand`` in place of
+    the weight operand (any bias dropped); ``view(t)`` replays on ``t`` (a factor laid out like the
+    weight) the views the call applies to its weight between the parameter and the op (an expert index,
+    a transpose).  ``use`` (tied weights) says which kind of use the call is, and ``factors`` are the
+    site's ``(A, B)``: a use that meets the weight's rows first reads ``B`` before ``A``.
+    """
+
+    apply: Callable[[Any, Any], Any] | None = None
+    view: Callable[[Any], Any] | None = None
+    use: Mapping[str, Any] | None = None
+    factors: tuple[Any, Any] | None = None
+
+
 class _Kind:
     name: str
+    per_call: bool = False  # shrink/expand take a Call as a fourth argument
 
     @staticmethod
     def shapes(spec: SiteSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -226,7 +251,157 @@ class ConvKind(_Kind):
         return (b @ a).reshape(spec.weight_shape)
 
 
-_KINDS: dict[str, type[_Kind]] = {k.name: k for k in (LinearKind, EmbeddingKind, ConvKind)}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class ConvTransposeKind(_Kind):
+    """``y = conv_transpose(x, W)`` with ``W`` of shape ``(in, out/g, *kernel)``: a true low-rank branch,
+    ``conv_transpose(x, A)`` to ``r`` channels with the base's kernel, stride, padding, output_padding,
+    dilation and groups, then a 1x1 ``conv(., B)`` to the output channels.
+
+    ``A`` is ``(in, r/g, *kernel)``, ``B`` ``(out, r/g, 1, ...)``; with ``groups = g`` both are grouped, so
+    each group gets rank ``r / g`` and the update is block-structured like ``W`` (it folds exactly):
+    ``delta[g*in/g + i, o, k] = sum_j A[g*in/g + i, j, k] * B[g*out/g + o, j] * scale``.
+    """
+
+    name = "conv_transpose"
+
+    @staticmethod
+    def shapes(spec: SiteSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        g = spec.op["groups"]
+        kernel = spec.weight_shape[2:]
+        return (spec.in_features, spec.r // g, *kernel), (spec.out_features, spec.r // g, *(1,) * len(kernel))
+
+    init_ = staticmethod(_kaiming_A_zero_B)  # A initialised as nn.ConvTranspose initialises its own weight
+
+    @staticmethod
+    def shrink(x: Any, A: Any, spec: SiteSpec) -> Any:
+        op = spec.op
+        conv_t = _CONV_T[len(spec.weight_shape) - 2]
+        return conv_t(x, A, None, op["stride"], op["padding"], op["output_padding"], op["groups"], op["dilation"])
+
+    @staticmethod
+    def expand(h: Any, B: Any, spec: SiteSpec) -> Any:
+        conv = _CONV[len(spec.weight_shape) - 2]
+        return conv(h, B * spec.scale, None, 1, 0, 1, spec.op["groups"])
+
+    @staticmethod
+    def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
+        g, r = spec.op["groups"], spec.r
+        kernel = spec.weight_shape[2:]
+        a = A.reshape(g, spec.in_features // g, r // g, -1)  # (g, in/g, r/g, prod(kernel))
+        b = B.reshape(g, spec.out_features // g, r // g) * spec.scale  # (g, out/g, r/g)
+        d = torch.einsum("gijk,goj->giok", a, b)  # (g, in/g, out/g, prod(kernel))
+        return d.reshape(spec.in_features, spec.out_features // g, *kernel)
+
+
+def _like_weight(factor: Any, spec: SiteSpec) -> Any:
+    """An ``experts`` factor laid out like the weight: itself for ``(E, out, in)`` storage, its last two
+    dims swapped for ``(E, in, out)`` (``fan_in_fan_out``)."""
+    return factor.transpose(-2, -1) if spec.fan_in_fan_out else factor
+
+
+class ExpertsKind(_Kind):
+    """MoE experts stored as one 3-D weight ``(E, out, in)`` (or ``(E, in, out)`` with ``fan_in_fan_out``)
+    and read per expert: ``F.linear(x, W[e])``, ``bmm(W[ids], x)``, ``grouped_mm(x, W.mT, offs)``,
+    ``einsum``...  ``A`` is ``(E, r, in)``, ``B`` ``(E, out, r)`` (PEFT ``target_parameters``' per-expert
+    factors), and the update of expert ``e`` is ``B[e] @ A[e] * scale``.
+
+    The branch never builds an ``(E, out, in)`` update: it calls the *same op* the graph calls, once with
+    ``A`` and once with ``B`` in place of the weight, each indexed exactly as the weight is (the same
+    expert ids, offsets and views), so ``op(op(x, A'), B') == op(x, (B @ A)')`` for every op that is
+    linear in the weight and keeps the input's layout (checked when the site is found).
+    """
+
+    name = "experts"
+    per_call = True
+
+    @staticmethod
+    def shapes(spec: SiteSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        e = spec.weight_shape[0]
+        return (e, spec.r, spec.in_features), (e, spec.out_features, spec.r)
+
+    @staticmethod
+    def init_(A: torch.Tensor, B: torch.Tensor) -> None:
+        # each expert's A as a Linear's (fan_in = in), as PEFT's (r*E, in) lora_A
+        torch.nn.init.kaiming_uniform_(A.view(-1, A.shape[-1]), a=math.sqrt(5))
+        torch.nn.init.zeros_(B)
+
+    @staticmethod
+    def shrink(x: Any, A: Any, spec: SiteSpec, call: Call) -> Any:
+        return call.apply(x, call.view(_like_weight(A, spec)))
+
+    @staticmethod
+    def expand(h: Any, B: Any, spec: SiteSpec, call: Call) -> Any:
+        return call.apply(h, call.view(_like_weight(B, spec))) * spec.scale
+
+    @staticmethod
+    def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
+        return _like_weight(torch.bmm(B, A) * spec.scale, spec)
+
+
+class TiedKind(_Kind):
+    """One 2-D weight ``W`` (rows, cols) read by several uses, such as a token embedding and the LM head
+    that shares its weight: one pair for the *weight*, ``B`` (rows, r) and ``A`` (r, cols), and the same
+    update ``B @ A * scale`` at every use, so that fold adds it once and the weights stay tied.
+
+    Per use (``call.use``): a linear use ``F.linear(x, W)`` runs ``F.linear(F.linear(x, A), B * scale)``; a
+    linear use reading ``W`` stored ``(in, out)`` (``x @ W``) runs ``x @ B @ A * scale``; an embedding use
+    ``W[idx]`` runs ``B[idx] @ A * scale`` (``F.embedding`` on ``B``, with the use's padding_idx).  ``B``
+    starts at zero; ``A`` is initialised as the first use's kind would initialise it: normal for an
+    embedding (PEFT's tied embedding adapter), kaiming-uniform for a linear use.
+    """
+
+    name = "tied"
+    per_call = True
+
+    @staticmethod
+    def shapes(spec: SiteSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (spec.r, spec.in_features), (spec.out_features, spec.r)
+
+    @staticmethod
+    def init_(A: torch.Tensor, B: torch.Tensor, first_use: str = "linear") -> None:
+        if first_use == "embedding":
+            torch.nn.init.normal_(A)
+        else:
+            torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        torch.nn.init.zeros_(B)
+
+    @staticmethod
+    def shrink(x: Any, A: Any, spec: SiteSpec, call: Call) -> Any:
+        use, (_, B) = call.use, call.factors
+        if use["kind"] == "embedding":
+            return F.embedding(x, B, use.get("padding_idx"), None, 2.0, use.get("scale_grad_by_freq", False), use.get("sparse", False))
+        if use.get("fan_in_fan_out"):
+            return F.linear(x, B.t())
+        return F.linear(x, A)
+
+    @staticmethod
+    def expand(h: Any, B: Any, spec: SiteSpec, call: Call) -> Any:
+        use, (A, _) = call.use, call.factors
+        if use["kind"] == "embedding" or use.get("fan_in_fan_out"):
+            return F.linear(h, A.t() * spec.scale)
+        return F.linear(h, B * spec.scale)
+
+    @staticmethod
+    def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
+        return (B @ A) * spec.scale
+
+
+_KINDS: dict[str, type[_Kind]] = {
+    k.name: k for k in (LinearKind, EmbeddingKind, ConvKind, ConvTransposeKind, ExpertsKind, TiedKind)
+}
+
+#: Every kind of site fxlora adapts.
+KINDS = tuple(_KINDS)
+
+
+def init_factors(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> None:
+    """Initialise a new site's ``A`` and ``B`` in place, as its kind says."""
+    if spec.kind == "tied":
+        TiedKind.init_(A, B, spec.op.get("first_use", "linear"))
+    else:
+        kind_of(spec).init_(A, B)
 
 
 def kind_of(spec: SiteSpec) -> type[_Kind]:

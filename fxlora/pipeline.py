@@ -29,10 +29,12 @@ from .resolution import (
     check_adapter_name,
     make_plan,
     resolve_units,
+    warn_unreached,
 )
 from .rules import Rule, as_rules
+from .ties import check_tied_mode
 from .state import BIAS_MODES, mark_only_lora_as_trainable
-from .tracing import copy_graph_module, export_capture, trace
+from .tracing import copy_graph_module, export_capture, keep_state_keys, trace
 
 __all__ = ["capture", "plan", "rewrite"]
 
@@ -47,6 +49,7 @@ def _capture(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, n
     gm, root = _capture_graph(model, opts)
     types = getattr(model, "meta", {}).get(MODULE_TYPES_META) if isinstance(model, GraphModule) else None
     gm.meta[MODULE_TYPES_META] = dict(types) if types else {n: type(m) for n, m in root.named_modules() if n}
+    keep_state_keys(gm, model)  # the model's state-dict keys, so that a folded module loads into it
     return gm, root
 
 
@@ -80,19 +83,27 @@ def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphMod
     return gm, root
 
 
-def _plan(model: nn.Module, rules: list[Rule], opts: CaptureOptions, adapter: str, train_modules: Any = None) -> Plan:
+def _plan(
+    model: nn.Module, rules: list[Rule], opts: CaptureOptions, adapter: str, train_modules: Any = None, tied: str = "adapt"
+) -> Plan:
     """Capture and resolve the rules (raising before any change).  With ``method="auto"`` and example
     inputs, a symbolic graph in which the rules cannot select their sites (they sit inside a module the
     symbolic tracer keeps opaque, such as ``nn.MultiheadAttention``) is captured again with torch.export."""
     gm, root = _capture(model, opts)
+    fallback = opts.method == "auto" and gm.meta.get(CAPTURE_META) == "symbolic_trace" and opts.has_examples
     try:
-        return make_plan(gm, rules, root, adapter=adapter, train_modules=train_modules or ())
+        the_plan = make_plan(gm, rules, root, adapter=adapter, tied=tied, train_modules=train_modules or ())
+        if not (fallback and the_plan.opaque):  # a type rule misses modules inside opaque leaves: export sees them
+            warn_unreached(the_plan)
+            return the_plan
     except RuleError:
-        if not (opts.method == "auto" and gm.meta.get(CAPTURE_META) == "symbolic_trace" and opts.has_examples):
+        if not fallback:
             raise
     logger.info("the rules do not resolve on the symbolic graph; capturing with torch.export")
     gm, root = _capture(model, dataclasses.replace(opts, method="export"))
-    return make_plan(gm, rules, root, adapter=adapter, train_modules=train_modules or ())
+    the_plan = make_plan(gm, rules, root, adapter=adapter, tied=tied, train_modules=train_modules or ())
+    warn_unreached(the_plan)
+    return the_plan
 
 
 def _check_model(model: Any, where: str) -> None:
@@ -124,6 +135,7 @@ def plan(
     *,
     adapter: str = DEFAULT_ADAPTER,
     train_modules: Sequence[str | type] | None = None,
+    tied: str = "adapt",
     capture: CaptureOptions | str | None = None,
     **capture_kwargs: Any,
 ) -> Plan:
@@ -131,12 +143,14 @@ def plan(
 
     Returns a :class:`~fxlora.resolution.Plan` bound to the graph module it captured; pass it to
     :func:`rewrite` (``fxlora.rewrite(plan)``) to apply it, or to :func:`fxlora.report` to print it.
-    Without rules, the plan selects nothing and lists every candidate site.  Capture options as for
-    :func:`capture`.
+    Without rules, the plan selects nothing and lists every candidate site.  ``tied`` as for
+    :func:`rewrite`; capture options as for :func:`capture`.
     """
     _check_model(model, "fxlora.plan")
     opts = capture_options(capture, capture_kwargs, "plan")
-    return _plan(model, [] if rules is None else as_rules(rules), opts, check_adapter_name(adapter), train_modules)
+    return _plan(
+        model, [] if rules is None else as_rules(rules), opts, check_adapter_name(adapter), train_modules, check_tied_mode(tied)
+    )
 
 
 def rewrite(
@@ -149,6 +163,7 @@ def rewrite(
     bias: str = "none",
     merge_on_eval: bool = False,
     fuse_siblings: bool = False,
+    tied: str = "adapt",
     capture: CaptureOptions | str | None = None,
     **capture_kwargs: Any,
 ) -> LoraGraphModule:
@@ -174,6 +189,9 @@ def rewrite(
             copy of each adapted weight while in eval mode).
         fuse_siblings: run ``fxlora.passes.fuse_siblings``: linear branches that read the same input
             (q, k and v projections) share one shrink matmul.  Same parameters and state dict.
+        tied: what a rule that selects a use of a tied weight (GPT-2's token embedding and LM head) does:
+            ``"adapt"`` (default) gives the *weight* one LoRA pair applied at every use and folded once,
+            so the folded weights stay tied; ``"refuse"`` raises :class:`RuleError` naming both uses.
         capture, **capture_kwargs: how to capture the model: see :func:`capture`.  Hugging Face
             transformers models need ``torch.export``: pass example inputs (and
             ``example_kwargs={"use_cache": False}`` for decoders).  Dropout, attention dropout and batch
@@ -188,9 +206,12 @@ def rewrite(
     if bias not in BIAS_MODES:
         raise ArgumentError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
     if isinstance(model, Plan):
-        if rules is not None or capture is not None or capture_kwargs or adapter != DEFAULT_ADAPTER or train_modules:
+        if (
+            rules is not None or capture is not None or capture_kwargs or adapter != DEFAULT_ADAPTER or train_modules
+            or tied != "adapt"
+        ):
             raise ArgumentError(
-                "rewrite(plan) applies the plan as it is: give no rules, adapter, train_modules or capture options (make a new "
+                "rewrite(plan) applies the plan as it is: give no rules, adapter, train_modules, tied or capture options (make a new "
                 "plan with fxlora.plan(model, rules, ...) instead)."
             )
         the_plan = model
@@ -200,7 +221,7 @@ def rewrite(
         if rules is None:
             raise RuleError("rewrite needs rules: fxlora.rewrite(model, [fxlora.Rule('*.q', r=8, alpha=16)]).")
         opts = capture_options(capture, capture_kwargs, "rewrite")
-        the_plan = _plan(model, as_rules(rules), opts, check_adapter_name(adapter), train_modules)
+        the_plan = _plan(model, as_rules(rules), opts, check_adapter_name(adapter), train_modules, check_tied_mode(tied))
         gm = the_plan.graph_module
     if not the_plan.sites:
         raise RuleError("the plan selects no site: give rules that select at least one site.")

@@ -4,18 +4,32 @@ This module owns *finding* sites and describing them (:class:`Candidate`); which
 candidate is :mod:`fxlora.resolution`'s job, and whether a weight is read elsewhere is
 :mod:`fxlora.ties`'.  Candidates are:
 
-* ``call_module`` nodes of ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d/2d/3d``, and of custom leaf
-  modules with a 2-D ``weight`` parameter (``x @ W.T + b``, or ``x @ W + b`` with ``fan_in_fan_out``);
-* ``call_function`` nodes whose weight argument reads a parameter (directly, or through a transpose:
-  ``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``aten.t`` / ``aten.permute``), at the torch level and the
-  ATen level: ``F.linear``, ``torch.addmm``, ``x @ W`` / ``torch.matmul`` / ``torch.mm`` (the layout,
-  ``fan_in_fan_out``, is read from the graph), ``F.embedding`` and ``F.conv1d/2d/3d``.  Such a site is
-  named after the module that owns its weight (``node.meta["nn_module_stack"]`` in torch.export graphs)
-  or after the weight (``blocks.0.fc.weight`` -> site ``blocks.0.fc``; a parameter not called
-  ``weight`` keeps its full name, ``blocks.0.w1``).
+* ``call_module`` nodes of ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d/2d/3d``,
+  ``nn.ConvTranspose1d/2d/3d``, and of custom leaf modules with a 2-D ``weight`` parameter
+  (``x @ W.T + b``, or ``x @ W + b`` with ``fan_in_fan_out``);
+* ``call_function`` nodes whose weight operand reads a parameter, at the torch level and the ATen
+  level alike:
+
+  - a 2-D weight, directly or through one transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``,
+    ``W.permute(1, 0)``, ``aten.t`` / ``aten.numpy_T`` / ``aten.transpose`` / ``aten.permute``), read by
+    ``F.linear``, ``torch.addmm``, ``x @ W`` / ``torch.matmul`` / ``torch.mm``: a *linear* site whose
+    layout (``fan_in_fan_out``) is read from the graph, whatever the module's class (``FalconLinear``
+    computes ``input @ self.weight.T``);
+  - ``F.embedding``, ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d`` (and ``aten.convolution``);
+  - a 3-D weight ``(experts, out, in)`` (or ``(experts, in, out)``), reached through expert indexing
+    (``W[e]``, ``W[ids]``, ``select``, ``index_select``, ``aten.index``) and transposes of its last two
+    dims, read by ``F.linear``, ``matmul`` / ``bmm`` / ``mm`` (either operand), ``torch._grouped_mm`` /
+    ``F.grouped_mm`` / ``transformers::grouped_mm_fallback`` or a two-operand ``einsum``: an *experts*
+    site (transformers 5 MoE blocks).
+
+  Such a site is named after the module that owns its weight (``node.meta["nn_module_stack"]`` in
+  torch.export graphs) or after the weight (``blocks.0.fc.weight`` -> site ``blocks.0.fc``; a parameter
+  not called ``weight`` keeps its full name, ``blocks.0.w1``, ``mlp.experts.gate_up_proj``).
 
 Op arguments are read by name through torch's own schema normalisation
 (:func:`torch.fx.operator_schemas.normalize_function`), not through hand-written signature tables.
+:func:`bind_call` gives the rewrite pass what a ``per_call`` kind (:mod:`fxlora.lora`) needs from one
+call: its op with the weight operand replaced, and the views it applies to the weight.
 """
 
 from __future__ import annotations
@@ -29,27 +43,37 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule, Node, Proxy
+from torch.fx.node import map_arg
 from torch.fx.operator_schemas import normalize_function
 
+from .lora import Call, SiteSpec
 from .provenance import BASE, node_info
 
 __all__ = [
     "Candidate",
     "SiteOp",
+    "MatmulRole",
+    "WeightRead",
     "SITE_OPS",
+    "MATMUL_OPS",
     "SUPPORTED",
     "find_candidates",
     "op_arguments",
     "weight_source",
+    "read_weight",
+    "view_step",
+    "bind_call",
     "try_submodule",
+    "op_name",
 ]
 
 aten = torch.ops.aten
 
 SUPPORTED = (
-    "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, leaf modules with a 2-D weight, and F.linear / torch.addmm / "
-    "x @ W / F.embedding / F.conv1d/2d/3d calls on a parameter"
+    "nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, leaf modules with a 2-D weight, "
+    "F.linear / torch.addmm / x @ W / F.embedding / F.conv* / F.conv_transpose* calls on a parameter, and "
+    "3-D MoE expert weights read per expert (F.linear(x, W[e]), bmm, grouped_mm, einsum)"
 )
 
 
@@ -57,7 +81,7 @@ SUPPORTED = (
 class SiteOp:
     """How one functional op is adapted: its kind and the names of its arguments."""
 
-    kind: str  # "linear" | "embedding" | "conv"
+    kind: str  # "linear" | "embedding" | "conv" | "conv_transpose"
     weight: str  # the weight argument
     input: str  # the argument the branch reads
     bias: str | None = None  # the bias argument, if the op has one
@@ -74,6 +98,7 @@ _ADDMM = SiteOp("linear", "mat2", "mat1", "input", computes_x_at_w=True)
 _MATMUL = SiteOp("linear", "other", "input", computes_x_at_w=True)
 _MM = SiteOp("linear", "mat2", "input", computes_x_at_w=True)
 _CONV = SiteOp("conv", "weight", "input", "bias")
+_CONV_T = SiteOp("conv_transpose", "weight", "input", "bias")
 
 #: op -> how it is adapted, for symbolic (torch-level) and torch.export (ATen) graphs alike.
 SITE_OPS: dict[Callable[..., Any], SiteOp] = {
@@ -91,23 +116,98 @@ SITE_OPS: dict[Callable[..., Any], SiteOp] = {
     **{fn: _CONV for fn in (F.conv1d, F.conv2d, F.conv3d)},
     **{getattr(aten, f"conv{d}d").default: _CONV for d in (1, 2, 3)},
     **{getattr(aten, f"conv{d}d").padding: _CONV for d in (1, 2, 3)},
-    aten.convolution.default: _CONV,
+    aten.convolution.default: _CONV,  # transposed=True makes it a conv_transpose site
+    **{fn: _CONV_T for fn in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)},
+    aten.conv_transpose1d.default: _CONV_T,
+    aten.conv_transpose2d.input: _CONV_T,
+    aten.conv_transpose3d.input: _CONV_T,
 }
+
+
+@dataclass(frozen=True)
+class MatmulRole:
+    """One way a matmul-family op may read a weight: which argument is the weight operand, which is the
+    input, and which of the operand's last two dims is contracted with the input (``in_dim``: -1 for
+    ``F.linear(x, V)`` and ``V @ x``, -2 for ``x @ V``)."""
+
+    weight: str
+    input: str
+    in_dim: int
+    drop: tuple[str, ...] = ()  # arguments (a bias) the branch's calls leave out
+
+
+_ROLE_LINEAR = (MatmulRole("weight", "input", -1, ("bias",)),)
+_ROLES_MATMUL = (MatmulRole("other", "input", -2), MatmulRole("input", "other", -1))
+_ROLES_MM = (MatmulRole("mat2", "input", -2), MatmulRole("input", "mat2", -1))
+_ROLE_GROUPED = (MatmulRole("mat2", "input", -2, ("bias",)),)
+
+
+def _grouped_ops() -> dict[Any, tuple[MatmulRole, ...]]:
+    ops: dict[Any, tuple[MatmulRole, ...]] = {}
+    if hasattr(torch, "_grouped_mm"):
+        ops[torch._grouped_mm] = _ROLE_GROUPED
+    if hasattr(aten, "_grouped_mm"):
+        ops[aten._grouped_mm.default] = _ROLE_GROUPED
+    if hasattr(F, "grouped_mm"):
+        ops[F.grouped_mm] = (MatmulRole("mat_b", "mat_a", -2, ("bias",)),)
+    return ops
+
+
+#: matmul-family ops that may read a (per-expert) weight -> the ways they may read it.  Besides these,
+#: any op named ``*::grouped_mm_fallback`` with ``(input, weight, offs)`` (transformers' custom op) and
+#: ``einsum`` with two operands are recognised.
+MATMUL_OPS: dict[Any, tuple[MatmulRole, ...]] = {
+    F.linear: _ROLE_LINEAR,
+    aten.linear.default: _ROLE_LINEAR,
+    torch.matmul: _ROLES_MATMUL,
+    operator.matmul: _ROLES_MATMUL,
+    aten.matmul.default: _ROLES_MATMUL,
+    torch.bmm: _ROLES_MM,
+    aten.bmm.default: _ROLES_MM,
+    torch.mm: _ROLES_MM,
+    aten.mm.default: _ROLES_MM,
+    **_grouped_ops(),
+}
+_FALLBACK_ROLE = (MatmulRole("weight", "input", -2),)
+_GROUPED_MM = frozenset(t for t, roles in MATMUL_OPS.items() if roles[0].weight in ("mat2", "mat_b") and "bias" in roles[0].drop)
+_EINSUM = (torch.einsum, aten.einsum.default)
+
+
+def _matmul_roles(target: Any) -> tuple[MatmulRole, ...] | None:
+    roles = MATMUL_OPS.get(target)
+    if roles is not None:
+        return roles
+    if isinstance(target, torch._ops.OpOverload) and target._schema.name.endswith("::grouped_mm_fallback"):
+        return _FALLBACK_ROLE
+    return None
+
+
+def op_name(target: Any) -> str:
+    """A readable name of a node's target (``aten.lstm.input``, ``linear``, ``transformers.grouped_mm_fallback``)."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__name__", str(target))
 
 
 def _arg_type(value: Any) -> Any:
     if isinstance(value, (Node, torch.Tensor)):
         return torch.Tensor
     if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, (Node, torch.Tensor)) for v in value):
+            return typing.List[torch.Tensor]
         return typing.List[int]
     return type(value)
 
 
 def op_arguments(node: Node) -> dict[str, Any]:
     """The arguments of a ``call_function`` node by name, defaults filled in, read through the op's schema
-    (``operator.matmul``, which has none, is ``(input, other)``)."""
+    (``operator.matmul``, which has none, is ``(input, other)``; ``einsum`` is ``(equation, operands)``)."""
     if node.target is operator.matmul:
         return {"input": node.args[0], "other": node.args[1]}
+    if node.target in _EINSUM:
+        rest = node.args[1:]
+        operands = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        return {"equation": node.args[0] if node.args else node.kwargs.get("equation"), "operands": operands}
     normalized = normalize_function(
         node.target,  # type: ignore[arg-type]
         tuple(node.args),
@@ -121,45 +221,176 @@ def op_arguments(node: Node) -> dict[str, Any]:
     return dict(normalized.kwargs)
 
 
-# Views that transpose a 2-D weight, at the torch level and the ATen level.
-def _is_transpose(node: Node) -> bool:
-    if node.op == "call_method" and node.target == "t":
-        return True
-    if node.op == "call_method" and node.target in ("transpose", "swapaxes", "swapdims"):
-        return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1] if len(node.args) == 3 else False
-    if node.op == "call_method" and node.target == "permute":
-        dims = node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1]
-        return [int(d) % 2 for d in dims] == [1, 0]
-    if node.op != "call_function":
+# --------------------------------------------------------------------------------------------- #
+# How an operand reads a parameter: views between the get_attr and the op
+# --------------------------------------------------------------------------------------------- #
+
+
+def _dims(values: Any) -> list[int] | None:
+    try:
+        return [int(d) for d in values]
+    except (TypeError, ValueError):
+        return None
+
+
+def _swaps_last_two(d0: Any, d1: Any, ndim: int | None) -> bool:
+    if not (isinstance(d0, int) and isinstance(d1, int)):
         return False
-    if node.target is getattr:
-        return len(node.args) == 2 and node.args[1] in ("T", "mT")
-    if node.target in (torch.t, aten.t.default, aten.numpy_T.default):
-        return True
-    if node.target in (torch.transpose, aten.transpose.int):
-        return len(node.args) == 3 and sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
-    if node.target in (torch.permute, aten.permute.default):
-        return [int(d) % 2 for d in node.args[1]] == [1, 0]
-    return False
+    if ndim is None:
+        return {d0, d1} == {-2, -1}
+    return {d0 % ndim, d1 % ndim} == {ndim - 2, ndim - 1}
+
+
+def _permute_kind(perm: list[int] | None, ndim: int | None) -> str | None:
+    if perm is None or ndim is None or len(perm) != ndim:
+        return None
+    perm = [p % ndim for p in perm]
+    lead = list(range(ndim - 2))
+    if perm == lead + [ndim - 2, ndim - 1]:
+        return "same"
+    if perm == lead + [ndim - 1, ndim - 2]:
+        return "swap"
+    return None
+
+
+def _val_ndim(value: Any) -> int | None:
+    val = value.meta.get("val") if isinstance(value, Node) else value
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    meta = value.meta.get("tensor_meta") if isinstance(value, Node) else None
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _is_full_slice(value: Any) -> bool:
+    return value is Ellipsis or (isinstance(value, slice) and value == slice(None))
+
+
+def view_step(node: Node, ndim: int | None) -> tuple[str, int | None] | None:
+    """What ``node`` does to its first argument, a weight of ``ndim`` dims: ``("swap", ndim)`` for a
+    transpose of the last two dims, ``("index", new_ndim)`` for indexing leading (expert) dims only,
+    ``("same", ndim)`` for a view that changes nothing; None for anything else.  ``ndim`` may be None
+    (unknown) after an index by a tensor of unknown rank; then only negative transpose dims are read."""
+    target, args = node.target, node.args
+    if not args or not isinstance(args[0], Node):
+        return None
+    lead = None if ndim is None else ndim - 2  # dims before the matrix ones
+    if node.op == "call_method":
+        if target == "t":
+            return ("swap", ndim) if ndim == 2 else None
+        if target in ("transpose", "swapaxes", "swapdims") and len(args) == 3:
+            return ("swap", ndim) if _swaps_last_two(args[1], args[2], ndim) else None
+        if target == "permute":
+            perm = _dims(args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:])
+            kind = _permute_kind(perm, ndim)
+            return (kind, ndim) if kind else None
+        if target == "contiguous":
+            return ("same", ndim)
+        if target == "select" and len(args) == 3 and isinstance(args[1], int) and lead and args[1] % ndim < lead:
+            return ("index", ndim - 1)
+        if target == "index_select" and len(args) == 3 and isinstance(args[1], int) and lead and args[1] % ndim < lead:
+            return ("index", ndim)
+        return None
+    if node.op != "call_function":
+        return None
+    if target is getattr and len(args) == 2:
+        if args[1] == "mT":
+            return ("swap", ndim)
+        if args[1] == "T":
+            return ("swap", ndim) if ndim == 2 else None
+        return None
+    if target in (torch.t, aten.t.default, aten.numpy_T.default):
+        return ("swap", ndim) if ndim == 2 else None
+    if target is aten.mT.default:
+        return ("swap", ndim)
+    if target in (torch.transpose, aten.transpose.int, torch.swapaxes, torch.swapdims, aten.swapaxes.default, aten.swapdims.default) and len(args) == 3:
+        return ("swap", ndim) if _swaps_last_two(args[1], args[2], ndim) else None
+    if target in (torch.permute, aten.permute.default) and len(args) == 2:
+        kind = _permute_kind(_dims(args[1]), ndim)
+        return (kind, ndim) if kind else None
+    if target in (aten.alias.default, aten.contiguous.default):
+        return ("same", ndim)
+    if not lead:  # indexing below applies to the leading (expert) dims of a 3-D or larger weight
+        return None
+    if target in (torch.select, aten.select.int) and len(args) == 3 and isinstance(args[1], int):
+        return ("index", ndim - 1) if args[1] % ndim < lead else None  # type: ignore[operator]
+    if target in (torch.index_select, aten.index_select.default) and len(args) == 3 and isinstance(args[1], int):
+        return ("index", ndim) if args[1] % ndim < lead else None  # type: ignore[operator]
+    if target is aten.slice.Tensor and len(args) >= 2 and isinstance(args[1], int):
+        return ("index", ndim) if args[1] % ndim < lead else None  # type: ignore[operator]
+    if target is aten.index.Tensor and len(args) == 2 and isinstance(args[1], (list, tuple)) and len(args[1]) == 1:
+        idx = args[1][0]
+        idx_ndim = _val_ndim(idx)
+        return ("index", None if idx_ndim is None else ndim - 1 + idx_ndim)  # type: ignore[operator]
+    if target is operator.getitem and len(args) == 2:
+        idx = args[1]
+        parts = list(idx) if isinstance(idx, tuple) else [idx]
+        if not parts or not all(_is_full_slice(p) for p in parts[1:]):
+            return None
+        first = parts[0]
+        if isinstance(first, int):
+            return ("index", ndim - 1)  # type: ignore[operator]
+        if isinstance(first, Node):
+            idx_ndim = _val_ndim(first)
+            return ("index", None if idx_ndim is None else ndim - 1 + idx_ndim)  # type: ignore[operator]
+        if isinstance(first, slice):
+            return ("index", ndim)
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class WeightRead:
+    """How an op's operand reads a parameter: the parameter's name, the view nodes between its
+    ``get_attr`` and the operand (in order), whether they swap its last two dims, and whether they index
+    its leading (expert) dims."""
+
+    param: str
+    views: tuple[Node, ...]
+    swapped: bool
+    indexed: bool
+    ndim: int  # the parameter's
+
+
+def read_weight(gm: GraphModule, value: Any) -> WeightRead | None:
+    """The :class:`WeightRead` when ``value`` is a parameter of ``gm`` read through recognised views
+    (:func:`view_step`), else None."""
+    chain: list[Node] = []
+    cur = value
+    while isinstance(cur, Node) and cur.op != "get_attr":
+        if cur.op not in ("call_function", "call_method") or not cur.args or not isinstance(cur.args[0], Node):
+            return None
+        chain.append(cur)
+        cur = cur.args[0]
+        if len(chain) > 8:
+            return None
+    if not isinstance(cur, Node):
+        return None
+    try:
+        param = gm.get_parameter(cur.target)  # type: ignore[arg-type]
+    except AttributeError:
+        return None
+    if not isinstance(param, nn.Parameter):
+        return None
+    ndim: int | None = param.dim()
+    swapped = indexed = False
+    for node in reversed(chain):
+        step = view_step(node, ndim)
+        if step is None:
+            return None
+        what, ndim = step
+        swapped ^= what == "swap"
+        indexed |= what == "index"
+    return WeightRead(cur.target, tuple(reversed(chain)), swapped, indexed, param.dim())  # type: ignore[arg-type]
 
 
 def weight_source(gm: GraphModule, value: Any) -> tuple[str, bool, Node | None] | None:
-    """``(parameter name, transposed, view node)`` when ``value`` reads a parameter of ``gm`` directly
-    (``get_attr``) or through one transpose, else None."""
-    if not isinstance(value, Node):
+    """``(parameter name, transposed, outermost view node)`` when ``value`` reads a parameter of ``gm``
+    directly (``get_attr``), or a 2-D parameter through transposes (``W.t()``, ``W.T``, ``aten.permute``...);
+    else None."""
+    read = read_weight(gm, value)
+    if read is None or read.indexed or (read.views and read.ndim != 2):
         return None
-    view = None
-    if value.op != "get_attr" and _is_transpose(value) and isinstance(value.args[0], Node):
-        view, value = value, value.args[0]
-    if value.op != "get_attr":
-        return None
-    try:
-        param = gm.get_parameter(value.target)  # type: ignore[arg-type]
-    except AttributeError:
-        return None
-    if not isinstance(param, nn.Parameter) or (view is not None and param.dim() != 2):
-        return None
-    return value.target, view is not None, view  # type: ignore[return-value]
+    return read.param, read.swapped, (read.views[-1] if read.views else None)
 
 
 @dataclass
@@ -167,10 +398,10 @@ class Candidate:
     """A place in the graph where a LoRA branch could go (or a module a rule may name that cannot)."""
 
     name: str
-    kind: str | None  # "linear" | "embedding" | "conv", or None when fxlora cannot adapt it
+    kind: str | None  # "linear" | "embedding" | "conv" | "conv_transpose" | "experts", or None when fxlora cannot adapt it
     nodes: list[Node] = field(default_factory=list)  # the call nodes (one per call of the module)
-    inputs: list[int | str] = field(default_factory=list)  # where each call takes its branch input (arg index or kwarg)
-    views: list[Node] = field(default_factory=list)  # transposes of the weight that feed the calls
+    inputs: list[int | str | tuple[int, int]] = field(default_factory=list)  # where each call takes its branch input
+    views: list[Node] = field(default_factory=list)  # views of the weight that feed the calls
     module: nn.Module | None = None
     module_type: type | None = None  # the model's own type for the module (type rules match it)
     names: tuple[str, ...] = ()  # every qualified name a rule may use for it
@@ -198,12 +429,27 @@ def _is_torch_nn(mod: nn.Module) -> bool:
     return type(mod).__module__.startswith("torch.nn")
 
 
+def _overrides_forward(mod: nn.Module, base: type) -> bool:
+    """Whether ``mod``'s class (a subclass of torch.nn's ``base``) computes something else in forward()."""
+    return type(mod).forward is not base.forward
+
+
 def _classify_module(cand: Candidate, mod: nn.Module) -> None:
     cand.type_name = type(mod).__name__
     weight = getattr(mod, "weight", None)
     if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
         cand.reason = f"{cand.type_name} has uninitialized (lazy) parameters; run one forward pass before rewrite"
         return
+    base = next((b for b in (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd) if isinstance(mod, b)), None)
+    if base is not None and not _is_torch_nn(mod):
+        own = next(c for c in type(mod).__mro__ if c.__module__.startswith("torch.nn"))
+        if _overrides_forward(mod, own):
+            cand.reason = (
+                f"{cand.type_name} subclasses {own.__name__} but overrides forward(), and it is kept as a leaf, so "
+                "fxlora cannot see what it computes; drop it from leaf_modules so that its ops are traced (fxlora "
+                "then adapts the matmul it runs on its weight)"
+            )
+            return
     if isinstance(mod, nn.Linear):
         cand.kind = "linear"
     elif isinstance(mod, nn.Embedding):
@@ -217,22 +463,31 @@ def _classify_module(cand: Candidate, mod: nn.Module) -> None:
         cand.op = {"padding_idx": mod.padding_idx, "scale_grad_by_freq": mod.scale_grad_by_freq, "sparse": mod.sparse}
     elif isinstance(mod, nn.modules.conv._ConvNd):
         if mod.transposed:
-            cand.reason = f"{cand.type_name} is a transposed convolution, which fxlora does not adapt"
-            return
-        cand.kind = "conv"
-        cand.op = {
-            "stride": tuple(mod.stride),
-            "padding": mod.padding if isinstance(mod.padding, str) else tuple(mod.padding),
-            "dilation": tuple(mod.dilation),
-            "groups": mod.groups,
-            "padding_mode": mod.padding_mode,
-            "reversed_padding": tuple(mod._reversed_padding_repeated_twice),
-        }
+            cand.kind = "conv_transpose"
+            cand.op = {
+                "stride": tuple(mod.stride),
+                "padding": tuple(mod.padding),  # type: ignore[arg-type]
+                "output_padding": tuple(mod.output_padding),
+                "dilation": tuple(mod.dilation),
+                "groups": mod.groups,
+            }
+        else:
+            cand.kind = "conv"
+            cand.op = {
+                "stride": tuple(mod.stride),
+                "padding": mod.padding if isinstance(mod.padding, str) else tuple(mod.padding),
+                "dilation": tuple(mod.dilation),
+                "groups": mod.groups,
+                "padding_mode": mod.padding_mode,
+                "reversed_padding": tuple(mod._reversed_padding_repeated_twice),
+            }
     elif not _is_torch_nn(mod) and isinstance(weight, nn.Parameter) and weight.dim() == 2 and not list(mod.children()):
         cand.kind = "linear"  # a custom leaf like GPT-2's Conv1D: layout from the rule
         cand.custom_leaf = True
     else:
-        cand.reason = f"{cand.type_name} is not a module kind fxlora adapts"
+        params = [n for n, _ in mod.named_parameters(recurse=False)]
+        held = f" (it holds {', '.join(params[:4])})" if params else ""
+        cand.reason = f"{cand.type_name} is not a module kind fxlora adapts{held}"
         return
     if not isinstance(weight, nn.Parameter):
         cand.kind, cand.reason = None, f"{cand.type_name} has no weight parameter"
@@ -261,12 +516,12 @@ def _owner_of(gm: GraphModule, root: nn.Module, node: Node, wname: str) -> tuple
     param = gm.get_parameter(wname)
     stack = node.meta.get("nn_module_stack")
     if stack:
-        path = list(stack.values())[-1][0]
-        mod = try_submodule(root, path) if isinstance(path, str) else None
-        if mod is not None:
-            for attr, p in mod._parameters.items():
-                if p is param:
-                    return path, attr
+        for path, _ in reversed(list(stack.values())):  # innermost first
+            mod = try_submodule(root, path) if isinstance(path, str) else None
+            if mod is not None:
+                for attr, p in mod._parameters.items():
+                    if p is param:
+                        return path, attr
     owner, _, attr = wname.rpartition(".")
     return owner, attr
 
@@ -276,6 +531,48 @@ def _tuple(value: Any, default: int, ndim: int) -> Any:
         return value
     value = default if value is None else value
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * ndim
+
+
+def _where(node: Node, x: Node) -> int | str | tuple[int, int]:
+    """Where ``node`` takes ``x``: its position in ``node.args``, its keyword, or ``(i, j)`` for item j
+    of the list argument i (``aten.einsum``'s operands)."""
+    for i, a in enumerate(node.args):
+        if a is x:
+            return i
+    for i, a in enumerate(node.args):
+        if isinstance(a, (list, tuple)):
+            for j, b in enumerate(a):
+                if b is x:
+                    return (i, j)
+    return next(k for k, v in node.kwargs.items() if v is x)
+
+
+def _new_candidate(gm: GraphModule, node: Node, root: nn.Module, module_types: dict[str, type], wname: str) -> Candidate:
+    """A functional candidate for ``node`` reading parameter ``wname``, named after the weight's owner."""
+    owner, attr = _owner_of(gm, root, node, wname)
+    module = try_submodule(root, owner) if owner else None
+    if attr == "weight" and owner:
+        name, prefix = owner, ""
+    else:
+        name, prefix = (f"{owner}.{attr}" if owner else attr), f"{attr}_"
+    cand = Candidate(name=name, kind=None, names=(name,), weight=wname, owner=owner, prefix=prefix, module=module if prefix == "" else None)
+    # a type rule selects the sites whose weight belongs to a module of that type
+    cand.module_type = module_types.get(owner, type(module) if module is not None else None) if owner else None
+    cand.weight_shape = tuple(gm.get_parameter(wname).shape)
+    cand.type_name = op_name(node.target)
+    cand.nodes = [node]
+    return cand
+
+
+def _module_bias(gm: GraphModule, cand: Candidate) -> str | None:
+    """The bias of the module that owns a site's weight (``FalconLinear`` adds it after its matmul)."""
+    if cand.prefix or not cand.owner or cand.module is None or not isinstance(getattr(cand.module, "bias", None), nn.Parameter):
+        return None
+    try:
+        gm.get_parameter(f"{cand.owner}.bias")
+    except AttributeError:
+        return None
+    return f"{cand.owner}.bias"
 
 
 def _functional_candidate(
@@ -288,18 +585,7 @@ def _functional_candidate(
         return None
     wname, transposed, view = source
     weight = gm.get_parameter(wname)
-    owner, attr = _owner_of(gm, root, node, wname)
-    if attr == "weight" and owner:
-        name, prefix = owner, ""
-        module = try_submodule(root, owner)  # for type rules: the layer that owns the weight
-    else:
-        name, prefix, module = (f"{owner}.{attr}" if owner else attr), f"{attr}_", None
-    cand = Candidate(name=name, kind=None, names=(name,), weight=wname, owner=owner, prefix=prefix, module=module)
-    if prefix == "":
-        cand.module_type = module_types.get(owner, type(module) if module is not None else None)
-    cand.weight_shape = tuple(weight.shape)
-    cand.type_name = getattr(node.target, "__name__", str(node.target))
-    cand.nodes = [node]
+    cand = _new_candidate(gm, node, root, module_types, wname)
     cand.views = [view] if view is not None else []
     x = args.get(site_op.input)
     if not isinstance(x, Node):
@@ -315,8 +601,7 @@ def _functional_candidate(
             return cand
     if site_op.kind == "linear":
         if weight.dim() != 2:
-            cand.reason = f"{cand.type_name} with a {weight.dim()}-D weight is not a linear layer"
-            return cand
+            return None  # a 3-D weight read whole: an experts site, if anything (see _experts_candidate)
         if args.get("beta", 1) != 1 or args.get("alpha", 1) != 1:
             cand.reason = "torch.addmm with beta or alpha other than 1"
             return cand
@@ -333,10 +618,20 @@ def _functional_candidate(
             "scale_grad_by_freq": bool(args.get("scale_grad_by_freq", False)),
             "sparse": bool(args.get("sparse", False)),
         }
-    else:
-        if args.get("transposed"):
-            cand.reason = "a transposed convolution, which fxlora does not adapt"
+    elif site_op.kind == "conv_transpose" or args.get("transposed"):
+        ndim = weight.dim() - 2
+        cand.kind = "conv_transpose"
+        cand.op = {
+            "stride": _tuple(args.get("stride"), 1, ndim),
+            "padding": _tuple(args.get("padding"), 0, ndim),
+            "output_padding": _tuple(args.get("output_padding"), 0, ndim),
+            "dilation": _tuple(args.get("dilation"), 1, ndim),
+            "groups": int(args.get("groups") or 1),
+        }
+        if isinstance(cand.op["padding"], str):
+            cand.kind, cand.reason = None, f"{cand.type_name} with padding={cand.op['padding']!r}"
             return cand
+    else:
         ndim = weight.dim() - 2
         cand.kind = "conv"
         cand.op = {
@@ -349,15 +644,114 @@ def _functional_candidate(
     if site_op.bias is not None:
         bias = weight_source(gm, args.get(site_op.bias))
         cand.bias = bias[0] if bias is not None and not bias[1] else None
+    elif cand.kind == "linear":
+        cand.bias = _module_bias(gm, cand)
     return cand
 
 
-def _where(node: Node, x: Node) -> int | str:
-    """Where ``node`` takes ``x``: its position in ``node.args``, or its keyword."""
-    for i, a in enumerate(node.args):
-        if a is x:
-            return i
-    return next(k for k, v in node.kwargs.items() if v is x)
+# --------------------------------------------------------------------------------------------- #
+# MoE experts: a 3-D weight read per expert by a matmul-family op
+# --------------------------------------------------------------------------------------------- #
+
+
+def _einsum_role(args: dict[str, Any], gm: GraphModule) -> tuple[MatmulRole, WeightRead, str | None] | None:
+    """The role of the parameter operand of a two-operand einsum, its read, and why it cannot be adapted
+    (None when it can)."""
+    equation, operands = args.get("equation"), args.get("operands") or []
+    if not isinstance(equation, str) or len(operands) != 2:
+        return None
+    for w_pos in (0, 1):
+        read = read_weight(gm, operands[w_pos])
+        if read is None:
+            continue
+        role = MatmulRole(f"operands[{w_pos}]", f"operands[{1 - w_pos}]", -1)
+        eq = equation.replace(" ", "")
+        if "->" not in eq or "." in eq:
+            return role, read, "an einsum without an explicit output or with '...' on the weight"
+        lhs, out = eq.split("->")
+        subs = lhs.split(",")
+        if len(subs) != 2:
+            return None
+        w_subs, x_subs = subs[w_pos], subs[1 - w_pos]
+        if len(w_subs) < 2:
+            return role, read, "an einsum reading its weight as a vector"
+        a, b = w_subs[-2], w_subs[-1]
+        ins = [c for c in (a, b) if c in x_subs and c not in out]
+        outs = [c for c in (a, b) if c in out and c not in x_subs]
+        batch_ok = all(c in x_subs and c in out for c in w_subs[:-2])
+        if len(ins) != 1 or len(outs) != 1 or not batch_ok:
+            return role, read, f"an einsum ({equation}) that does not contract one weight dim with the input"
+        if x_subs.replace(ins[0], outs[0]) != out:
+            return role, read, f"an einsum ({equation}) whose output is not laid out like its input"
+        return MatmulRole(role.weight, role.input, -1 if b == ins[0] else -2), read, None
+    return None
+
+
+def _matmul_read(gm: GraphModule, node: Node, args: dict[str, Any]) -> tuple[MatmulRole, WeightRead, str | None] | None:
+    """The role and read of a matmul-family op's parameter operand, and why it cannot be adapted."""
+    if node.target in _EINSUM:
+        return _einsum_role(args, gm)
+    roles = _matmul_roles(node.target)
+    for role in roles or ():
+        read = read_weight(gm, args.get(role.weight))
+        if read is not None:
+            return role, read, None
+    return None
+
+
+def _operand(args: dict[str, Any], name: str) -> Any:
+    if name.startswith("operands["):
+        return args["operands"][int(name[len("operands[") : -1])]
+    return args.get(name)
+
+
+def _experts_candidate(
+    gm: GraphModule, node: Node, root: nn.Module, module_types: dict[str, type]
+) -> Candidate | None:
+    """A candidate for a matmul-family op that reads a 3-D parameter per expert (or a 2-D one on the
+    left, which fxlora does not adapt: a candidate with a reason)."""
+    args = op_arguments(node)
+    found = _matmul_read(gm, node, args)
+    if found is None:
+        return None
+    role, read, why = found
+    if read.ndim < 2:
+        return None
+    einsum = node.target in _EINSUM
+    if read.ndim == 2 and not einsum and role.weight != "input" and node.target in SITE_OPS:
+        return None  # x @ W / F.linear(x, W) on a 2-D weight: a linear site (see _functional_candidate)
+    cand = _new_candidate(gm, node, root, module_types, read.param)
+    cand.views = list(read.views)
+    x = _operand(args, role.input)
+    if not isinstance(x, Node):
+        cand.reason = f"{cand.type_name} reads no tensor computed in the graph as its input"
+        return cand
+    cand.inputs = [_where(node, x)]
+    if why is not None:
+        cand.reason = why
+        return cand
+    if read.ndim == 2:
+        if einsum:
+            cand.reason = f"{cand.type_name} on a 2-D weight (write it as F.linear(x, W) or x @ W to adapt it)"
+        elif role.weight == "input":
+            cand.reason = f"{cand.type_name} reads its 2-D weight as the left operand (W @ x)"
+        else:
+            cand.reason = f"{cand.type_name} reads a 2-D weight as a batched operand"
+        return cand
+    if read.ndim != 3:
+        cand.reason = f"{cand.type_name} reads a {read.ndim}-D weight; fxlora adapts 3-D expert weights (experts, out, in)"
+        return cand
+    param_in_dim = role.in_dim if not read.swapped else (-1 if role.in_dim == -2 else -2)
+    cand.kind = "experts"
+    cand.layout_from_graph = param_in_dim == -2  # True: stored (experts, in, out)
+    if node.target in _GROUPED_MM:  # its kernels need every stride a multiple of 16 bytes, the rank's too
+        cand.op = {"align_bytes": 16}
+    return cand
+
+
+# --------------------------------------------------------------------------------------------- #
+# Finding the candidates
+# --------------------------------------------------------------------------------------------- #
 
 
 def find_candidates(
@@ -393,17 +787,84 @@ def find_candidates(
             x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
             if cand.kind and not isinstance(x, Node):
                 cand.kind, cand.reason = None, f"{cand.type_name} is called without a tensor input"
+            if cand.kind == "conv_transpose" and (len(node.args) > 1 or node.kwargs):
+                cand.kind, cand.reason = None, (
+                    f"{cand.type_name} is called with output_size, which sets output_padding from the input's "
+                    "shape at run time; fxlora adapts transposed convolutions called with their input alone"
+                )
             cand.nodes.append(node)
             cand.inputs.append(0 if node.args else next(iter(node.kwargs), ""))
-        elif node.op == "call_function" and node.target in SITE_OPS:
+            continue
+        if node.op != "call_function":
+            continue
+        fc = None
+        if node.target in SITE_OPS:
             fc = _functional_candidate(gm, node, root, module_types)
-            if fc is None:
-                continue
+        if fc is None and (_matmul_roles(node.target) is not None or node.target in _EINSUM):
+            fc = _experts_candidate(gm, node, root, module_types)
+        if fc is None:
+            continue
+        if fc.kind == "experts" or (fc.kind is None and fc.weight_shape and len(fc.weight_shape) == 3):
+            key = ("experts", fc.weight)
+        else:
             key = ("function", fc.name, fc.kind, fc.layout_from_graph)
-            if key in by_key:
-                by_key[key].nodes.extend(fc.nodes)
-                by_key[key].inputs.extend(fc.inputs)
-                by_key[key].views.extend(fc.views)
-            else:
-                by_key[key] = fc
+        if key in by_key:
+            known = by_key[key]
+            known.nodes.extend(fc.nodes)
+            known.inputs.extend(fc.inputs)
+            known.views.extend(fc.views)
+            if known.kind == "experts" and (fc.kind != "experts" or fc.layout_from_graph != known.layout_from_graph):
+                known.kind = None
+                known.reason = fc.reason or (
+                    f"its calls read the weight in different layouts ({known.type_name} and {fc.type_name})"
+                )
+        else:
+            by_key[key] = fc
     return list(by_key.values())
+
+
+# --------------------------------------------------------------------------------------------- #
+# What a per-call kind needs from one call
+# --------------------------------------------------------------------------------------------- #
+
+
+def bind_call(gm: GraphModule, spec: SiteSpec, node: Node, A: Proxy, B: Proxy) -> Call | None:
+    """The :class:`~fxlora.lora.Call` of ``node`` (a call of ``spec``'s site) for a ``per_call`` kind, with
+    the site's factor proxies ``A`` and ``B``; None for the other kinds.
+
+    For an experts site, ``apply`` and ``view`` record new nodes (at the graph's current insertion point)
+    that call ``node``'s own op and replay the views between the weight's ``get_attr`` and ``node``,
+    reusing the same index, offset and expert-id nodes.
+    """
+    if spec.kind == "tied":
+        return Call(use=spec.op["uses"][node.name], factors=(A, B))
+    if spec.kind != "experts":
+        return None
+    tracer = A.tracer
+    graph = gm.graph
+    args = op_arguments(node)
+    found = _matmul_read(gm, node, args)
+    assert found is not None and found[1].param == spec.weight, node.format_node()
+    role, read, _ = found
+    operand = _operand(args, role.weight)
+    x_node = _operand(args, role.input)
+    dropped = {args[name] for name in role.drop if isinstance(args.get(name), Node)}
+
+    def view(t: Proxy) -> Proxy:
+        cur = t.node
+        for v in read.views:
+            cur = graph.create_node(v.op, v.target, (cur, *v.args[1:]), dict(v.kwargs))
+        return Proxy(cur, tracer)
+
+    def apply(x: Proxy, w: Proxy) -> Proxy:
+        def sub(n: Node) -> Any:
+            if n is x_node:
+                return x.node
+            if n is operand:
+                return w.node
+            return None if n in dropped else n
+
+        new = graph.create_node(node.op, node.target, map_arg(node.args, sub), map_arg(node.kwargs, sub))
+        return Proxy(new, tracer)
+
+    return Call(apply=apply, view=view)

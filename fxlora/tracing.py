@@ -18,10 +18,15 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Tracer
 
+from . import calling
 from .errors import TraceError
 from .passes import make_mode_aware
 
-__all__ = ["shadow_copy", "trace", "copy_graph_module", "export_capture"]
+__all__ = ["shadow_copy", "trace", "copy_graph_module", "export_capture", "keep_state_keys", "NON_PERSISTENT_META"]
+
+#: ``gm.meta`` key: the buffers of a captured graph module that are not in the model's state dict
+#: (non-persistent buffers, torch.export's lifted constants), kept out of ``gm.state_dict()`` in every copy.
+NON_PERSISTENT_META = "fxlora_non_persistent"
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FXLORA_DIR = os.path.dirname(__file__)
@@ -129,6 +134,7 @@ def trace(
         return _shadow_graph_module_root(model), copy.deepcopy(model.graph)
     root = shadow_copy(model)
     tracer = _Tracer(leaf_modules)
+    before = _module_state(root)
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one TraceError
@@ -140,7 +146,94 @@ def trace(
             "offending submodule opaque; torch.fx.wrap('fn') for a free function; or capture the model "
             "yourself and pass the GraphModule to fxlora."
         ) from e
+    _check_state_unchanged(model, before, _module_state(root), "symbolic")
     return root, graph
+
+
+# --------------------------------------------------------------------------------------------- #
+# State that forward() updates: what a capture would silently drop
+# --------------------------------------------------------------------------------------------- #
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _module_state(root: nn.Module) -> dict[tuple[str, str], Any]:
+    """Per module attribute: Python scalars by value, buffers and tensor attributes by (identity,
+    version counter), and anything that is a ``torch.fx.Proxy`` (a traced value stored on the module)."""
+    state: dict[tuple[str, str], Any] = {}
+    for name, mod in root.named_modules():
+        for attr, value in mod.__dict__.items():
+            if attr.startswith("_") or attr == "training":
+                continue
+            if isinstance(value, _SCALARS):
+                state[(name, attr)] = ("scalar", value)
+            elif isinstance(value, torch.Tensor):
+                state[(name, attr)] = ("tensor", id(value), value._version)
+            elif isinstance(value, torch.fx.Proxy):
+                state[(name, attr)] = ("proxy", id(value))
+        for attr, value in mod._buffers.items():
+            if value is not None:
+                state[(name, attr)] = ("buffer", id(value), value._version)
+    return state
+
+
+def _check_state_unchanged(model: nn.Module, before: dict, after: dict, how: str) -> None:
+    """Raise :class:`TraceError` when the capture ran a forward() that updated the module's state in a way
+    the captured graph does not repeat: for symbolic tracing, a buffer updated in place or reassigned, or
+    a Python attribute changed; for torch.export (which keeps buffer updates), a Python attribute."""
+    changed = []
+    for key, now in after.items():
+        was = before.get(key)
+        if now[0] == "proxy":
+            changed.append((key, "buffer" if key in before and before[key][0] == "buffer" else "attribute", "assigned a traced value"))
+        elif was is None:
+            continue  # created during forward (a lazily built cache): nothing it held before can be lost
+        elif now[0] == "scalar" and was != now:
+            changed.append((key, "python", f"changed from {was[1]!r} to {now[1]!r}"))
+        elif how == "symbolic" and now[0] in ("buffer", "tensor") and was != now:
+            what = "reassigned" if was[1] != now[1] else "updated in place"
+            changed.append((key, "buffer", what))
+    if not changed:
+        return
+    (module, attr), kind, what = changed[0]
+    name = f"{module}.{attr}" if module else attr
+    others = f" (and {', '.join(f'{m}.{a}' if m else a for (m, a), _, _ in changed[1:4])})" if len(changed) > 1 else ""
+    if kind == "python":
+        raise TraceError(
+            f"{type(model).__name__}.forward() changes the Python attribute '{name}'{others} ({what}) while it runs. A "
+            "captured graph runs forward() once and bakes that value in, so the rewritten model would silently "
+            f"differ from yours on the next call. Keep such state in a buffer updated in place (for a counter: "
+            f"self.register_buffer('{attr}', torch.zeros((), dtype=torch.long)) and self.{attr} += 1) and capture with "
+            "torch.export, which keeps buffer updates."
+        )
+    raise TraceError(
+        f"{type(model).__name__}.forward() updates the buffer '{name}'{others} ({what}) while it runs. Symbolic "
+        "tracing runs forward() once on stand-in values and drops such updates, so the captured graph would "
+        "silently differ from your model. Capture with torch.export instead, which keeps buffer updates: pass "
+        "example_inputs=(...) (capture='auto' then falls back to it) or capture='export'."
+    )
+
+
+def keep_state_keys(gm: GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` the state-dict keys of ``model``: buffers ``model.state_dict()`` lacks (non-persistent
+    buffers, torch.export's lifted constants) become non-persistent in ``gm`` too, and are recorded in
+    ``gm.meta`` so that every copy of ``gm`` keeps them so.  Then ``model.load_state_dict(fold(gm).state_dict())``
+    loads with ``strict=True``."""
+    keys = set(model.state_dict().keys())
+    names = sorted(n for n, _ in gm.named_buffers(remove_duplicate=False) if n not in keys)
+    gm.meta[NON_PERSISTENT_META] = names
+    _apply_non_persistent(gm)
+
+
+def _apply_non_persistent(gm: GraphModule) -> None:
+    for name in getattr(gm, "meta", {}).get(NON_PERSISTENT_META, ()):
+        owner, _, attr = name.rpartition(".")
+        try:
+            mod = gm.get_submodule(owner)
+        except AttributeError:
+            continue
+        if attr in mod._buffers:
+            mod._non_persistent_buffers_set.add(attr)
 
 
 def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, **kwargs: Any) -> GraphModule:
@@ -150,6 +243,7 @@ def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, **k
     out = cls(root, copy.deepcopy(gm.graph), type(gm).__name__, **kwargs)
     _carry_unreferenced(out, root)
     out.meta = copy.deepcopy(getattr(gm, "meta", {}))
+    _apply_non_persistent(out)
     return out
 
 
@@ -209,17 +303,24 @@ def export_capture(
         )
     root = shadow_copy(model)
     root.train()
+    before, during = _module_state(root), {}
+    # torch.export restores Python attributes after tracing: read them at the end of the traced forward()
+    hook = root.register_forward_hook(lambda module, inputs, output: during.update(_module_state(module)))
     attempts = [dynamic_shapes]
     if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
         attempts = [_export_dynamic_spec(root, args, kwargs), None]
     error: Exception | None = None
-    for spec in attempts:
-        try:
-            ep = torch.export.export(root, args, kwargs, dynamic_shapes=spec, strict=False)
-            break
-        except Exception as e:  # noqa: BLE001 - reported below
-            error = e
-    else:
+    try:
+        ep = None
+        for spec in attempts:
+            try:
+                ep = torch.export.export(root, args, kwargs, dynamic_shapes=spec, strict=False)
+                break
+            except Exception as e:  # noqa: BLE001 - reported below
+                error = e
+    finally:
+        hook.remove()
+    if ep is None:
         assert error is not None
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TraceError(
@@ -227,7 +328,9 @@ def export_capture(
             "Check that the example inputs are what forward() expects (for Hugging Face decoders pass "
             "example_kwargs={'use_cache': False}); see torch.export's documentation for unsupported constructs."
         ) from error
+    _check_state_unchanged(model, before, during or _module_state(root), "export")
     gm = ep.module()
+    calling.install(gm, root.forward, args, kwargs, type(model).__name__)
     make_mode_aware(gm)
     return root, gm
 

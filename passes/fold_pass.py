@@ -58,10 +58,15 @@ class FoldPass(FxLoraPass):
 
         merged = merged_weights(gm, weights, self.dtype)  # computed and checked before anything changes
 
+        aliases = defaultdict(list)  # a tied weight is registered under several names: replace it at each
+        for name, p in gm.named_parameters(remove_duplicate=False):
+            aliases[id(p)].append(name)
         for weight, value in merged.items():
-            owner, _, attr = weight.rpartition(".")
             old = gm.get_parameter(weight)
-            setattr(gm.get_submodule(owner), attr, nn.Parameter(value, requires_grad=old.requires_grad))
+            new = nn.Parameter(value, requires_grad=old.requires_grad)
+            for name in aliases[id(old)]:
+                owner, _, attr = name.rpartition(".")
+                setattr(gm.get_submodule(owner), attr, new)
 
         graph = gm.graph
         for node in list(graph.nodes):

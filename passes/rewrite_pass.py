@@ -29,8 +29,9 @@ from torch.fx import GraphModule, Node, Proxy
 from torch.fx.proxy import GraphAppendingTracer
 
 from fxlora import provenance
-from fxlora.lora import SiteSpec, kind_of
+from fxlora.lora import SiteSpec, init_factors, kind_of
 from fxlora.resolution import Plan
+from fxlora.sites import bind_call
 
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize, module_at
 from .train_modules import register_copies, retarget, trained_by
@@ -104,9 +105,12 @@ def rewrite(gm: GraphModule, plan: Plan) -> PassResult:
     return RewritePass(plan)(gm)
 
 
-def input_of(node: Node, where: int | str) -> Node:
+def input_of(node: Node, where: int | str | tuple[int, int]) -> Node:
     """The node a site's call ``node`` takes as the branch input, read when the branch is added (an
-    earlier branch may have redirected it: a module called twice reads its first call's adapted output)."""
+    earlier branch may have redirected it: a module called twice reads its first call's adapted output).
+    ``(i, j)`` is item j of the list argument i (``aten.einsum``'s operands)."""
+    if isinstance(where, tuple):
+        return node.args[where[0]][where[1]]  # type: ignore[index,return-value]
     return node.args[where] if isinstance(where, int) else node.kwargs[where]  # type: ignore[return-value]
 
 
@@ -117,7 +121,7 @@ def _add_parameters(gm: GraphModule, spec: SiteSpec) -> None:
     A = nn.Parameter(torch.empty(shape_a, **factory))
     B = nn.Parameter(torch.empty(shape_b, **factory))
     with torch.no_grad():
-        kind_of(spec).init_(A, B)
+        init_factors(A, B, spec)
     # Registered before any get_attr reads them.
     for qualname, value in ((spec.lora_A, A), (spec.lora_B, B)):
         owner, _, attr = qualname.rpartition(".")
@@ -155,9 +159,12 @@ def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, where: int | str) ->
         if spec.dropout_module is not None:
             x = graph.call_module(spec.dropout_module, (x,))
             mark(provenance.DROPOUT)
-        h = kind.shrink(Proxy(x, tracer), Proxy(a, tracer), spec)
+        pa, pb = Proxy(a, tracer), Proxy(b, tracer)
+        # experts and tied weights: the branch depends on how this call reads the weight
+        call = (bind_call(gm, spec, node, pa, pb),) if kind.per_call else ()
+        h = kind.shrink(Proxy(x, tracer), pa, spec, *call)
         mark(provenance.SHRINK)
-        y = kind.expand(h, Proxy(b, tracer), spec)
+        y = kind.expand(h, pb, spec, *call)
         mark(provenance.EXPAND)
         out = graph.call_function(operator.add, (node, y.node))
         mark(provenance.ADD)

@@ -105,3 +105,87 @@ def test_export_refuses_a_non_module_and_the_old_argument_order(tmp_path):
     with pytest.raises(ExportError, match=r"takes \(module, example_inputs, path\)"):
         export.to_torchscript(folded, tmp_path / "x.pt", x)
     assert not (tmp_path / "x.pt").exists()
+
+
+class Structured(nn.Module):
+    """Keyword inputs, a non-tensor argument and a dict output holding a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        y = self.fc(x) * scale
+        if mask is not None:
+            y = y * mask
+        return {"y": y, "pair": (y.sum(-1), y.mean())}
+
+
+EXPORTERS = {
+    "onnx": (export.to_onnx, "m.onnx"),
+    "exported_program": (export.to_exported_program, "m.pt2"),
+    "torchscript": (export.to_torchscript, "m.pt"),
+}
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTERS))
+def test_exporters_take_keyword_inputs_and_structured_outputs(exporter, tmp_path):
+    fn, filename = EXPORTERS[exporter]
+    torch.manual_seed(0)
+    model = Structured()
+    x, mask = torch.randn(2, 3, 4), torch.ones(2, 3, 4)
+    gm = fxlora.rewrite(model, [fxlora.Rule("fc", r=2, alpha=2)])
+    randomize_lora(gm)
+    folded = fxlora.fold(gm).eval()
+    out = fn(folded, (x,), tmp_path / filename, example_kwargs={"mask": mask, "scale": 2.0})
+    assert out.max_abs_diff <= 1e-5 and out.path.exists()
+    if exporter == "onnx":
+        assert out.output_names == ("y", "pair.0", "pair.1") and out.input_names == ("x", "mask")
+    if exporter == "torchscript":  # traced flat: the call's tensors in, the output's tensors out
+        assert out.input_names == ("x", "mask") and out.output_names == ("y", "pair.0", "pair.1")
+        torch.testing.assert_close(out.artifact(x, mask)[0], folded(x, mask=mask, scale=2.0)["y"])
+
+
+class Drifts(nn.Module):
+    """Counts its calls in a Python attribute: every artifact bakes in another count than the first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) + self.calls
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTERS))
+def test_every_exporter_failure_is_an_export_error_and_leaves_no_file(exporter, tmp_path):
+    fn, filename = EXPORTERS[exporter]
+    _, folded, _, x = _folded("linear")
+    path = tmp_path / filename
+    with pytest.raises(ExportError, match="running the module on the example inputs failed"):
+        fn(folded, (*x, *x, *x), path)  # inputs that do not fit the module
+    with pytest.raises(ExportError, match="example_kwargs must be a dict"):
+        fn(folded, x, path, example_kwargs=[("x", x)])
+    with pytest.raises(ExportError, match="atol and rtol"):
+        fn(folded, x, path, atol=-1.0)
+    with pytest.raises(ExportError, match="differs from the folded module"):
+        fn(Drifts(), (torch.randn(2, 4),), path)  # an artifact that does not reproduce the module
+    assert not path.exists() and not list(tmp_path.iterdir())  # nothing written, no temporary left
+    path.write_bytes(b"previous artifact")
+    with pytest.raises(ExportError, match="differs from the folded module"):
+        fn(Drifts(), (torch.randn(2, 4),), path)
+    assert path.read_bytes() == b"previous artifact"  # a failed export leaves the path as it was
+    with pytest.raises(ExportError, match="folder .* does not exist"):
+        fn(folded, x, tmp_path / "missing" / filename)
+
+
+def test_a_graph_torch_export_cannot_capture_is_an_export_error(tmp_path):
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x[x > 0].sum() if x.sum() > 0 else x.sum() * 0  # data-dependent control flow
+
+    with pytest.raises(ExportError, match="to_exported_program failed"):
+        export.to_exported_program(DataDependent(), (torch.randn(4),), tmp_path / "m.pt2")
+    assert not list(tmp_path.iterdir())

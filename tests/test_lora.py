@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import fxlora
@@ -96,3 +97,244 @@ def test_custom_leaf_module_with_a_2d_weight():
     fxlora.load_lora_state_dict(traced_through, fxlora.lora_state_dict(gm))
     torch.testing.assert_close(gm(x), traced_through(x))
     torch.testing.assert_close(fxlora.fold(gm)(x), gm(x), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Transposed convolutions: a true low-rank branch that folds
+# --------------------------------------------------------------------------------------------- #
+
+CONV_TRANSPOSES = {
+    "1d_stride_padding_output_padding": (lambda: nn.ConvTranspose1d(4, 6, 3, stride=3, padding=2, output_padding=2), (2, 4, 7), 4),
+    "1d_dilation_groups": (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2, bias=False), (2, 4, 7), 4),
+    "2d_all": (lambda: nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0), dilation=(2, 1), groups=2), (2, 4, 5, 6), 4),
+    "2d_depthwise": (lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, groups=4), (2, 4, 5, 5), 8),
+    "3d": (lambda: nn.ConvTranspose3d(2, 4, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), output_padding=(0, 1, 1)), (2, 2, 3, 4, 4), 2),
+}
+
+
+def _conv_transpose_reference(W, A, B, groups, scale):
+    """W + scale * (per group) sum_j A[i, j, k] B[o, j], written with loops over groups and indices."""
+    W = W.detach().clone()
+    in_g, out_g, r_g = W.shape[0] // groups, W.shape[1], A.shape[1]
+    for g in range(groups):
+        for i in range(in_g):
+            for o in range(out_g):
+                a = A[g * in_g + i]  # (r/g, *kernel)
+                b = B[g * out_g + o].reshape(r_g, *[1] * (W.dim() - 2))
+                W[g * in_g + i, o] += (a * b).sum(0) * scale
+    return W
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+@pytest.mark.parametrize("case", sorted(CONV_TRANSPOSES))
+def test_conv_transpose_branch_is_low_rank_and_folds(case, capture):
+    make, shape, r = CONV_TRANSPOSES[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(make()).eval()
+    x = torch.randn(*shape)
+    gm = fxlora.rewrite(model, [fxlora.Rule("0", r=r, alpha=2 * r)], capture=capture, example_inputs=(x,))
+    spec = fxlora.graph_sites(gm)["0"]
+    conv = model[0]
+    assert spec.kind == "conv_transpose" and spec.op["output_padding"] == tuple(conv.output_padding)
+    A, B = gm.get_parameter("0.lora_A"), gm.get_parameter("0.lora_B")
+    W = conv.weight
+    assert A.shape == (W.shape[0], r // conv.groups, *W.shape[2:]) and B.shape == (W.shape[1] * conv.groups, r // conv.groups, *[1] * (W.dim() - 2))
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    randomize_lora(gm, std=0.3)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref[0].weight.copy_(_conv_transpose_reference(W, A.detach(), B.detach(), conv.groups, 2.0))
+        assert not torch.allclose(ref(x), model(x), atol=1e-3)
+        torch.testing.assert_close(gm(x), ref(x), atol=1e-5, rtol=1e-5)
+        folded = fxlora.fold(gm)
+        torch.testing.assert_close(folded(x), ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta_weight(A, B, spec) + W, ref[0].weight, atol=1e-6, rtol=1e-6)
+
+
+def test_functional_conv_transpose_site():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2)  # (in, out/groups, kH, kW), groups=2
+
+        def forward(self, x):
+            return F.conv_transpose2d(x, self.k, None, stride=2, padding=1, output_padding=1, groups=2, dilation=1)
+
+    torch.manual_seed(0)
+    model = M()
+    x = torch.randn(1, 4, 5, 5)
+    for capture in ("symbolic", "export"):
+        gm = fxlora.rewrite(model, [fxlora.Rule("k", r=2, alpha=2)], capture=capture, example_inputs=(x,))
+        assert fxlora.graph_sites(gm)["k"].kind == "conv_transpose"
+        randomize_lora(gm, std=0.3)
+        A, B = gm.get_parameter("k_lora_A").detach(), gm.get_parameter("k_lora_B").detach()
+        ref = F.conv_transpose2d(x, _conv_transpose_reference(model.k, A, B, 2, 1.0), None, 2, 1, 1, 2, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fxlora.fold(gm)(x), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(fxlora.RuleError, match="r=3 is not divisible"):
+        fxlora.rewrite(model, [fxlora.Rule("k", r=3, alpha=2)])
+
+
+# --------------------------------------------------------------------------------------------- #
+# MoE experts: a 3-D weight read per expert
+# --------------------------------------------------------------------------------------------- #
+
+E, IN, OUT = 3, 5, 6
+
+
+class LoopExperts(nn.Module):
+    """JetMoe-style: ``F.linear(x[e], W[e])`` for each expert, unrolled in the graph."""
+
+    stored_in_out = False
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(E, OUT, IN) * 0.3)
+
+    def forward(self, x):  # x: (E, tokens, in)
+        return torch.stack([F.linear(x[e], self.W[e]) for e in range(E)])
+
+
+class GatherBmmExperts(nn.Module):
+    """transformers' batched_mm: the weight gathered per token-expert pair, then ``bmm(W[ids], x)``."""
+
+    stored_in_out = False
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(E, OUT, IN) * 0.3)
+
+    def forward(self, x):  # x: (S, in)
+        ids = (x.sum(-1) > 0).long() + (x[:, 0] > 0).long()  # routing computed in the graph
+        return torch.bmm(self.W[ids], x.unsqueeze(-1)).squeeze(-1)
+
+
+class GroupedExperts(nn.Module):
+    """transformers' grouped_mm: tokens sorted by expert, ``_grouped_mm(x, W.transpose(-2, -1), offs)``.
+    ``torch._grouped_mm`` needs 16-byte aligned strides: 16 and 32 features (and a rank of 8) are."""
+
+    stored_in_out = False
+    dims = (16, 32)
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(E, 32, 16) * 0.3)
+        self.register_buffer("counts", torch.tensor([2, 3, 2], dtype=torch.int32))
+
+    def forward(self, x):  # x: (S, in), rows sorted by expert
+        offs = torch.cumsum(self.counts, 0, dtype=torch.int32)
+        return torch._grouped_mm(x, self.W.transpose(-2, -1), offs=offs)
+
+
+class EinsumExperts(nn.Module):
+    stored_in_out = False
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(E, OUT, IN) * 0.3)
+
+    def forward(self, x):  # x: (E, tokens, in)
+        return torch.einsum("etd,eod->eto", x, self.W)
+
+
+class TransposedBmmExperts(nn.Module):
+    """Llama4-style: the weight stored (experts, in, out), ``bmm(x.view(E, -1, in), W)``."""
+
+    stored_in_out = True
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(E, IN, OUT) * 0.3)
+
+    def forward(self, x):
+        return torch.bmm(x.view(E, -1, IN), self.W)
+
+
+EXPERTS = {  # case: (module, input shape, r)
+    "loop_linear": (LoopExperts, (E, 4, IN), 2),
+    "gather_bmm": (GatherBmmExperts, (7, IN), 2),
+    "grouped_mm": (GroupedExperts, (7, 16), 8),
+    "einsum": (EinsumExperts, (E, 4, IN), 2),
+    "transposed_bmm": (TransposedBmmExperts, (E, 4, IN), 2),
+}
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+@pytest.mark.parametrize("case", sorted(EXPERTS))
+def test_experts_get_a_per_expert_branch_indexed_like_the_weight(case, capture):
+    cls, shape, r = EXPERTS[case]
+    n_in, n_out = getattr(cls, "dims", (IN, OUT))
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(*shape)
+    # aten._grouped_mm's meta kernel takes bf16 only on CPU (transformers then uses its own custom op for
+    # fp32): the export capture of that case runs in bf16
+    dtype = torch.bfloat16 if case == "grouped_mm" and capture == "export" else torch.float32
+    model, x = model.to(dtype), x.to(dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
+    gm = fxlora.rewrite(model, [fxlora.Rule("W", r=r, alpha=2 * r, dropout=0.1)], capture=capture, example_inputs=(x,), dynamic_shapes=None)
+    spec = fxlora.graph_sites(gm)["W"]
+    assert spec.kind == "experts" and spec.fan_in_fan_out == cls.stored_in_out
+    assert (spec.in_features, spec.out_features) == (n_in, n_out)
+    A, B = gm.get_parameter("W_lora_A"), gm.get_parameter("W_lora_B")
+    assert A.shape == (E, r, n_in) and B.shape == (E, n_out, r)  # PEFT target_parameters' per-expert factors
+    gm.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    randomize_lora(gm, std=0.3)
+    delta = torch.bmm(B.detach().float(), A.detach().float()) * 2.0  # (E, out, in), written independently
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.W.copy_(ref.W.float() + (delta.transpose(-2, -1) if cls.stored_in_out else delta))
+        assert not torch.allclose(ref(x), model(x), atol=1e-1 if dtype == torch.bfloat16 else 1e-3)
+        torch.testing.assert_close(gm(x), ref(x), **tol)
+        folded = fxlora.fold(gm)
+        torch.testing.assert_close(folded(x), ref(x), **tol)
+    torch.testing.assert_close(folded.get_parameter("W"), ref.W, atol=1e-6, rtol=1e-6)
+    # the branch never builds an (experts, out, in) update: no branch node has the weight's size
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(x)
+    weight_sized = [
+        n.name for n in gm.graph.nodes
+        if "fxlora" in n.meta and n.meta["fxlora"]["role"] != "base" and "tensor_meta" in n.meta
+        and getattr(n.meta["tensor_meta"], "shape", None) is not None and n.meta["tensor_meta"].shape.numel() >= E * n_in * n_out
+    ]
+    assert not weight_sized, weight_sized
+    # gradients reach every expert's factors that the routing used
+    gm.train()
+    gm(x).square().sum().backward()
+    assert A.grad is not None and B.grad.abs().sum() > 0
+
+
+def test_experts_rules_and_messages():
+    model = GroupedExperts()
+    with pytest.raises(fxlora.RuleError, match="enable_lora applies only to linear"):
+        fxlora.rewrite(model, [fxlora.Rule("W", r=8, alpha=2, enable_lora=[True, False])])
+    with pytest.raises(fxlora.RuleError, match="contradicts fan_in_fan_out=True"):
+        fxlora.rewrite(model, [fxlora.Rule("W", r=8, alpha=2, fan_in_fan_out=True)])
+    with pytest.raises(fxlora.RuleError, match="r=2 .* multiple of 4"):  # fp32: 16-byte strides need r % 4 == 0
+        fxlora.rewrite(model, [fxlora.Rule("W", r=2, alpha=2)])
+    gm = fxlora.rewrite(model, [fxlora.Rule("W", r=4, alpha=2, fan_in_fan_out=False)])
+    assert fxlora.graph_sites(gm)["W"].kind == "experts"
+
+
+def test_conv_transpose_as_aten_convolution():
+    """A decomposed ATen graph spells the transposed conv aten.convolution(..., transposed=True, output_padding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    decomposed = torch.export.export(model, (x,), strict=False).run_decompositions().module()
+    assert any(n.target is torch.ops.aten.convolution.default for n in decomposed.graph.nodes)
+    gm = fxlora.rewrite(decomposed, [fxlora.Rule("0", r=2, alpha=2)])
+    spec = fxlora.graph_sites(gm)["0"]
+    assert spec.kind == "conv_transpose" and spec.op["output_padding"] == (1, 1) and spec.op["groups"] == 2
+    randomize_lora(gm, std=0.3)
+    A, B = gm.get_parameter("0.lora_A").detach(), gm.get_parameter("0.lora_B").detach()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref[0].weight.copy_(_conv_transpose_reference(model[0].weight, A, B, 2, 1.0))
+        torch.testing.assert_close(gm(x), ref(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fxlora.fold(gm)(x), ref(x), atol=1e-5, rtol=1e-5)

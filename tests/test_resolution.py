@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import fxlora
 import pytest
 import torch
@@ -57,21 +59,97 @@ def test_unsupported_site_kinds():
         fxlora.rewrite(model, [fxlora.Rule("blocks.0", r=2, alpha=2)])
     with pytest.raises(RuleError, match="has no LayerNorm|no site"):
         fxlora.rewrite(nn.Sequential(nn.Linear(2, 2)), [fxlora.Rule(nn.LayerNorm, r=1, alpha=1)])
-    with pytest.raises(RuleError, match="transposed convolution"):
-        fxlora.rewrite(nn.Sequential(nn.ConvTranspose2d(2, 2, 3)), [fxlora.Rule("0", r=1, alpha=1)])
     with pytest.raises(RuleError, match="max_norm"):
         fxlora.rewrite(nn.Sequential(nn.Embedding(5, 4, max_norm=1.0)), [fxlora.Rule("0", r=1, alpha=1)])
 
-    class WithMHA(nn.Module):
+
+class WithLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+class WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+def test_messages_speak_of_the_graph_that_was_captured():
+    x = torch.randn(2, 5, 4)
+    # symbolic graph: the LSTM is called (a leaf) but is not a kind fxlora adapts
+    with pytest.raises(RuleError) as info:
+        fxlora.rewrite(WithLSTM(), [Rule("lstm", r=1, alpha=1)])
+    assert "LSTM is not a module kind fxlora adapts" in str(info.value) and "weight_ih_l0" in str(info.value)
+    # a type rule over modules that are called but unsupported says so (not "never called")
+    with pytest.raises(RuleError) as info:
+        fxlora.rewrite(WithLSTM(), [Rule(nn.LSTM, r=1, alpha=1)])
+    assert "are called, but fxlora cannot adapt them" in str(info.value) and "never called" not in str(info.value)
+    # torch.export graph: the refusal names the ATen op that reads the weights
+    for target in ("lstm", nn.LSTM):
+        with pytest.raises(RuleError) as info:
+            fxlora.rewrite(WithLSTM(), [Rule(target, r=1, alpha=1)], example_inputs=(x,), capture="export")
+        msg = str(info.value)
+        assert "torch.export graph" in msg and "aten.lstm" in msg and "never called" not in msg, msg
+
+
+def test_a_parameter_only_an_export_graph_shows_asks_for_example_inputs():
+    with pytest.raises(RuleError) as info:
+        fxlora.rewrite(WithMHA(), [Rule("attn.in_proj_weight", r=1, alpha=1)])
+    msg = str(info.value)
+    assert "'attn.in_proj_weight' is a parameter of 'attn' (MultiheadAttention)" in msg and "example_inputs" in msg
+    with pytest.raises(RuleError) as info:
+        fxlora.rewrite(WithMHA(), [Rule("attn.out_proj", r=1, alpha=1)])
+    assert "runs inside 'attn' (MultiheadAttention)" in str(info.value) and "example_inputs" in str(info.value)
+    gm = fxlora.rewrite(WithMHA(), [Rule("attn.in_proj_weight", r=1, alpha=1)], example_inputs=(torch.randn(5, 2, 8),))
+    assert list(fxlora.graph_sites(gm)) == ["attn.in_proj_weight"]
+
+
+def test_type_rules_work_on_a_graph_module_captured_earlier():
+    x = torch.randn(2, 5, 4)
+    captured = fxlora.capture(WithLSTM(), example_inputs=(x,), capture="export")
+    gm = fxlora.rewrite(captured, [Rule(nn.Linear, r=1, alpha=1)])
+    assert list(fxlora.graph_sites(gm)) == ["head"]
+
+
+def test_modules_fxlora_cannot_see_into_say_why():
+    class MyLinear(nn.Linear):  # a Linear subclass computing something else, kept opaque
+        def forward(self, x):
+            return super().forward(x).relu()
+
+    class LeftMatmul(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2)
+            self.w = nn.Parameter(torch.randn(3, 4))
 
-        def forward(self, x):
-            return self.attn(x, x, x)[0]
+        def forward(self, x):  # x: (batch, 4, n)
+            return self.w @ x
 
-    with pytest.raises(RuleError, match="never called"):
-        fxlora.rewrite(WithMHA(), [fxlora.Rule("attn.out_proj", r=1, alpha=1)])
+    model = nn.Sequential(MyLinear(4, 4))
+    with pytest.raises(RuleError, match="overrides forward\(\), and it is kept as a leaf"):
+        fxlora.rewrite(model, [Rule("0", r=1, alpha=1)], leaf_modules=[MyLinear])
+    gm = fxlora.rewrite(model, [Rule("0", r=1, alpha=1)])  # traced through: its F.linear is the site
+    assert fxlora.graph_sites(gm)["0"].kind == "linear"
+    with pytest.raises(RuleError, match=r"left operand \(W @ x\)"):
+        fxlora.rewrite(LeftMatmul(), [Rule("w", r=1, alpha=1)])
+    with pytest.raises(RuleError, match="output_size"):
+
+        class Up(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.up = nn.ConvTranspose2d(2, 2, 3, stride=2)
+
+            def forward(self, x):
+                return self.up(x, output_size=[10, 10])
+
+        fxlora.rewrite(Up(), [Rule("up", r=2, alpha=2)])
 
 
 def test_enable_lora_length_must_divide_out_features():
@@ -173,3 +251,107 @@ def test_a_module_shared_under_two_names_is_one_site():
         manual = F.linear(torch.relu(F.linear(x, ref, model.a.bias)), ref, model.a.bias)
         torch.testing.assert_close(gm(x), manual, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fxlora.fold(gm)(x), manual, atol=1e-5, rtol=1e-5)
+
+
+class FalconStyleLinear(nn.Linear):
+    """transformers' FalconLinear: an nn.Linear subclass computing ``input @ self.weight.T`` + bias."""
+
+    def forward(self, input):
+        return input @ self.weight.T + self.bias
+
+
+class Spelled(nn.Module):
+    """One matmul spelling on a weight stored (out, in), or (in, out) when ``stored_in_out``."""
+
+    def __init__(self, fn, stored_in_out: bool):
+        super().__init__()
+        self.fn = fn
+        self.W = nn.Parameter(torch.randn((5, 6) if stored_in_out else (6, 5)) * 0.3)
+        self.b = nn.Parameter(torch.randn(6) * 0.1)
+
+    def forward(self, x):
+        return torch.tanh(self.fn(x, self.W, self.b))
+
+
+SPELLINGS = {
+    "x @ W.T": (lambda x, W, b: x @ W.T, False),
+    "x @ W.t()": (lambda x, W, b: x @ W.t(), False),
+    "torch.matmul(x, W.transpose(0, 1))": (lambda x, W, b: torch.matmul(x, W.transpose(0, 1)), False),
+    "x @ W.mT": (lambda x, W, b: x @ W.mT, False),
+    "F.linear(x, W, b)": (lambda x, W, b: F.linear(x, W, b), False),
+    "torch.addmm(b, x, W.t())": (lambda x, W, b: torch.addmm(b, x, W.t()), False),
+    "torch.mm(x, W.permute(1, 0))": (lambda x, W, b: torch.mm(x, W.permute(1, 0)), False),
+    "torch.mm(x, torch.t(W))": (lambda x, W, b: torch.mm(x, torch.t(W)), False),
+    "x @ W": (lambda x, W, b: x @ W, True),
+    "torch.addmm(b, x, W)": (lambda x, W, b: torch.addmm(b, x, W), True),
+    "torch.mm(x, W)": (lambda x, W, b: torch.mm(x, W), True),
+    "F.linear(x, W.t(), b)": (lambda x, W, b: F.linear(x, W.t(), b), True),
+    "torch.matmul(x, W.T.T.T)": (lambda x, W, b: torch.matmul(x, W.T.T.T), False),
+}
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS) + ["FalconLinear"])
+def test_matmul_sites_in_every_spelling_read_their_layout_from_the_graph(spelling, capture):
+    torch.manual_seed(0)
+    if spelling == "FalconLinear":
+        model, stored_in_out, target, wname = nn.Sequential(FalconStyleLinear(5, 6)), False, "0", "0.weight"
+    else:
+        fn, stored_in_out = SPELLINGS[spelling]
+        model, target, wname = Spelled(fn, stored_in_out), "W", "W"
+    x = torch.randn(3, 5)
+    gm = fxlora.rewrite(model, [Rule(target, r=2, alpha=6)], capture=capture, example_inputs=(x,))
+    (spec,) = fxlora.graph_sites(gm).values()
+    assert spec.kind == "linear" and spec.fan_in_fan_out == stored_in_out, spec
+    assert (spec.in_features, spec.out_features) == (5, 6)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    randomize_lora(gm, std=0.3)
+    A, B = gm.get_parameter(spec.lora_A).detach(), gm.get_parameter(spec.lora_B).detach()
+    delta = B @ A * 3.0  # (out, in): the update of an (out, in) weight; transposed for (in, out) storage
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.get_parameter(wname).add_(delta.T if stored_in_out else delta)
+        assert not torch.allclose(ref(x), model(x), atol=1e-3)
+        torch.testing.assert_close(gm(x), ref(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fxlora.fold(gm)(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_type_rule_never_skips_a_module_silently(caplog):
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(x))
+
+    model = Encoder().eval()
+    x = torch.randn(2, 5, 8)
+    with caplog.at_level("WARNING", logger="fxlora"):
+        plan = fxlora.plan(model, [Rule(nn.Linear, r=1, alpha=1)])  # symbolic: the encoder is a leaf
+    assert [s.name for s in plan.sites] == ["head"] and plan.opaque
+    assert {n for n, _ in plan.unreached} == {"encoder.layers.0.self_attn.out_proj", "encoder.layers.0.linear1", "encoder.layers.0.linear2"}
+    assert "not these 3 modules they name" in caplog.text and "example_inputs" in caplog.text
+    # with example inputs, capture='auto' sees them through torch.export
+    gm = fxlora.rewrite(model, [Rule(nn.Linear, r=1, alpha=1)], example_inputs=(x,))
+    assert gm.meta["fxlora_capture"] == "torch.export" and len(fxlora.graph_sites(gm)) == 4
+
+
+def test_a_glob_that_names_modules_inside_an_opaque_leaf_recaptures_with_example_inputs():
+    class WithMHA2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0])
+
+    x = torch.randn(2, 5, 8)
+    plan = fxlora.plan(WithMHA2(), [Rule("*", r=1, alpha=1)])  # symbolic, no example inputs: said, not silent
+    assert [s.name for s in plan.sites] == ["head"] and [n for n, _ in plan.unreached] == ["attn.out_proj"]
+    gm = fxlora.rewrite(WithMHA2(), [Rule("*", r=1, alpha=1)], example_inputs=(x,))
+    assert gm.meta["fxlora_capture"] == "torch.export"
+    assert set(fxlora.graph_sites(gm)) == {"attn.in_proj_weight", "attn.out_proj", "head"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import fxlora
 import pytest
 import torch
@@ -101,3 +103,83 @@ def test_rewrite_accepts_a_graph_module_and_leaves_it_unchanged():
     gm = fxlora.rewrite(traced, rules)
     assert traced.code == code and not any("fxlora" in n.meta for n in traced.graph.nodes)
     assert torch.equal(gm(*x), traced(*x))
+
+
+class Counter(nn.Module):
+    """Updates its state inside forward(): a step counter and an EMA of the inputs, as buffers."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(4))
+        self.calls = 0
+
+    def forward(self, x):
+        if self.how == "counter":
+            self.steps += 1
+        elif self.how == "ema":
+            self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+        elif self.how == "reassigned":
+            self.steps = self.steps + 1
+        elif self.how == "python":
+            self.calls += 1
+        return self.fc(x) + self.ema + self.steps + self.calls
+
+
+@pytest.mark.parametrize("how", ["counter", "ema", "reassigned"])
+def test_buffers_updated_in_forward_are_refused_by_symbolic_tracing_and_kept_by_export(how):
+    model = Counter(how)
+    with pytest.raises(TraceError) as info:
+        fxlora.rewrite(model, [fxlora.Rule("fc", r=1, alpha=1)], capture="symbolic")
+    name = "ema" if how == "ema" else "steps"
+    assert f"updates the buffer '{name}'" in str(info.value) and "capture='export'" in str(info.value)
+    x = torch.randn(3, 4)
+    gm = fxlora.rewrite(model, [fxlora.Rule("fc", r=1, alpha=1)], example_inputs=(x,))  # auto: falls back to export
+    assert gm.meta["fxlora_capture"] == "torch.export"
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for _ in range(3):  # the update is kept: the rewritten module tracks the model call after call
+            torch.testing.assert_close(gm(x), reference(x))
+    assert torch.equal(model.steps, torch.zeros(())) and torch.equal(model.ema, torch.zeros(4))  # the model is untouched
+
+
+def test_a_python_attribute_updated_in_forward_is_refused_by_every_capture():
+    x = torch.randn(3, 4)
+    for capture in ("symbolic", "export"):
+        with pytest.raises(TraceError, match="changes the Python attribute 'calls'.*register_buffer"):
+            fxlora.rewrite(Counter("python"), [fxlora.Rule("fc", r=1, alpha=1)], capture=capture, example_inputs=(x,))
+
+
+def test_folded_state_dict_loads_into_the_users_model():
+    class WithBuffers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+            self.register_buffer("shift", torch.ones(4))
+
+        def forward(self, x):
+            return self.fc(x) * self.scale + self.shift + torch.tensor([1.0, 2.0, 3.0, 4.0])  # a lifted constant
+
+    torch.manual_seed(0)
+    model = WithBuffers()
+    x = torch.randn(3, 4)
+    for capture in ("symbolic", "export"):
+        gm = fxlora.rewrite(model, [fxlora.Rule("fc", r=2, alpha=2)], capture=capture, example_inputs=(x,))
+        randomize_lora(gm)
+        folded = fxlora.fold(gm)
+        assert set(folded.state_dict()) == set(model.state_dict())  # non-persistent buffers and constants stay out
+        with torch.no_grad():
+            expected = folded(x)
+        before = copy.deepcopy(model)
+        assert torch.equal(model(x), before(x))  # rewrite and fold changed nothing in the model
+        target = copy.deepcopy(model)
+        target.load_state_dict(folded.state_dict(), strict=True)
+        torch.testing.assert_close(target(x), expected)
+        target = copy.deepcopy(model)
+        assert fxlora.load_folded(target, gm) == ([], [])  # the helper folds a rewritten module itself
+        torch.testing.assert_close(target(x), expected)
+    with pytest.raises(fxlora.CheckpointError, match="does not fit this model.*Nothing was loaded"):
+        fxlora.load_folded(nn.Sequential(nn.Linear(4, 4)), folded)
