@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ArgumentError
 
-__all__ = ["NO_LITERAL", "CallingCodeGen", "convention_of", "install", "bind", "convention"]
+__all__ = ["NO_LITERAL", "CallingCodeGen", "convention_of", "install", "bind", "convention", "with_keyword_input"]
 
 
 #: The default of an input whose original default cannot be written in the generated code (a string, so
@@ -265,3 +265,17 @@ def convention(gm: Any) -> dict[str, Any] | None:
     """The calling convention of a graph module fxlora captured with torch.export, or None."""
     codegen = getattr(getattr(gm, "graph", None), "_codegen", None)
     return codegen.convention if isinstance(codegen, CallingCodeGen) else None
+
+
+def with_keyword_input(codegen: CallingCodeGen, pytree_info: Any, name: str) -> CallingCodeGen:
+    """A copy of ``codegen`` whose ``forward`` also takes the required keyword-only input ``name`` (a graph
+    input a pass added, such as the ``adapter_ids`` of a served module), read through ``pytree_info``."""
+    conv = dict(codegen.convention)
+    signature = [entry for entry in conv["signature"] if entry[0] != name]
+    at = next((i for i, (_, kind) in enumerate(signature) if kind == "var_keyword"), len(signature))
+    signature.insert(at, (name, "keyword_only"))
+    conv["signature"] = tuple(signature)
+    conv["kwargs"] = (*[k for k in conv["kwargs"] if k != name], name)
+    conv["inputs"] = (*[k for k in conv["inputs"] if k != name], name)
+    conv["constants"] = {k: v for k, v in conv["constants"].items() if k != name}
+    return CallingCodeGen(pytree_info, conv)

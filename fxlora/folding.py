@@ -150,7 +150,9 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
                 continue
             new = copy.copy(child)
             for attr, value in list(new.__dict__.items()):
-                if isinstance(value, dict):
+                if attr == "_non_persistent_buffers_set":
+                    new.__dict__[attr] = set(value)
+                elif isinstance(value, dict):
                     # the folded model is a fresh module: no hooks (FSDP2's, or the user's on gm) carry over
                     new.__dict__[attr] = type(value)() if attr.endswith("hooks") or attr.endswith("hooks_with_kwargs") else copy.copy(value)
             new.__class__ = plain_class(child)
@@ -159,6 +161,7 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
         target._modules = children
 
     clone(template, out, "")
+    out._non_persistent_buffers_set = set(template._non_persistent_buffers_set)  # the model's state-dict keys
     return out
 
 

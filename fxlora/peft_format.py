@@ -425,6 +425,12 @@ def _trained_paths(config: _Config, others: dict[str, Any]) -> list[str]:
 
 
 def _check_module_site(spec: SiteSpec, what: str) -> None:
+    if spec.kind not in ("linear", "embedding", "conv"):
+        raise CheckpointError(
+            f"{what}: site '{spec.name}' is a {spec.kind} site; fxlora exchanges PEFT adapters for linear, embedding "
+            "and convolution modules only (PEFT stores the factors of other kinds in layouts of its own). Save it with "
+            "fxlora.save_lora instead, or leave the site out of the rules."
+        )
     base = spec.lora_A.rpartition(".")[2]
     if spec.lora_A.rpartition(".")[0] != spec.name or not base.startswith("lora_A"):
         raise CheckpointError(

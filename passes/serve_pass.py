@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node, Proxy
 from torch.fx.proxy import GraphAppendingTracer
 from torch.utils import _pytree as pytree
 
-from fxlora import provenance
+from fxlora import calling, provenance
 from fxlora.errors import ArgumentError
 from fxlora.lora import SiteSpec, mixed_embedding, mixed_linear, slice_blocks
 from fxlora.resolution import canonical_name
@@ -205,7 +205,11 @@ def _add_ids_input(gm: GraphModule) -> Node:
     if info is not None and info.in_spec is not None:  # torch.export graphs: (args, kwargs) in a pytree
         args, kwargs = pytree.tree_unflatten([object()] * info.in_spec.num_leaves, info.in_spec)
         _, in_spec = pytree.tree_flatten((args, {**kwargs, IDS_INPUT: object()}))
-        codegen.pytree_info = info._replace(orig_args=[*info.orig_args, IDS_INPUT], in_spec=in_spec)
+        info = info._replace(orig_args=[*info.orig_args, IDS_INPUT], in_spec=in_spec)
+        if isinstance(codegen, calling.CallingCodeGen):  # called like the original model: one more keyword
+            graph._codegen = calling.with_keyword_input(codegen, info, IDS_INPUT)
+        else:
+            codegen.pytree_info = info
     return ids
 
 

@@ -165,6 +165,15 @@ def test_masked_fused_projection_cannot_be_written_for_peft(tmp_path):
     assert not (tmp_path / "out" / "adapter_config.json").exists()
 
 
+def test_a_tied_site_cannot_be_written_for_peft(tmp_path):
+    x, kw = CASES["gpt2"][1:3]
+    gm = fxlora.rewrite(_gpt2(), [Rule("lm_head", r=2, alpha=4)], example_inputs=x, example_kwargs=kw)
+    assert [s.kind for s in fxlora.graph_sites(gm).values()] == ["tied"]
+    with pytest.raises(CheckpointError, match="is a tied site.*fxlora.save_lora"):
+        fxlora.save_peft_adapter(gm, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # -- an untrusted config: every field validated, named when wrong -----------------------------------
 
 
