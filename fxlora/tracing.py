@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Tracer
+from torch.utils import _pytree as pytree
 
 from . import calling
 from .errors import TraceError
@@ -294,8 +295,11 @@ def export_capture(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}.")
-    args = tuple(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    # an example input that is a view (ids[:, :16]) makes torch.export guard its base's shape too, and the
+    # captured graph then fails on inputs that are not views of such a base: capture from copies
+    args, kwargs = pytree.tree_map_only(
+        torch.Tensor, lambda t: t.clone() if t._base is not None else t, (tuple(example_inputs), dict(example_kwargs or {}))
+    )
     if not args and not kwargs:
         raise TraceError(
             f"capturing {type(model).__name__} with torch.export needs example inputs: "
@@ -340,7 +344,6 @@ def _export_dynamic_spec(root: nn.Module, args: tuple[Any, ...], kwargs: dict[st
     import inspect
 
     from torch.export import Dim
-    from torch.utils import _pytree as pytree
 
     def spec(x: Any) -> Any:
         return {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None

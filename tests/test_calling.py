@@ -152,3 +152,16 @@ def test_an_input_captured_as_none_is_a_constant_and_the_message_stays_short():
         gm(x, mask=mask)
     assert "mask=<tensor (2, 3, 1) float32> differs from the value Net was captured with (mask=None)" in str(info.value)
     assert len(str(info.value)) < 400
+
+
+def test_an_example_input_that_is_a_view_does_not_tie_the_graph_to_its_base():
+    # torch.export guards the base of a view input (ids[:, :8]): fxlora captures from a copy, so the graph
+    # takes any length, views or not
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8)).eval()
+    ids = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(0))
+    gm = fxlora.rewrite(model, [Rule("1", r=2, alpha=2)], example_inputs=(ids[:, :8],), capture="export")
+    randomize_lora(gm)
+    folded = fxlora.fold(gm.eval())
+    for x in (ids[:, :8], ids[:, :16], ids, torch.randint(0, 50, (3, 100))):
+        torch.testing.assert_close(gm(x), folded(x), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(gm(ids), model(ids))  # the adapter is live
