@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from fxlora.tools import bench, bench_serve  # noqa: E402
+from fxlora.tools import bench, bench_fsdp, bench_serve  # noqa: E402
 
 
 def test_bench_serve_small(tmp_path):
@@ -60,3 +60,19 @@ def test_bench_small(tmp_path):
     assert set(llama["compile_s"]) == {"forward/base", "forward/fxlora", "train/full FT", "train/fxlora"}
     assert png.exists() or any("matplotlib" in n for n in data["notes"])
     assert "unmerged forward / base" in data["markdown"]
+
+
+def test_bench_fsdp_small_runs_both_from_the_same_model(tmp_path):
+    # one process, no sharding (tests/test_distributed.py runs FSDP2 itself)
+    data = {}
+    for impl in ("fxlora", "peft"):
+        out = tmp_path / f"{impl}.json"
+        argv = ["--impl", impl, "--small", "--steps", "3", "--warmup", "1", "--seq", "16", "--out", str(out)]
+        assert bench_fsdp.main(argv) == 0
+        data[impl] = json.loads(out.read_text())
+        assert data[impl]["environment"]["command"] == "python -m fxlora.tools.bench_fsdp " + " ".join(argv)
+    for d in data.values():
+        assert d["world_size"] == 1 and d["trainable"] == 32768 and d["tokens_per_s_per_gpu"] > 0
+        assert d["loss_last"] != d["loss_first"]  # the adapters train
+    # the same model and batches: the first timed step's loss is the same for both
+    assert abs(data["fxlora"]["loss_first"] - data["peft"]["loss_first"]) < 1e-3

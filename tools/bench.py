@@ -769,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint() -> None:  # a run killed later still leaves its results so far
         if a.out:
             with contextlib.redirect_stdout(io.StringIO()):
-                results.write(a.out, payload(all_res, None, True))
+                results.write(a.out, payload(all_res, None, True), script=__file__, argv=argv)
 
     for m in wanted:
         if not budget.allows(f"model {m}", needs=30 if a.small else 60, notes=notes):
@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
             plot(all_res, a.plot, log, notes)
     if errors:
         print("\nfailures:\n" + "\n".join(f"- {e['row']}: {e['error']}" for e in errors), flush=True)
-    results.write(a.out, payload(all_res, text, False))
+    results.write(a.out, payload(all_res, text, False), script=__file__, argv=argv)
     log(f"done in {log.elapsed():.0f} s")
     return 1 if errors else 0
 

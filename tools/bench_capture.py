@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     from fxlora.tools import results
 
     results.write(args.out, {"layers": args.layers, "hidden": args.hidden, "seq": args.seq, "parameters": params,
-                             "repeats": args.repeats, "median_s": med, "ratio": ratio})
+                             "repeats": args.repeats, "median_s": med, "ratio": ratio}, script=__file__, argv=argv)
     return 0
 
 

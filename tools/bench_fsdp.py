@@ -90,6 +90,9 @@ def main(argv=None) -> int:
                 q.data = q.data.to(dtype)
         blocks = list(net.base_model.model.model.layers)
     prepare_s = time.perf_counter() - t0
+    # fxlora's module shares the model's tensors (the model is left as it was): drop the model, so that
+    # fully_shard's shards replace the full weights instead of adding to them
+    del model
     trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
     if distributed:
         from torch.distributed.device_mesh import init_device_mesh
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
             "steps": a.steps, "warmup": a.warmup, "elapsed_s": elapsed, "prepare_s": prepare_s,
             "tokens_per_s_per_gpu": mean_tps, "per_rank": [{"tokens_per_s": t, "peak_bytes": m} for t, m in per_rank],
             "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
-        })
+        }, script=__file__, argv=argv)
     if distributed:
         dist.destroy_process_group()
     return 0

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         "model": a.model, "dtype": a.dtype, "batch": a.batch, "seq": a.seq, "r": a.r, "repeats": a.repeats,
         "sites": len(fxlora.graph_sites(unmerged)), "median_ms": med,
         "ratio_to_base": {k: v / med["base"] for k, v in med.items()},
-    })
+    }, script=__file__, argv=argv)
     return 0
 
 

@@ -31,7 +31,6 @@ path), to smoke-test this script without a GPU; times there mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fxlora import ops
+from fxlora.tools import results
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # (model, T, in, out, bias)
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     timer = None if a.check_only else _Timer(a.device)
     device_name = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "CPU"
     print(f"fxlora::lora_linear on {device_name}, {a.dtype}, r={a.r}, scale={s:g}; torch {torch.__version__}")
-    results, failed, t_start = [], False, time.perf_counter()
+    rows, failed, t_start = [], False, time.perf_counter()
     for model, T, n_in, n_out, bias in _SHAPES[a.shapes]:
         x, W, b, A, B = make_inputs(T, n_in, n_out, a.r, bias, dtype, a.device)
         auto = {
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
                     f"{host:>18.4f}"
                 )
             print("  shrink x @ A^T alone: " + ", ".join(f"{k} {v:.4f} ms" for k, v in t["shrink"].items()))
-        results.append(entry)
+        rows.append(entry)
         del x, W, b, A, B
     elapsed = time.perf_counter() - t_start
     print(f"\n{'all checks passed' if not failed else 'SOME CHECKS FAILED'}; {elapsed:.0f} s")
@@ -317,9 +317,7 @@ def main(argv=None) -> int:
             "thresholds": {"TRITON_MIN_ROWS": ops.TRITON_MIN_ROWS, "TRITON_MAX_K": ops.TRITON_MAX_K},
             "seconds": elapsed,
         }
-        with open(a.out, "w") as f:
-            json.dump({**meta, "shapes": results, "triton_configs": _triton_configs()}, f, indent=1)
-        print(f"wrote {a.out}")
+        results.write(a.out, {**meta, "shapes": rows, "triton_configs": _triton_configs()}, script=__file__, argv=argv)
     return 1 if failed else 0
 
 

@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint() -> None:  # a run killed later still leaves its results so far
         if a.out:
             with contextlib.redirect_stdout(io.StringIO()):
-                results.write(a.out, payload(all_res, None, True))
+                results.write(a.out, payload(all_res, None, True), script=__file__, argv=argv)
 
     for m in models:
         if not budget.allows(f"model {m}", needs=30 if small else 60):
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text, flush=True)
     if errors:
         print("\nfailures:\n" + "\n".join(f"- {e['row']}: {e['error']}" for e in errors), flush=True)
-    results.write(a.out, payload(all_res, text, False))
+    results.write(a.out, payload(all_res, text, False), script=__file__, argv=argv)
     log(f"done in {log.elapsed():.0f} s")
     return 1 if errors else 0
 
