@@ -20,6 +20,7 @@ from .errors import (
     ExportError,
     FoldError,
     FxLoraError,
+    LoraOpError,
     NotRewrittenError,
     RuleError,
     TraceError,
@@ -93,6 +94,7 @@ __all__ = [
     "export",
     "generation",
     "zoo",
+    # the exceptions (fxlora.errors)
     "FxLoraError",
     "ArgumentError",
     "RuleError",
@@ -101,4 +103,5 @@ __all__ = [
     "FoldError",
     "ExportError",
     "NotRewrittenError",
+    "LoraOpError",
 ]

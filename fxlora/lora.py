@@ -280,10 +280,7 @@ class ConvTransposeKind(_Kind):
         conv_t = _CONV_T[len(spec.weight_shape) - 2]
         return conv_t(x, A, None, op["stride"], op["padding"], op["output_padding"], op["groups"], op["dilation"])
 
-    @staticmethod
-    def expand(h: Any, B: Any, spec: SiteSpec) -> Any:
-        conv = _CONV[len(spec.weight_shape) - 2]
-        return conv(h, B * spec.scale, None, 1, 0, 1, spec.op["groups"])
+    expand = staticmethod(ConvKind.expand)  # the same grouped 1x1 convolution to the output channels
 
     @staticmethod
     def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:

@@ -417,16 +417,26 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     """``F.linear(x, weight, bias) + scale * F.linear(F.linear(x, A), B)`` as one op (see the module
     docstring for shapes, paths and the error bound)."""
     _check_linear("lora_linear", x, weight, bias, A, B)
-    x2 = x.reshape(-1, x.shape[-1])
-    h = _shrink(x2, A, 1.0)
-    y = _gemm(x2, weight.t(), bias, h, B.t(), scale)
+    return _base_plus_expand(x, weight, bias, _shrink(x.reshape(-1, x.shape[-1]), A, 1.0), B, scale)
+
+
+def _base_plus_expand(x: Tensor, weight: Tensor, bias: Tensor | None, h2: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``F.linear(x, weight, bias) + scale * h2 @ B^T`` in one GEMM with epilogue, shaped like ``x``."""
+    y = _gemm(x.reshape(-1, x.shape[-1]), weight.t(), bias, h2, B.t(), scale)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-@lora_linear.register_fake
-def _(x, weight, bias, A, B, scale):
-    _check_linear("lora_linear", x, weight, bias, A, B)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _linear_fake(name: str):
+    """The fake (meta) kernel of the linear ops: the checks, and an output shaped like the base layer's."""
+
+    def fake(x, weight, bias, a, b, scale):
+        _check_linear(name, x, weight, bias, a, b)
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return fake
+
+
+lora_linear.register_fake(_linear_fake("lora_linear"))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -442,7 +452,7 @@ def _linear_backward(ctx, dy):
     out_f, in_f = weight.shape
     x2 = x.reshape(-1, in_f)
     dy2 = dy.reshape(-1, out_f)
-    dx = dW = db = dA = dB = None
+    dx = dA = dB = None
     if need_x or need_A:
         dh = lora_shrink(dy2, B.t(), s)  # scale * dy @ B
         if need_A:
@@ -451,11 +461,13 @@ def _linear_backward(ctx, dy):
             dx = lora_gemm(dy2, weight, None, dh, A, 1.0).view(x.shape)  # dy @ W + dh @ A
     if need_B:
         dB = torch.mm(dy2.t(), lora_shrink(x2, A, s))  # dy^T @ (scale * h), h recomputed
-    if need_w:
-        dW = torch.mm(dy2.t(), x2)
-    if need_b:
-        db = dy2.sum(0)
+    dW, db = _base_grads(dy2, x2 if need_w else None, need_b)
     return dx, dW, db, dA, dB, None
+
+
+def _base_grads(dy2: Tensor, x2: Tensor | None, need_b: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of the base layer's weight (when ``x2`` is given) and bias (when ``need_b``)."""
+    return (None if x2 is None else torch.mm(dy2.t(), x2)), (dy2.sum(0) if need_b else None)
 
 
 lora_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -475,16 +487,10 @@ def lora_linear_h(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: 
     """``F.linear(x, weight, bias) + scale * F.linear(h, B)`` as one op, with ``h`` ``(..., r)`` computed
     by the caller (see the module docstring)."""
     _check_linear("lora_linear_h", x, weight, bias, h, B)
-    x2 = x.reshape(-1, x.shape[-1])
-    h2 = h.reshape(-1, h.shape[-1])
-    y = _gemm(x2, weight.t(), bias, h2, B.t(), scale)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _base_plus_expand(x, weight, bias, h.reshape(-1, h.shape[-1]), B, scale)
 
 
-@lora_linear_h.register_fake
-def _(x, weight, bias, h, B, scale):
-    _check_linear("lora_linear_h", x, weight, bias, h, B)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+lora_linear_h.register_fake(_linear_fake("lora_linear_h"))
 
 
 def _linear_h_setup(ctx, inputs, output):
@@ -500,17 +506,14 @@ def _linear_h_backward(ctx, dy):
     need_x, need_w, need_b, need_h, need_B = ctx.needs_input_grad[:5]
     out_f, in_f = weight.shape
     dy2 = dy.reshape(-1, out_f)
-    dx = dW = db = dh = dB = None
+    dx = dh = dB = None
     if need_x:
         dx = torch.mm(dy2, weight).view(*dy.shape[:-1], in_f)
     if need_h:
         dh = lora_shrink(dy2, B.t(), s).view(h.shape)  # scale * dy @ B
     if need_B:
         dB = torch.mm(dy2.t(), h.reshape(-1, h.shape[-1])) * s
-    if need_w:
-        dW = torch.mm(dy2.t(), x.reshape(-1, in_f))
-    if need_b:
-        db = dy2.sum(0)
+    dW, db = _base_grads(dy2, x.reshape(-1, in_f) if need_w else None, need_b)
     return dx, dW, db, dh, dB, None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 from torch.fx import GraphModule
@@ -225,15 +225,21 @@ def resolve_units(gm: GraphModule, targets: Sequence[str | type]) -> tuple[str, 
     targets = module_targets(targets, "units")
     types = dict(getattr(gm, "meta", {}).get(MODULE_TYPES_META) or {})
     modules = {n: types.get(n, type(m)) for n, m in gm.named_modules() if n}
+    return tuple(_outermost_selected(targets, modules, "units"))
+
+
+def _outermost_selected(targets: Sequence[str | type], modules: dict[str, type], what: str) -> list[str]:
+    """The paths of ``modules`` (path -> type) that ``targets`` select, outermost first, in order; a
+    target that selects none is a RuleError naming ``what[i]`` and the closest names."""
     chosen: list[str] = []
     for i, target in enumerate(targets):
         hits = [n for n, t in modules.items() if target_matches(target, n, t)]
         if not hits:
             shown = target.__name__ if isinstance(target, type) else repr(target)
             close = difflib.get_close_matches(str(target), list(modules), n=4, cutoff=0.4)
-            raise RuleError(f"units[{i}] = {shown} selects no module. Closest names: {', '.join(close) or 'none'}.")
+            raise RuleError(f"{what}[{i}] = {shown} selects no module. Closest names: {', '.join(close) or 'none'}.")
         chosen.extend(h for h in hits if h not in chosen)
-    return tuple(p for p in chosen if not any(p.startswith(q + ".") for q in chosen if q != p))
+    return [p for p in chosen if not any(p.startswith(q + ".") for q in chosen if q != p)]
 
 
 def train_module_copy(path: str, adapter: str) -> str:
@@ -265,15 +271,7 @@ def resolve_train_modules(
         n for n in gm.graph.nodes
         if n.op in ("call_module", "get_attr") and (node_info(n) is None or node_info(n)["role"] == BASE)
     ]
-    chosen: list[str] = []
-    for i, target in enumerate(targets):
-        hits = [n for n, t in modules.items() if target_matches(target, n, t)]
-        if not hits:
-            shown = target.__name__ if isinstance(target, type) else repr(target)
-            close = difflib.get_close_matches(str(target), list(modules), n=4, cutoff=0.4)
-            raise RuleError(f"train_modules[{i}] = {shown} selects no module. Closest names: {', '.join(close) or 'none'}.")
-        chosen.extend(h for h in hits if h not in chosen)
-    outermost = [p for p in chosen if not any(p.startswith(q + ".") for q in chosen if q != p)]
+    outermost = _outermost_selected(targets, modules, "train_modules")
     sites = list(site_names) + [s for specs in adapters_of(gm).values() for s in specs]
     targets_read = [(n, n.meta.get("fxlora_train", n.target)) for n in reads]  # as the model reads them
     for path in outermost:
@@ -585,12 +583,7 @@ def _make_spec(gm: GraphModule, cand: Candidate, rule: Rule, rule_index: int, ad
         weight_shape=shape,
         in_features=in_f,
         out_features=out_f,
-        r=rule.r,
-        alpha=rule.alpha,
-        dropout=dropout,
-        rule=repr(rule),
-        rule_index=rule_index,
-        rule_target=rule.target_text,
+        **_rule_fields(rule, rule_index, dropout),
         enable_lora=rule.enable_lora,
         fan_in_fan_out=fan,
         op=dict(cand.op),
@@ -639,14 +632,21 @@ def _make_tied_spec(gm: GraphModule, members: Sequence[Candidate], rule: Rule, r
         weight_shape=(rows, cols),
         in_features=cols,
         out_features=rows,
-        r=rule.r,
-        alpha=rule.alpha,
-        dropout=dropout,
-        rule=repr(rule),
-        rule_index=rule_index,
-        rule_target=rule.target_text,
+        **_rule_fields(rule, rule_index, dropout),
         enable_lora=None,
         fan_in_fan_out=False,
         op={"uses": uses, "first_use": first.kind, "names": tuple(dict.fromkeys(n for m in members for n in m.names))},
         adapter=adapter,
     )
+
+
+def _rule_fields(rule: Rule, rule_index: int, dropout: float) -> dict[str, Any]:
+    """The fields of a :class:`SiteSpec` that come from the rule that selected the site."""
+    return {
+        "r": rule.r,
+        "alpha": rule.alpha,
+        "dropout": dropout,
+        "rule": repr(rule),
+        "rule_index": rule_index,
+        "rule_target": rule.target_text,
+    }

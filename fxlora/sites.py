@@ -618,29 +618,23 @@ def _functional_candidate(
             "scale_grad_by_freq": bool(args.get("scale_grad_by_freq", False)),
             "sparse": bool(args.get("sparse", False)),
         }
-    elif site_op.kind == "conv_transpose" or args.get("transposed"):
-        ndim = weight.dim() - 2
-        cand.kind = "conv_transpose"
-        cand.op = {
-            "stride": _tuple(args.get("stride"), 1, ndim),
-            "padding": _tuple(args.get("padding"), 0, ndim),
-            "output_padding": _tuple(args.get("output_padding"), 0, ndim),
-            "dilation": _tuple(args.get("dilation"), 1, ndim),
-            "groups": int(args.get("groups") or 1),
-        }
-        if isinstance(cand.op["padding"], str):
-            cand.kind, cand.reason = None, f"{cand.type_name} with padding={cand.op['padding']!r}"
-            return cand
     else:
         ndim = weight.dim() - 2
-        cand.kind = "conv"
         cand.op = {
             "stride": _tuple(args.get("stride"), 1, ndim),
             "padding": _tuple(args.get("padding"), 0, ndim),
             "dilation": _tuple(args.get("dilation"), 1, ndim),
             "groups": int(args.get("groups") or 1),
-            "padding_mode": "zeros",
         }
+        if site_op.kind == "conv_transpose" or args.get("transposed"):
+            cand.kind = "conv_transpose"
+            cand.op["output_padding"] = _tuple(args.get("output_padding"), 0, ndim)
+            if isinstance(cand.op["padding"], str):
+                cand.kind, cand.reason = None, f"{cand.type_name} with padding={cand.op['padding']!r}"
+                return cand
+        else:
+            cand.kind = "conv"
+            cand.op["padding_mode"] = "zeros"
     if site_op.bias is not None:
         bias = weight_source(gm, args.get(site_op.bias))
         cand.bias = bias[0] if bias is not None and not bias[1] else None

@@ -158,19 +158,23 @@ def stack_factors(gm: GraphModule, layout: ServedSite, adapters: list[str]) -> t
     return A, B, scale, slices
 
 
+def _slot(gm: GraphModule, adapter: str):
+    """``(spec, layout, A, B)`` for each site ``adapter`` adapts in a served module: ``A`` and ``B`` are
+    views of its slot of the site's stacks."""
+    served = provenance.adapter_state(gm)["served"]
+    slot = served["adapters"].index(adapter)
+    for layout in served["sites"].values():
+        spec = layout.specs.get(adapter)
+        if spec is not None:
+            yield spec, layout, gm.get_parameter(layout.A)[slot], gm.get_parameter(layout.B)[slot]
+
+
 def read_slot(gm: GraphModule, adapter: str) -> dict[str, torch.Tensor]:
     """``adapter``'s own factors, by the names its spec gives them (``q.lora_A_b``), read out of its slot
     of a served module's stacks (views: the compact ``(r*k, in)`` / ``(o*k, r)`` layouts)."""
-    served = provenance.adapter_state(gm)["served"]
-    slot = served["adapters"].index(adapter)
     out = {}
-    for layout in served["sites"].values():
-        spec = layout.specs.get(adapter)
-        if spec is None:
-            continue
-        A, B = gm.get_parameter(layout.A)[slot], gm.get_parameter(layout.B)[slot]
-        R, o = layout.rank, layout.rows
-        blocks = layout.block_of[adapter]
+    for spec, layout, A, B in _slot(gm, adapter):
+        R, o, blocks = layout.rank, layout.rows, layout.block_of[adapter]
         out[spec.lora_A] = torch.cat([A[b * R : b * R + spec.r] for b in blocks], 0)
         out[spec.lora_B] = torch.cat([B[b * o : (b + 1) * o, : spec.r] for b in blocks], 0)
     return out
@@ -179,14 +183,8 @@ def read_slot(gm: GraphModule, adapter: str) -> dict[str, torch.Tensor]:
 def write_slot(gm: GraphModule, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
     """Copy ``adapter``'s factors (named as :func:`read_slot` names them) into its slot, in place: the
     graph and the stacks' identities do not change, so a compiled served module is not recompiled."""
-    served = provenance.adapter_state(gm)["served"]
-    slot = served["adapters"].index(adapter)
     with torch.no_grad():
-        for layout in served["sites"].values():
-            spec = layout.specs.get(adapter)
-            if spec is None:
-                continue
-            A, B = gm.get_parameter(layout.A)[slot], gm.get_parameter(layout.B)[slot]
+        for spec, layout, A, B in _slot(gm, adapter):
             R, o = layout.rank, layout.rows
             for g, b in enumerate(layout.block_of[adapter]):
                 if spec.lora_A in tensors:

@@ -12,7 +12,7 @@ import time
 import fxlora
 import pytest
 import torch
-from fxlora import CheckpointError, Rule, files
+from fxlora import CheckpointError, Rule
 from torch import nn
 
 from processes import Deadline, die_at, fork, forever, kill, kill_loop, two_versions, version_of, wait

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import stat
-import time
 
 import fxlora
 import loralib

@@ -53,10 +53,8 @@ pair (both compiles must fit: a ratio needs both; estimated from the compiles do
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,9 +62,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import fxlora
 from fxlora.tools import results
 from fxlora.tools.benchkit import (
     DTYPES,
@@ -76,17 +71,22 @@ from fxlora.tools.benchkit import (
     Log,
     allowed,
     build_model,
-    hard_deadline,
+    finish,
     interleave,
     markdown,
     module_bytes,
     peak_bytes,
     ratio,
     rel_err,
+    run_models,
+    start,
     sync,
     timed,
     versions,
 )
+from torch import nn
+
+import fxlora
 
 R, ALPHA = 16, 32
 LORA_IMPLS = ("loralib", "PEFT", "fxlora")
@@ -747,13 +747,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be float32
         torch.backends.cudnn.allow_tf32 = False
 
-    log = Log()
-    errors = Errors(log)
-    budget = Budget(log, a.budget_s)
-    hard_deadline(None if a.budget_s is None else a.budget_s + a.grace_s, log)
-    dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
+    log, errors, budget, dev_name = start(a.device, a.budget_s, a.grace_s)
     log(f"bench on {dev_name}, {a.dtype}, compile backend {a.compile_backend}; {versions()}")
-    all_res, notes = [], []
+    notes: list[str] = []
 
     def payload(models: list[dict[str, Any]], text: str | None, partial: bool) -> dict[str, Any]:
         return {
@@ -766,32 +762,17 @@ def main(argv: list[str] | None = None) -> int:
             "models": models, "notes": notes, "errors": list(errors), "seconds": log.elapsed(), "markdown": text,
         }
 
-    def checkpoint() -> None:  # a run killed later still leaves its results so far
-        if a.out:
-            with contextlib.redirect_stdout(io.StringIO()):
-                results.write(a.out, payload(all_res, None, True), script=__file__, argv=argv)
+    def write(models: list[dict[str, Any]], text: str | None, partial: bool) -> None:
+        results.write(a.out, payload(models, text, partial), script=__file__, argv=argv)
 
-    for m in wanted:
-        if not budget.allows(f"model {m}", needs=30 if a.small else 60, notes=notes):
-            errors.append({"row": m, "error": "skipped: time budget"})
-            continue
-        res: dict[str, Any] = {"model": m}
-        all_res.append(res)
-        with errors.guard(f"model {m}"):
-            run_model(by_name[m], a, log, errors, budget, lambda _: checkpoint(), res)
-        gc.collect()
-        if a.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+    all_res = run_models(wanted, lambda m, res, checkpoint: run_model(by_name[m], a, log, errors, budget, checkpoint, res),
+                         write, device=a.device, small=a.small, errors=errors, budget=budget, notes=notes)
     text = tables(all_res)
     print(text, flush=True)
     if a.plot:
         with errors.guard("plot"):
             plot(all_res, a.plot, log, notes)
-    if errors:
-        print("\nfailures:\n" + "\n".join(f"- {e['row']}: {e['error']}" for e in errors), flush=True)
-    results.write(a.out, payload(all_res, text, False), script=__file__, argv=argv)
-    log(f"done in {log.elapsed():.0f} s")
-    return 1 if errors else 0
+    return finish(all_res, text, errors, write, log)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fxlora.tools import results
 
 import fxlora
-from fxlora.tools import results
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

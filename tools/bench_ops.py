@@ -38,9 +38,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from fxlora.tools import results
 
 from fxlora import ops
-from fxlora.tools import results
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # (model, T, in, out, bias)

@@ -56,17 +56,13 @@ after it; a row still running ``--grace-s`` (90 s) after it is interrupted, repo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
-import io
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-
-import fxlora
 from fxlora.tools import results
 from fxlora.tools.benchkit import (
     DTYPES,
@@ -76,14 +72,18 @@ from fxlora.tools.benchkit import (
     Log,
     allowed,
     build_model,
-    hard_deadline,
+    finish,
     interleave,
     markdown,
     peak_bytes,
     ratio,
     rel_err,
+    run_models,
+    start,
     versions,
 )
+
+import fxlora
 
 PREFILL_ROWS = ("fxlora mixed", "fxlora single", "base graph", "base HF", "PEFT single", "PEFT mixed")
 DECODE_ROWS = ("fxlora mixed", "fxlora single", "base graph", "PEFT mixed", "base HF")
@@ -481,13 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         if m not in MODELS:
             p.error(f"unknown model {m!r}: use {', '.join(MODELS)}")
 
-    log = Log()
-    errors = Errors(log)
-    budget = Budget(log, a.budget_s)
-    hard_deadline(None if a.budget_s is None else a.budget_s + a.grace_s, log)
-    dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
+    log, errors, budget, dev_name = start(a.device, a.budget_s, a.grace_s)
     log(f"bench_serve on {dev_name}, {a.dtype}; {versions()}")
-    all_res: list[dict[str, Any]] = []
 
     def payload(models: list[dict[str, Any]], text: str | None, partial: bool) -> dict[str, Any]:
         return {
@@ -498,29 +493,14 @@ def main(argv: list[str] | None = None) -> int:
             "models": models, "errors": list(errors), "seconds": log.elapsed(), "markdown": text,
         }
 
-    def checkpoint() -> None:  # a run killed later still leaves its results so far
-        if a.out:
-            with contextlib.redirect_stdout(io.StringIO()):
-                results.write(a.out, payload(all_res, None, True), script=__file__, argv=argv)
+    def write(models: list[dict[str, Any]], text: str | None, partial: bool) -> None:
+        results.write(a.out, payload(models, text, partial), script=__file__, argv=argv)
 
-    for m in models:
-        if not budget.allows(f"model {m}", needs=30 if small else 60):
-            errors.append({"row": m, "error": "skipped: time budget"})
-            continue
-        res: dict[str, Any] = {"model": m}
-        all_res.append(res)
-        with errors.guard(f"model {m}"):
-            run_model(m, a, log, errors, budget, lambda _: checkpoint(), res)
-        gc.collect()
-        if a.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+    all_res = run_models(models, lambda m, res, checkpoint: run_model(m, a, log, errors, budget, checkpoint, res),
+                         write, device=a.device, small=small, errors=errors, budget=budget)
     text = tables(all_res)
     print(text, flush=True)
-    if errors:
-        print("\nfailures:\n" + "\n".join(f"- {e['row']}: {e['error']}" for e in errors), flush=True)
-    results.write(a.out, payload(all_res, text, False), script=__file__, argv=argv)
-    log(f"done in {log.elapsed():.0f} s")
-    return 1 if errors else 0
+    return finish(all_res, text, errors, write, log)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Nothing here is fxlora-specific; it is kept small so that a partial log of a GPU
 from __future__ import annotations
 
 import contextlib
+import gc
+import io
 import statistics
 import sys
 import time
@@ -269,3 +271,56 @@ def hard_deadline(seconds: float | None, log: Log) -> None:
 
     signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds - log.elapsed()))
+
+
+def run_models(
+    names: list[str],
+    run_one: Callable[[str, dict[str, Any], Callable[[Any], None]], None],
+    write: Callable[[list[dict[str, Any]], str | None, bool], None],
+    *,
+    device: str,
+    small: bool,
+    errors: Errors,
+    budget: Budget,
+    notes: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``run_one(name, res, checkpoint)`` for each model the budget allows, each a row of its own
+    (a failure is recorded in ``errors`` and the run goes on), and return the results.  ``checkpoint``
+    writes the results so far through ``write(results, None, True)`` (partial), so that a run killed
+    later still leaves them."""
+    results: list[dict[str, Any]] = []
+
+    def checkpoint(_: Any = None) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            write(results, None, True)
+
+    for name in names:
+        if not budget.allows(f"model {name}", needs=30 if small else 60, notes=notes):
+            errors.append({"row": name, "error": "skipped: time budget"})
+            continue
+        res: dict[str, Any] = {"model": name}
+        results.append(res)
+        with errors.guard(f"model {name}"):
+            run_one(name, res, checkpoint)
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+def finish(results: list[dict[str, Any]], text: str, errors: Errors, write: Callable[..., None], log: Log) -> int:
+    """The end of a run: the failures listed, the results file written (not partial), 1 if any row failed."""
+    if errors:
+        print("\nfailures:\n" + "\n".join(f"- {e['row']}: {e['error']}" for e in errors), flush=True)
+    write(results, text, False)
+    log(f"done in {log.elapsed():.0f} s")
+    return 1 if errors else 0
+
+
+def start(device: str, budget_s: float | None, grace_s: float) -> tuple[Log, Errors, Budget, str]:
+    """The log, the row errors and the time budget of a run (killed ``grace_s`` after the budget), and the
+    device's name."""
+    log = Log()
+    hard_deadline(None if budget_s is None else budget_s + grace_s, log)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    return log, Errors(log), Budget(log, budget_s), name
