@@ -38,7 +38,12 @@ from .named_adapters import (
     unload,
 )
 from .options import CaptureOptions
-from .peft_format import load_peft_adapter, peft_rules, peft_train_modules, save_peft_adapter
+from .peft_format import (
+    load_peft_adapter,
+    peft_rules,
+    peft_train_modules,
+    save_peft_adapter,
+)
 from .pipeline import capture, plan, rewrite
 from .provenance import graph_sites
 from .reporting import Report, report
@@ -95,13 +100,6 @@ __all__ = [
     "generation",
     "zoo",
     # the exceptions (fxlora.errors)
-    "FxLoraError",
-    "ArgumentError",
-    "RuleError",
-    "TraceError",
-    "CheckpointError",
-    "FoldError",
-    "ExportError",
-    "NotRewrittenError",
-    "LoraOpError",
+    "FxLoraError", "ArgumentError", "RuleError", "TraceError", "CheckpointError", "FoldError", "ExportError",
+    "NotRewrittenError", "LoraOpError",
 ]

@@ -30,8 +30,8 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch.fx.graph import _custom_builtins, _PyTreeCodeGen, _register_custom_builtin
 from torch.fx import GraphModule
+from torch.fx.graph import _custom_builtins, _PyTreeCodeGen, _register_custom_builtin
 from torch.utils import _pytree as pytree
 
 from .errors import ArgumentError

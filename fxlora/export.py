@@ -186,6 +186,16 @@ def _run(module: Any, inputs: tuple[Any, ...], kwargs: dict[str, Any], what: str
         ) from e
 
 
+def _checked_call(
+    folded: nn.Module, example_inputs: Any, example_kwargs: Any, atol: float | None, rtol: float | None, what: str
+) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """The exporter's arguments checked, and ``(inputs, kwargs, output)`` of the folded module's example call."""
+    _check_module(folded, what)
+    _check_tolerance(atol, rtol, what)
+    inputs, kwargs = _as_tuple(example_inputs), _as_kwargs(example_kwargs, what)
+    return inputs, kwargs, _run(folded, inputs, kwargs, what)
+
+
 def _traceable(module: nn.Module) -> nn.Module:
     """``module`` as torch.export should see it.  torch.export runs a ``GraphModule`` through an FX
     interpreter, fed with the flattened call, which skips its generated ``forward`` (and with it the
@@ -213,10 +223,7 @@ def to_exported_program(
     program (loaded back with ``torch.export.load``) against the module.  The program is called as it
     was exported (``program.module()(*example_inputs, **example_kwargs)``)."""
     what = "to_exported_program"
-    _check_module(folded, what)
-    _check_tolerance(atol, rtol, what)
-    inputs, kwargs = _as_tuple(example_inputs), _as_kwargs(example_kwargs, what)
-    expected = _run(folded, inputs, kwargs, what)
+    inputs, kwargs, expected = _checked_call(folded, example_inputs, example_kwargs, atol, rtol, what)
     with _staged(path, what) as tmp:
         ep = torch.export.export(_traceable(folded), inputs, kwargs, dynamic_shapes=dynamic_shapes)
         torch.export.save(ep, tmp)
@@ -423,11 +430,8 @@ def to_onnx(
     ``aten._grouped_mm``) are written with a per-row gather and ``bmm`` (as transformers' ``batched_mm``
     experts run) before the translation."""
     what = "to_onnx"
-    _check_module(folded, what)
-    _check_tolerance(atol, rtol, what)
     onnx, ort = _require_onnx()
-    inputs, kwargs = _as_tuple(example_inputs), _as_kwargs(example_kwargs, what)
-    expected = _run(folded, inputs, kwargs, what)
+    inputs, kwargs, expected = _checked_call(folded, example_inputs, example_kwargs, atol, rtol, what)
     output_names = _leaf_names(expected) if not isinstance(expected, (torch.Tensor, tuple, list)) else None
     flat = [t for t in pytree.tree_leaves((inputs, kwargs)) if isinstance(t, torch.Tensor)]
     named = dict(zip(_input_names(folded, inputs, kwargs), flat))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -25,7 +25,14 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .distributed import full, plain_class
 from .errors import ArgumentError, CheckpointError
 from .passes import FoldPass, InlineUnits, merged_weights
-from .provenance import active_adapters, adapter_state, adapters_of, graph_sites, require_sites
+from .provenance import (
+    active_adapters,
+    adapter_state,
+    adapters_of,
+    graph_sites,
+    require_sites,
+)
+from .quantized import is_quantized
 from .tracing import copy_graph_module
 
 __all__ = ["fold", "load_folded"]
@@ -34,7 +41,11 @@ _TEMPLATE = "_fxlora_fold_template"
 
 
 def fold(
-    gm: GraphModule, *, dtype: torch.dtype | None = None, adapters: Mapping[str, float] | None = None
+    gm: GraphModule,
+    *,
+    dtype: torch.dtype | None = None,
+    adapters: Mapping[str, float] | None = None,
+    requantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GraphModule:
     """A new plain ``GraphModule`` with the LoRA updates folded into the weights.
 
@@ -44,17 +55,42 @@ def fold(
     or to the base weight's dtype.  A folded adapter's fully trained modules (``train_modules``) take
     the place of the model's.  The result has the base model's graph and state-dict keys; tensors that
     were not adapted share storage with ``gm``, and ``gm`` itself is not modified.
+
+    A quantized base weight (:mod:`fxlora.quantized`) is dequantized before merging, so its merged weight
+    is dense, in the weight's compute dtype (or ``dtype``); ``requantize`` (a function of the dense merged
+    weight, such as ``torchao.quantization.to_nf4``) quantizes it again.  Quantized weights that were not
+    adapted stay as they are, also with ``dtype``.
     """
     require_sites(gm, "fold")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ArgumentError(f"fold(dtype=...) must be a floating-point torch.dtype, got {dtype!r}.")
+    if requantize is not None and not callable(requantize):
+        raise ArgumentError(
+            f"fold(requantize=...) takes a function of the dense merged weight (e.g. torchao.quantization.to_nf4), "
+            f"got {type(requantize).__name__}."
+        )
     weights = _weights(gm, adapters)
     template = _template(gm)
-    merged = merged_weights(gm, weights, dtype)
+    merged = merged_weights(gm, weights, dtype, requantize)
     out = _instantiate(template, gm, merged, _sources(gm, weights))
     if dtype is not None:
-        out.to(dtype)
+        _cast(out, dtype)
     return out
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` for its dense floating-point tensors (a tensor under several names stays one);
+    quantized ones stay as they are."""
+    memo: dict[int, torch.Tensor] = {}
+    for mod in module.modules():
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                if t is None or is_quantized(t) or not t.is_floating_point() or t.dtype == dtype:
+                    continue
+                if id(t) not in memo:
+                    cast = t.detach().to(dtype)
+                    memo[id(t)] = nn.Parameter(cast, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cast
+                table[key] = memo[id(t)]
 
 
 def _weights(gm: GraphModule, adapters: Mapping[str, float] | None) -> dict[str, float]:

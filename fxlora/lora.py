@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SiteSpec", "Call", "kind_of", "init_factors", "delta_weight", "merged_weight", "fold_fidelity", "DEFAULT_ADAPTER", "KINDS"]
+__all__ = ["SiteSpec", "Call", "kind_of", "init_factors", "delta_weight", "merged_weight", "fold_fidelity", "update_survival", "DEFAULT_ADAPTER", "KINDS"]
 
 #: The name of the adapter :func:`fxlora.rewrite` creates unless told otherwise.
 DEFAULT_ADAPTER = "default"
@@ -449,6 +449,13 @@ def fold_fidelity(
     ref = delta_weight(A, B, spec)
     base = W.detach().to(dtype).float()
     effective = (W.detach().float() + ref).to(dtype).float() - base
+    return update_survival(effective, ref)
+
+
+def update_survival(effective: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(erased, rel_error)`` of an update ``effective`` that a folded model applies in place of the float32
+    update ``ref``: the fraction of ``ref``'s non-zero entries where ``effective`` is zero, and
+    ``|effective - ref|_F / |ref|_F`` (both 0 for a zero update)."""
     nonzero = ref != 0
     count = int(nonzero.sum())
     if count == 0:

@@ -39,8 +39,8 @@ from .errors import ArgumentError, CheckpointError
 from .lora import SiteSpec
 from .patterns import Pattern, compile_pattern
 from .provenance import adapter_state
-from .rules import Rule
 from .resolution import canonical_name
+from .rules import Rule
 from .state import adapter_sites as resolve_adapter
 from .state import load_into, lora_state_dict, tensors_for_file
 

@@ -32,8 +32,8 @@ from .resolution import (
     warn_unreached,
 )
 from .rules import Rule, as_rules
-from .ties import check_tied_mode
 from .state import BIAS_MODES, mark_only_lora_as_trainable
+from .ties import check_tied_mode
 from .tracing import copy_graph_module, export_capture, keep_state_keys, trace
 
 __all__ = ["capture", "plan", "rewrite"]

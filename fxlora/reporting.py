@@ -13,7 +13,7 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tabulate import tabulate
@@ -25,6 +25,7 @@ from .lora import SiteSpec, fold_fidelity, kind_of
 from .options import CaptureOptions
 from .pipeline import plan as make_plan
 from .provenance import active_adapters, adapter_state, adapters_of, graph_sites
+from .quantized import dense, is_quantized, requantize_fidelity, stored_bytes
 from .resolution import Plan
 from .rules import Rule
 
@@ -71,6 +72,7 @@ class Report:
     model_bytes: int  # the base model's parameter bytes at its dtypes
     adapted: bool  # rules were given (or the module is rewritten)
     fidelity_dtype: torch.dtype | None = None
+    fidelity_quantizer: str | None = None  # fidelity of re-quantizing with this function (fxlora.quantized)
     trained: dict[str, int] = field(default_factory=dict)  # modules trained in full (train_modules): parameters
 
     @property
@@ -125,6 +127,7 @@ class Report:
             "sites": rows,
             "totals": self.totals(),
             "fidelity_dtype": None if self.fidelity_dtype is None else str(self.fidelity_dtype),
+            "fidelity_quantizer": self.fidelity_quantizer,
         }
 
     # -- rendering ------------------------------------------------------------------------------
@@ -132,6 +135,8 @@ class Report:
         h = ["site", "kind", "weight", "rule", "r", "alpha", "enable_lora", "base params", "LoRA params"]
         if self.fidelity_dtype is not None:
             h += [f"erased in {_dtype_name(self.fidelity_dtype)}", "rel. error"]
+        elif self.fidelity_quantizer is not None:
+            h += [f"erased by {self.fidelity_quantizer}", "rel. error"]
         return h
 
     def _cells(self, row: ReportRow) -> list[Any]:
@@ -146,7 +151,7 @@ class Report:
             f"{row.base_params:,}",
             f"{row.lora_params:,}",
         ]
-        if self.fidelity_dtype is not None:
+        if self.fidelity_dtype is not None or self.fidelity_quantizer is not None:
             cells += [_pct(row.erased), _pct(row.rel_error)]
         return cells
 
@@ -259,14 +264,14 @@ def _row(
 
 def _model_totals(module: nn.Module, exclude: set[str]) -> tuple[int, int]:
     params = [p for n, p in module.named_parameters() if n not in exclude]
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+    return sum(p.numel() for p in params), sum(stored_bytes(p) for p in params)
 
 
 def report(
     model: nn.Module | Plan,
     rules: Rule | Sequence[Rule] | None = None,
     *,
-    fidelity: torch.dtype | None = None,
+    fidelity: torch.dtype | Callable[[torch.Tensor], torch.Tensor] | None = None,
     train_modules: Sequence[str | type] | None = None,
     capture: CaptureOptions | str | None = None,
     **capture_kwargs: Any,
@@ -275,8 +280,15 @@ def report(
 
     ``model`` may be a model (captured and planned by :func:`fxlora.plan`, with the same capture options),
     a :class:`~fxlora.resolution.Plan`, or a module returned by :func:`fxlora.rewrite` (its sites, and
-    with ``fidelity=dtype`` how much of each update survives folding into ``dtype`` weights).
+    with ``fidelity=dtype`` how much of each update survives folding into ``dtype`` weights; with
+    ``fidelity=fn``, a quantizer such as ``torchao.quantization.to_nf4``, how much survives
+    ``fold(gm, requantize=fn)`` at each site whose base weight is quantized, the other sites left blank).
     """
+    quantizer = fidelity if callable(fidelity) and not isinstance(fidelity, torch.dtype) else None
+    if fidelity is not None and quantizer is None and not isinstance(fidelity, torch.dtype):
+        raise ArgumentError(
+            f"fidelity must be a torch.dtype or a quantizing function (fold's requantize), got {type(fidelity).__name__}."
+        )
     sites = {s.name: s for name in active_adapters(model) for s in adapters_of(model)[name].values()} or graph_sites(model)
     if sites:
         if rules is not None or train_modules:
@@ -285,16 +297,21 @@ def report(
         rows = []
         for spec in sites.values():
             A, B = model.get_parameter(spec.lora_A), model.get_parameter(spec.lora_B)
-            fid = None
-            if fidelity is not None:
-                fid = fold_fidelity(model.get_parameter(spec.weight), A, B, spec, fidelity)
+            fid, W = None, model.get_parameter(spec.weight)
+            if quantizer is not None:
+                fid = requantize_fidelity(W, A, B, spec, quantizer) if is_quantized(W) else None
+            elif fidelity is not None:
+                fid = fold_fidelity(dense(W, f"the weight of site '{spec.name}'"), A, B, spec, fidelity)
             rows.append(_row(model, spec, A.numel() + B.numel(), fid))
         copies = [c for name in active_adapters(model) for c in adapter_state(model).get("train_modules", {}).get(name, {}).items()]
         trained = {path: sum(p.numel() for p in model.get_submodule(copy).parameters()) for path, copy in copies}
         every_copy = {c for record in adapter_state(model).get("train_modules", {}).values() for c in record.values()}
         excluded = lora | {n for n, _ in model.named_parameters() if any(n.startswith(c + ".") for c in every_copy)}
         base, nbytes = _model_totals(model, excluded)
-        return Report(rows, base, nbytes, adapted=True, fidelity_dtype=fidelity, trained=trained)
+        return Report(
+            rows, base, nbytes, adapted=True, trained=trained, fidelity_dtype=None if quantizer else fidelity,
+            fidelity_quantizer=None if quantizer is None else getattr(quantizer, "__name__", "requantize"),
+        )
 
     if fidelity is not None:
         raise ArgumentError(

@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 from .errors import ArgumentError, RuleError
 from .lora import DEFAULT_ADAPTER, SiteSpec
 from .provenance import BASE, adapters_of, node_info
+from .quantized import is_quantized
 from .rules import Rule, module_targets, target_matches
 from .sites import SUPPORTED, Candidate, find_candidates, op_name, try_submodule
 from .ties import check_tied_mode, tie_groups, weight_uses
@@ -410,6 +411,13 @@ def _why_not_a_site(name: str, root: nn.Module, candidates: Sequence[Candidate],
         return f"'{name}' ({type_name} is a container, not a site{hint})"
     if facts.export:
         reads = facts.ops_reading(name)
+        quantized = [n for n, p in (mod.named_parameters(recurse=False) if mod is not None else ()) if is_quantized(p)]
+        if quantized:
+            return (
+                f"'{name}' ({type_name}: its {quantized[0]} is a quantized {type(getattr(mod, quantized[0])).__name__}, "
+                "which torch.export flattens into its inner tensors; fxlora adapts quantized weights in symbolically "
+                "traced graphs: capture='symbolic')"
+            )
         if reads:
             return (
                 f"'{name}' ({type_name}: in the torch.export graph its weights are read by {'; '.join(reads[:3])}, "

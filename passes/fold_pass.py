@@ -14,7 +14,7 @@ original graph module, its LoRA parameters and its base weights bit-identical.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from fxlora import provenance
 from fxlora.distributed import full
 from fxlora.errors import FoldError
 from fxlora.lora import merged_weight
+from fxlora.quantized import dense, is_quantized, requantized
 
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
 from .train_modules import adopt_copy, drop_copies, restore, trained_by
@@ -39,10 +40,16 @@ class FoldPass(FxLoraPass):
 
     name = "fold"
 
-    def __init__(self, dtype: torch.dtype | None = None, weights: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        dtype: torch.dtype | None = None,
+        weights: Mapping[str, float] | None = None,
+        requantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.dtype = dtype
         self.weights = None if weights is None else dict(weights)
+        self.requantize = requantize
 
     def requires(self, gm: GraphModule) -> None:
         super().requires(gm)
@@ -56,7 +63,7 @@ class FoldPass(FxLoraPass):
             return PassResult(gm, False)
         weights = self.weights if self.weights is not None else {a: 1.0 for a in provenance.active_adapters(gm)}
 
-        merged = merged_weights(gm, weights, self.dtype)  # computed and checked before anything changes
+        merged = merged_weights(gm, weights, self.dtype, self.requantize)  # computed and checked before anything changes
 
         aliases = defaultdict(list)  # a tied weight is registered under several names: replace it at each
         for name, p in gm.named_parameters(remove_duplicate=False):
@@ -107,9 +114,16 @@ class FoldPass(FxLoraPass):
         )
 
 
-def merged_weights(gm: GraphModule, weights: Mapping[str, float], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def merged_weights(
+    gm: GraphModule,
+    weights: Mapping[str, float],
+    dtype: torch.dtype | None = None,
+    requantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """weight name -> ``W + sum(coeff * delta)`` over the adapters in ``weights`` (name -> coefficient),
-    computed by :func:`fxlora.lora.merged_weight` and checked finite (:class:`FoldError` otherwise)."""
+    computed by :func:`fxlora.lora.merged_weight` and checked finite (:class:`FoldError` otherwise).  A
+    quantized ``W`` (:mod:`fxlora.quantized`) is dequantized first, and the merged weight quantized again
+    with ``requantize`` when it is given."""
     adapters = provenance.adapters_of(gm)
     updates: dict[str, list] = defaultdict(list)  # weight name -> [(A, B, spec, coeff)]
     for name, coeff in weights.items():
@@ -118,17 +132,26 @@ def merged_weights(gm: GraphModule, weights: Mapping[str, float], dtype: torch.d
             updates[spec.weight].append((A, B, spec, coeff))
     merged: dict[str, torch.Tensor] = {}
     for weight, terms in updates.items():
-        w = merged_weight(full(gm.get_parameter(weight)), terms, dtype=dtype)
+        spec = terms[0][2]
+        W = full(gm.get_parameter(weight))
+        what = f"the weight '{weight}' of site '{spec.name}'"
+        w = merged_weight(dense(W, what), terms, dtype=dtype)
         if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
-            spec = terms[0][2]
             raise FoldError(
                 f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its lora_A/lora_B or base "
                 "weight hold NaN or Inf (diverged training?). Nothing was folded; reload a good checkpoint."
             )
+        if requantize is not None and is_quantized(W):
+            w = requantized(w, requantize, what)
         merged[weight] = w
     return merged
 
 
-def fold(gm: GraphModule, dtype: torch.dtype | None = None, weights: Mapping[str, float] | None = None) -> PassResult:
+def fold(
+    gm: GraphModule,
+    dtype: torch.dtype | None = None,
+    weights: Mapping[str, float] | None = None,
+    requantize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> PassResult:
     """Run :class:`FoldPass` on ``gm`` (in place)."""
-    return FoldPass(dtype, weights)(gm)
+    return FoldPass(dtype, weights, requantize)(gm)
