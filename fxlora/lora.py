@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
+from fxlora.errors import ArgumentError
+
 __all__ = ["SiteSpec", "Call", "kind_of", "init_factors", "delta_weight", "merged_weight", "fold_fidelity", "update_survival", "DEFAULT_ADAPTER", "KINDS"]
 
 #: The name of the adapter :func:`fxlora.rewrite` creates unless told otherwise.
@@ -473,41 +475,87 @@ def update_survival(effective: torch.Tensor, ref: torch.Tensor) -> tuple[float, 
 # dimension, plus one all-zero slot N for samples that run the base model alone:
 #
 #   A_stack   (N+1, R, in)        each adapter's A, zero-padded to the site's largest rank R
-#   B_stack   (N+1, out, R)       each adapter's B (for enable_lora sites: the compact (o*k, r) blocks)
+#   B_stack   (N+1, out, R)       each adapter's B (for enable_lora sites: the compact (o*k, r) blocks),
+#                                 stored out-major so that all slots side by side are one (out, (N+1)*R) view
 #   row_scale (N+1, R)            alpha/r on each adapter's own rank rows, 0 on the padding
 #
-# ``slots`` (one entry per sample) picks each sample's factors; the rank-r products are batched matmuls
-# over the samples, with no loop over adapters.  Scaling ``h`` by ``row_scale`` also zeroes the padding,
-# so padded rows and columns neither contribute nor receive gradients: training a mixed batch trains
-# each sample's own adapter.  Activations must be batch-major (rows of sample 0 first), as in Hugging
-# Face models.
+# ``slots`` (one entry per sample) picks each sample's factors, with no loop over adapters, in one of two
+# equivalent forms chosen by shape (``DENSE_ROWS``):
+#
+#   gather  many rows per sample (prefill, training): each sample's factors gathered by ``slots``, two
+#           batched matmuls over the samples; the extra work is the rank-r products of one adapter.
+#   dense   few rows per sample (decoding): every row against every adapter's A in one GEMM, each row's
+#           products outside its own adapter zeroed (with the scale, one multiply by ``onehot * row_scale``),
+#           and one GEMM against all B side by side that also adds the base output.  It reads each
+#           stack once instead of copying a slot per sample, in as many kernels as a single adapter's branch.
+#
+# Scaling by ``row_scale`` also zeroes the padding, so padded rows and columns neither contribute nor
+# receive gradients: training a mixed batch trains each sample's own adapter.  Activations must be
+# batch-major (rows of sample 0 first), as in Hugging Face models.
+
+DENSE_ROWS = 64
+"""The dense form runs when ``rows per sample * (N+1)`` is at most this (decode steps over a few dozen
+adapters); above it, the extra FLOPs of multiplying every row by every adapter outweigh the gather."""
 
 
-def mixed_rows(x: Any, slots: Any) -> Any:
-    """``x`` (..., features) as (samples, rows per sample, features), batch-major."""
-    return x.reshape(slots.shape[0], -1, x.shape[-1])
+def mixed_onehot(slots: torch.Tensor, slot_count: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(samples, slot_count)``: 1 at each sample's slot (computed once per forward, shared by the sites)."""
+    return F.one_hot(slots, slot_count).to(dtype)
 
 
-def slice_blocks(B_stack: Any, slices: Any, n1: int, k: int, o: int, r: int) -> Any:
-    """Compact enable_lora factors ``(n1, k*o, r)`` -> ``(n1, n*o, k*r)``: slice i of the output reads rank
-    block g when ``slices[i, g]`` is 1 (a one-hot ``(n, k)`` placement), zeros elsewhere."""
-    full = torch.einsum("ig,bgpq->bipgq", slices, B_stack.view(n1, k, o, r))
-    return full.reshape(n1, slices.shape[0] * o, k * r)
+def _rows(x: torch.Tensor, slots: torch.Tensor, site: str, features: bool = True) -> torch.Tensor:
+    """``x`` (..., features) as (samples, rows per sample, features), batch-major (without ``features``:
+    indices, as (samples, rows per sample)); an ArgumentError naming ``site`` when its rows do not split
+    evenly over the samples."""
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() > 1 else x.numel()
+    samples = slots.shape[0]
+    if samples == 0 or rows % samples != 0:
+        raise ArgumentError(
+            f"adapter_ids has {samples} entries, but the input of site '{site}' has {rows} rows, which "
+            "do not split evenly over the samples: give one adapter id per sample of the batch."
+        )
+    return x.reshape(samples, -1, x.shape[-1]) if features else x.reshape(samples, -1)
 
 
-def mixed_linear(x: Any, slots: Any, A_stack: Any, B_stack: Any, row_scale: Any, out_like: Any) -> Any:
-    """The linear branch of each sample's adapter: ``(x_s A_s^T) * scale_s B_s^T``, shaped like ``out_like``."""
-    rows = mixed_rows(x, slots)
+def slice_blocks(B_stack: torch.Tensor, slices: torch.Tensor, *, out_major: bool) -> torch.Tensor:
+    """Compact enable_lora factors ``(n1, k*o, r)`` placed on the output slices: slice i reads rank block g
+    when ``slices[i, g]`` is 1 (a one-hot ``(n, k)`` placement), zeros elsewhere.  ``(n1, n*o, k*r)``, or
+    with ``out_major`` the ``(n*o, n1*k*r)`` matrix of all slots side by side."""
+    n1, ko, r = B_stack.shape
+    n, k = slices.shape
+    o = ko // k
+    if out_major:
+        return torch.einsum("ig,bgpq->ipbgq", slices, B_stack.reshape(n1, k, o, r)).reshape(n * o, n1 * k * r)
+    return torch.einsum("ig,bgpq->bipgq", slices, B_stack.reshape(n1, k, o, r)).reshape(n1, n * o, k * r)
+
+
+def mixed_linear(
+    base: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, onehot: torch.Tensor, A_stack: torch.Tensor,
+    B_stack: torch.Tensor, row_scale: torch.Tensor, slices: torch.Tensor | None = None, *, site: str = "?",
+) -> torch.Tensor:
+    """``base`` plus each sample's linear branch ``(x_s A_s^T) * scale_s B_s^T`` (see the comment above)."""
+    rows = _rows(x, slots, site)
+    samples, per_sample, _ = rows.shape
+    n1, R, _ = A_stack.shape
+    out = base.shape[-1]
+    if per_sample * n1 <= DENSE_ROWS:
+        weights = (onehot.to(row_scale.dtype).unsqueeze(-1) * row_scale).reshape(samples, 1, n1 * R)
+        h = (rows @ A_stack.reshape(n1 * R, -1).T) * weights
+        B_all = B_stack.transpose(0, 1).reshape(-1, n1 * R) if slices is None else slice_blocks(B_stack, slices, out_major=True)
+        return torch.addmm(base.reshape(-1, out), h.reshape(-1, n1 * R), B_all.T).reshape(base.shape)
     h = torch.bmm(rows, A_stack[slots].transpose(1, 2)) * row_scale[slots].unsqueeze(1)
-    return torch.bmm(h, B_stack[slots].transpose(1, 2)).reshape(out_like.shape)
+    B = B_stack if slices is None else slice_blocks(B_stack, slices, out_major=False)
+    return torch.baddbmm(base.reshape(samples, per_sample, out), h, B[slots].transpose(1, 2)).reshape(base.shape)
 
 
 def mixed_embedding(
-    idx: Any, slots: Any, A_stack: Any, B_stack: Any, row_scale: Any, out_like: Any, padding_idx: int | None
-) -> Any:
-    """The embedding branch of each sample's adapter: ``A_s^T[idx] * scale_s B_s^T``, shaped like ``out_like``."""
-    rows = idx.reshape(slots.shape[0], -1)
+    base: torch.Tensor, idx: torch.Tensor, slots: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor,
+    row_scale: torch.Tensor, padding_idx: int | None = None, *, site: str = "?",
+) -> torch.Tensor:
+    """``base`` plus each sample's embedding branch ``A_s^T[idx] * scale_s B_s^T``."""
+    rows = _rows(idx, slots, site, features=False)
     h = A_stack.transpose(1, 2)[slots.unsqueeze(1), rows] * row_scale[slots].unsqueeze(1)
     if padding_idx is not None:  # as F.embedding: the padding row gets no gradient
         h = torch.where((rows == padding_idx).unsqueeze(-1), h.detach(), h)
-    return torch.bmm(h, B_stack[slots].transpose(1, 2)).reshape(out_like.shape)
+    samples, per_sample = rows.shape
+    return torch.baddbmm(base.reshape(samples, per_sample, -1), h, B_stack[slots].transpose(1, 2)).reshape(base.shape)

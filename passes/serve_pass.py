@@ -7,10 +7,12 @@ Given N adapters of a rewritten graph module, this pass
    ``<site>.lora_scale_stack`` ``(N+1, R)``; slot N is all zeros, for samples that run the base model),
    each adapter stored once, zero-padded to the site's largest rank; ``enable_lora`` sites keep their
    compact per-slice blocks (a constant one-hot ``<site>.lora_slices`` places them);
-2. adds an ``adapter_ids`` input (one entry per sample, ``-1`` = base model only) and one node that
-   checks it and maps it to slots;
-3. after every call of every site adds the mixed-batch branch of :mod:`fxlora.lora` (gather each
-   sample's factors by slot, two batched matmuls, no loop over adapters) and the add.
+2. adds an ``adapter_ids`` input (one entry per sample, ``-1`` = base model only), one node that checks it
+   and maps it to slots, and one that one-hot encodes the slots for every site;
+3. after every call of every site adds one call of :func:`fxlora.lora.mixed_linear` (or
+   ``mixed_embedding``): the site's output plus each sample's branch, with no loop over adapters (each
+   sample's factors gathered into batched matmuls, or, for few rows per sample, every adapter in one
+   GEMM with the other adapters' products masked out; see :mod:`fxlora.lora`).
 
 The result is recorded in ``gm.meta["fxlora"]["served"]`` (:class:`ServedSite` per site), which the
 state-dict helpers read to load or save one adapter's slot in place: no graph change, so a compiled
@@ -19,18 +21,16 @@ served module is not recompiled.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node, Proxy
-from torch.fx.proxy import GraphAppendingTracer
+from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from fxlora import calling, provenance
 from fxlora.errors import ArgumentError
-from fxlora.lora import SiteSpec, mixed_embedding, mixed_linear, slice_blocks
+from fxlora.lora import SiteSpec, mixed_embedding, mixed_linear, mixed_onehot
 from fxlora.resolution import canonical_name
 
 from .adapters_pass import drop_branches
@@ -80,25 +80,14 @@ def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
             f"adapter_ids must be a 1-D integer tensor with one entry per sample (an index into the served "
             f"adapters, -1 for the base model), got {got} {shape}."
         )
-    if not torch.compiler.is_compiling() and adapter_ids.numel() and (
-        int(adapter_ids.min()) < -1 or int(adapter_ids.max()) >= num_adapters
-    ):
+    if not torch.compiler.is_compiling() and adapter_ids.numel():
+        low, high = torch.stack(torch.aminmax(adapter_ids)).tolist()  # one device sync
+    if not torch.compiler.is_compiling() and adapter_ids.numel() and (low < -1 or high >= num_adapters):
         raise ArgumentError(
-            f"adapter_ids holds {int(adapter_ids.min())}..{int(adapter_ids.max())}, but this module serves "
+            f"adapter_ids holds {low}..{high}, but this module serves "
             f"{num_adapters} adapters: use 0..{num_adapters - 1}, or -1 for the base model."
         )
     return torch.where(adapter_ids < 0, num_adapters, adapter_ids).long()
-
-
-def _rows_check(x: torch.Tensor, slots: torch.Tensor, site: str) -> torch.Tensor:
-    """``x`` when its rows split evenly over the samples of ``slots``, else an ArgumentError naming the site."""
-    rows = x.numel() // max(x.shape[-1], 1) if x.dim() > 1 else x.numel()
-    if slots.shape[0] == 0 or rows % slots.shape[0] != 0:
-        raise ArgumentError(
-            f"adapter_ids has {slots.shape[0]} entries, but the input of site '{site}' has {rows} rows, which "
-            "do not split evenly over the samples: give one adapter id per sample of the batch."
-        )
-    return x
 
 
 def _layout(gm: GraphModule, site: str, specs: dict[str, SiteSpec]) -> ServedSite:
@@ -137,7 +126,7 @@ def stack_factors(gm: GraphModule, layout: ServedSite, adapters: list[str]) -> t
     n1, R, k, o = len(adapters) + 1, layout.rank, layout.blocks, layout.rows
     factory = {"dtype": W.dtype, "device": W.device}
     A = torch.zeros(n1, k * R, first.in_features, **factory)
-    B = torch.zeros(n1, k * o, R, **factory)
+    B = torch.zeros(k * o, n1, R, **factory).transpose(0, 1)  # out-major: all slots are one (out, n1*R) view
     scale = torch.zeros(n1, k * R, **factory)
     for slot, adapter in enumerate(adapters):
         spec = layout.specs.get(adapter)
@@ -261,7 +250,9 @@ class ServeAdapters(FxLoraPass):
         ids = _add_ids_input(gm)
         with graph.inserting_after(ids):
             slots = graph.call_function(adapter_slots, (ids, len(self.adapters)))
-        tracer = GraphAppendingTracer(graph)
+        with graph.inserting_after(slots):
+            dtype = gm.get_parameter(next(iter(layouts.values())).A).dtype if layouts else torch.get_default_dtype()
+            onehot = graph.call_function(mixed_onehot, (slots, len(self.adapters) + 1, dtype))
         calls: dict[str, list[tuple[Node, int | str]]] = {}
         for node in graph.nodes:
             info = provenance.node_info(node)
@@ -269,7 +260,7 @@ class ServeAdapters(FxLoraPass):
                 calls.setdefault(info["site"], []).append((node, info["input"]))
         for site, layout in layouts.items():
             for node, where in calls[site]:
-                _add_mixed_branch(gm, tracer, layout, node, input_of(node, where), slots, len(self.adapters))
+                _add_mixed_branch(gm, layout, node, input_of(node, where), slots, onehot)
         state["served"] = {"adapters": list(self.adapters), "sites": layouts}
         state["active"] = list(self.adapters)
         counters[self.name]["sites"] += len(layouts)
@@ -277,34 +268,24 @@ class ServeAdapters(FxLoraPass):
         return PassResult(gm, True)
 
 
-def _add_mixed_branch(gm, tracer, layout: ServedSite, node: Node, x: Node, slots: Node, num: int) -> None:
+def _add_mixed_branch(gm, layout: ServedSite, node: Node, x: Node, slots: Node, onehot: Node) -> None:
+    """``node`` (a call of the site) replaced, for its users, by one call of the mixed-batch math of
+    :mod:`fxlora.lora` that adds each sample's branch to it."""
     graph = gm.graph
-    anchor = node.next
     first = next(iter(layout.specs.values()))
-    with graph.inserting_before(anchor):
-        A, B, scale = (Proxy(graph.get_attr(q), tracer) for q in (layout.A, layout.B, layout.scale))
-        s = Proxy(slots, tracer)
-        xp = Proxy(graph.call_function(_rows_check, (x, slots, layout.name)), tracer)
-        if layout.slices is not None:
-            n1, k, o, r = num + 1, layout.blocks, layout.rows, layout.rank
-            B = slice_blocks(B, Proxy(graph.get_attr(layout.slices), tracer), n1, k, o, r)
-        out_like = Proxy(node, tracer)
+    with graph.inserting_before(node.next):
+        A, B, scale = (graph.get_attr(q) for q in (layout.A, layout.B, layout.scale))
         if layout.kind == "linear":
-            y = mixed_linear(xp, s, A, B, scale, out_like)
+            slices = graph.get_attr(layout.slices) if layout.slices is not None else None
+            out = graph.call_function(mixed_linear, (node, x, slots, onehot, A, B, scale, slices), {"site": layout.name})
         else:
-            y = mixed_embedding(xp, s, A, B, scale, out_like, first.op.get("padding_idx"))
-        out = graph.call_function(operator.add, (node, y.node))
-    new: set[Node] = set()
-    cursor = anchor.prev
-    while cursor is not node:
-        new.add(cursor)
-        cursor = cursor.prev
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)  # the branch reads the base shape
-    cursor = anchor.prev
-    while cursor is not node:
-        cursor.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
-        cursor.meta[provenance.META_KEY] = {"site": layout.name, "adapter": None, "role": provenance.MIXED, "spec": first}
-        cursor = cursor.prev
+            out = graph.call_function(
+                mixed_embedding, (node, x, slots, A, B, scale, first.op.get("padding_idx")), {"site": layout.name}
+            )
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    for new in (A, B, scale, out, *([slices] if layout.kind == "linear" and slices is not None else [])):
+        new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+        new.meta[provenance.META_KEY] = {"site": layout.name, "adapter": None, "role": provenance.MIXED, "spec": first}
 
 
 def serve_adapters(gm: GraphModule, adapters: list[str]) -> PassResult:

@@ -35,10 +35,16 @@ def _alone(gm, x):
     return out
 
 
+# rows per sample on either side of the switch between the dense form (few rows: every adapter in one
+# GEMM, masked) and the gather form (each sample's factors gathered); 3 adapters + the base slot
+DENSE, GATHER = fxlora.lora.DENSE_ROWS // 4, fxlora.lora.DENSE_ROWS // 4 + 1
+
+
+@pytest.mark.parametrize("length", [1, DENSE, GATHER])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_each_sample_gets_its_own_adapter(dtype, tol):
+def test_each_sample_gets_its_own_adapter(dtype, tol, length):
     model, gm = _adapters(dtype)
-    x = torch.randint(0, 40, (6, 7))
+    x = torch.randint(0, 40, (6, length))
     alone = _alone(gm, x)
     server = fxlora.serve(gm)
     ids = torch.tensor([2, 0, -1, 1, 1, 0])
@@ -64,9 +70,10 @@ def test_one_graph_whatever_the_ids_no_loop_over_adapters_no_retrace(monkeypatch
     assert server.code == code
 
 
-def test_mixed_batch_training_gives_each_adapter_its_own_gradients():
+@pytest.mark.parametrize("length", [DENSE, GATHER])
+def test_mixed_batch_training_gives_each_adapter_its_own_gradients(length):
     _, gm = _adapters()
-    x = torch.randint(0, 40, (6, 5))
+    x = torch.randint(0, 40, (6, length))
     ids = torch.tensor([0, 1, 2, 1, 0, 2])
     names = fxlora.adapters(gm)
     server = fxlora.serve(gm)
