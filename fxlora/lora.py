@@ -480,22 +480,36 @@ def update_survival(effective: torch.Tensor, ref: torch.Tensor) -> tuple[float, 
 #   row_scale (N+1, R)            alpha/r on each adapter's own rank rows, 0 on the padding
 #
 # ``slots`` (one entry per sample) picks each sample's factors, with no loop over adapters, in one of two
-# equivalent forms chosen by shape (``DENSE_ROWS``):
+# equivalent forms (see ``use_dense``):
 #
-#   gather  many rows per sample (prefill, training): each sample's factors gathered by ``slots``, two
-#           batched matmuls over the samples; the extra work is the rank-r products of one adapter.
-#   dense   few rows per sample (decoding): every row against every adapter's A in one GEMM, each row's
-#           products outside its own adapter zeroed (with the scale, one multiply by ``onehot * row_scale``),
-#           and one GEMM against all B side by side that also adds the base output.  It reads each
-#           stack once instead of copying a slot per sample, in as many kernels as a single adapter's branch.
+#   gather  each sample's factors gathered by ``slots``, two batched matmuls over the samples; the extra
+#           arithmetic is the rank-r products of one adapter.
+#   dense   every row against every adapter's A in one GEMM, each row's products outside its own adapter
+#           zeroed (and the rest scaled) by one multiply, and one GEMM against all B side by side; it
+#           reads each stack once instead of copying a slot per sample, in as many kernels as a single
+#           adapter's branch, at (N+1) times the rank-r arithmetic.
 #
-# Scaling by ``row_scale`` also zeroes the padding, so padded rows and columns neither contribute nor
-# receive gradients: training a mixed batch trains each sample's own adapter.  Activations must be
-# batch-major (rows of sample 0 first), as in Hugging Face models.
+# The per-sample weights both forms multiply by (``mixed_weights``) depend only on ``slots`` and a
+# site's ``row_scale``, so a served module computes them once per forward for all sites that share a
+# ``row_scale``.  Scaling by ``row_scale`` also zeroes the padding, so padded rows and columns neither
+# contribute nor receive gradients: training a mixed batch trains each sample's own adapter.
+# Activations must be batch-major (rows of sample 0 first), as in Hugging Face models.
 
 DENSE_ROWS = 64
-"""The dense form runs when ``rows per sample * (N+1)`` is at most this (decode steps over a few dozen
-adapters); above it, the extra FLOPs of multiplying every row by every adapter outweigh the gather."""
+"""Rows per sample times (N+1) up to which the dense form runs on every device (decoding over a few dozen
+adapters): there, copying a slot of factors per sample costs more than reading every adapter's."""
+
+DENSE_FLOPS = 0.25
+"""On CUDA the dense form also runs when its extra arithmetic is at most this fraction of the base
+matmul's, ``(N+1) R (in + out) <= DENSE_FLOPS * in * out``: a GPU has the FLOPs to spare, and the dense
+form launches fewer kernels, which is what a rank-r branch costs there."""
+
+
+def use_dense(rows_per_sample: int, slot_count: int, rank: int, fan_in: int, fan_out: int, cuda: bool) -> bool:
+    """Whether :func:`mixed_linear` takes the dense form (see ``DENSE_ROWS`` and ``DENSE_FLOPS``)."""
+    if rows_per_sample * slot_count <= DENSE_ROWS:
+        return True
+    return cuda and slot_count * rank * (fan_in + fan_out) <= DENSE_FLOPS * fan_in * fan_out
 
 
 def mixed_onehot(slots: torch.Tensor, slot_count: int, dtype: torch.dtype) -> torch.Tensor:
@@ -503,10 +517,18 @@ def mixed_onehot(slots: torch.Tensor, slot_count: int, dtype: torch.dtype) -> to
     return F.one_hot(slots, slot_count).to(dtype)
 
 
-def _rows(x: torch.Tensor, slots: torch.Tensor, site: str, features: bool = True) -> torch.Tensor:
-    """``x`` (..., features) as (samples, rows per sample, features), batch-major (without ``features``:
-    indices, as (samples, rows per sample)); an ArgumentError naming ``site`` when its rows do not split
-    evenly over the samples."""
+def mixed_weights(onehot: torch.Tensor, slots: torch.Tensor, row_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample weights of the sites whose ``row_scale`` is this one: ``(samples, 1, (N+1)*R)``, each
+    sample's scale on its own slot's rank rows and 0 elsewhere (the dense form), and ``(samples, 1, R)``,
+    its slot's scale rows (the gather form)."""
+    samples = slots.shape[0]
+    dense = (onehot.to(row_scale.dtype).unsqueeze(-1) * row_scale).reshape(samples, 1, -1)
+    return dense, row_scale[slots].unsqueeze(1)
+
+
+def _rows(x: torch.Tensor, slots: torch.Tensor, site: str, features: bool = True) -> int:
+    """Rows per sample of ``x`` (..., features) (without ``features``: indices); an ArgumentError naming
+    ``site`` when its rows do not split evenly over the samples."""
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() > 1 else x.numel()
     samples = slots.shape[0]
     if samples == 0 or rows % samples != 0:
@@ -514,7 +536,7 @@ def _rows(x: torch.Tensor, slots: torch.Tensor, site: str, features: bool = True
             f"adapter_ids has {samples} entries, but the input of site '{site}' has {rows} rows, which "
             "do not split evenly over the samples: give one adapter id per sample of the batch."
         )
-    return x.reshape(samples, -1, x.shape[-1]) if features else x.reshape(samples, -1)
+    return (rows if features else x.numel()) // samples
 
 
 def slice_blocks(B_stack: torch.Tensor, slices: torch.Tensor, *, out_major: bool) -> torch.Tensor:
@@ -530,22 +552,30 @@ def slice_blocks(B_stack: torch.Tensor, slices: torch.Tensor, *, out_major: bool
 
 
 def mixed_linear(
-    base: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, onehot: torch.Tensor, A_stack: torch.Tensor,
-    B_stack: torch.Tensor, row_scale: torch.Tensor, slices: torch.Tensor | None = None, *, site: str = "?",
+    base: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
+    A_stack: torch.Tensor, B_stack: torch.Tensor, slices: torch.Tensor | None = None, *, site: str = "?",
 ) -> torch.Tensor:
-    """``base`` plus each sample's linear branch ``(x_s A_s^T) * scale_s B_s^T`` (see the comment above)."""
-    rows = _rows(x, slots, site)
-    samples, per_sample, _ = rows.shape
-    n1, R, _ = A_stack.shape
-    out = base.shape[-1]
-    if per_sample * n1 <= DENSE_ROWS:
-        weights = (onehot.to(row_scale.dtype).unsqueeze(-1) * row_scale).reshape(samples, 1, n1 * R)
-        h = (rows @ A_stack.reshape(n1 * R, -1).T) * weights
-        B_all = B_stack.transpose(0, 1).reshape(-1, n1 * R) if slices is None else slice_blocks(B_stack, slices, out_major=True)
-        return torch.addmm(base.reshape(-1, out), h.reshape(-1, n1 * R), B_all.T).reshape(base.shape)
-    h = torch.bmm(rows, A_stack[slots].transpose(1, 2)) * row_scale[slots].unsqueeze(1)
+    """``base`` plus each sample's linear branch ``(x_s A_s^T) * scale_s B_s^T``, in the dense or the
+    gather form (see the comment above); ``weights`` from :func:`mixed_weights`."""
+    per_sample = _rows(x, slots, site)
+    samples = slots.shape[0]
+    n1, R, fan_in = A_stack.shape
+    fan_out = base.shape[-1]
+    if use_dense(per_sample, n1, R, fan_in, fan_out, x.is_cuda):
+        h = F.linear(x, A_stack.view(n1 * R, fan_in))
+        dense = weights[0]
+        h = h * dense if h.dim() == 3 and h.shape[0] == samples else (
+            h.reshape(samples, -1, n1 * R) * dense).reshape(h.shape)
+        B_all = B_stack.transpose(0, 1).reshape(fan_out, n1 * R) if slices is None else slice_blocks(
+            B_stack, slices, out_major=True)
+        if base.dim() == 2 and h.dim() == 2:
+            return torch.addmm(base, h, B_all.T)
+        y = F.linear(h, B_all)
+        return base + (y if y.shape == base.shape else y.reshape(base.shape))
+    rows = x.reshape(samples, per_sample, fan_in)
+    h = torch.bmm(rows, A_stack[slots].mT) * weights[1]
     B = B_stack if slices is None else slice_blocks(B_stack, slices, out_major=False)
-    return torch.baddbmm(base.reshape(samples, per_sample, out), h, B[slots].transpose(1, 2)).reshape(base.shape)
+    return torch.baddbmm(base.reshape(samples, per_sample, fan_out), h, B[slots].mT).reshape(base.shape)
 
 
 def mixed_embedding(
@@ -553,7 +583,7 @@ def mixed_embedding(
     row_scale: torch.Tensor, padding_idx: int | None = None, *, site: str = "?",
 ) -> torch.Tensor:
     """``base`` plus each sample's embedding branch ``A_s^T[idx] * scale_s B_s^T``."""
-    rows = _rows(idx, slots, site, features=False)
+    rows = idx.reshape(slots.shape[0], _rows(idx, slots, site, features=False))
     h = A_stack.transpose(1, 2)[slots.unsqueeze(1), rows] * row_scale[slots].unsqueeze(1)
     if padding_idx is not None:  # as F.embedding: the padding row gets no gradient
         h = torch.where((rows == padding_idx).unsqueeze(-1), h.detach(), h)

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from fxlora import calling, provenance
 from fxlora.errors import ArgumentError
-from fxlora.lora import SiteSpec, mixed_embedding, mixed_linear, mixed_onehot
+from fxlora.lora import SiteSpec, mixed_embedding, mixed_linear, mixed_onehot, mixed_weights
 from fxlora.resolution import canonical_name
 
 from .adapters_pass import drop_branches
@@ -182,6 +182,30 @@ def write_slot(gm: GraphModule, adapter: str, tensors: dict[str, torch.Tensor]) 
                     B[b * o : (b + 1) * o, : spec.r].copy_(tensors[spec.lora_B][g * o : (g + 1) * o])
 
 
+def _shared_weights(gm: GraphModule, layouts: dict[str, ServedSite], onehot: Node, slots: Node) -> dict[str, Node]:
+    """One :func:`fxlora.lora.mixed_weights` node per distinct ``row_scale`` of the linear sites (usually
+    one: the adapters' alpha/r do not change from site to site), computed once per forward; site -> node."""
+    shared: list[tuple[torch.Tensor, Node]] = []
+    out = {}
+    cursor = onehot
+    for site, layout in layouts.items():
+        if layout.kind != "linear":
+            continue
+        scale = gm.get_buffer(layout.scale)
+        for other, node in shared:
+            if other.dtype == scale.dtype and other.device == scale.device and torch.equal(other, scale):
+                break
+        else:
+            with gm.graph.inserting_after(cursor):
+                getter = gm.graph.get_attr(layout.scale)
+            with gm.graph.inserting_after(getter):
+                node = gm.graph.call_function(mixed_weights, (onehot, slots, getter))
+            cursor = node
+            shared.append((scale, node))
+        out[site] = node
+    return out
+
+
 def _add_ids_input(gm: GraphModule) -> Node:
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -253,6 +277,7 @@ class ServeAdapters(FxLoraPass):
         with graph.inserting_after(slots):
             dtype = gm.get_parameter(next(iter(layouts.values())).A).dtype if layouts else torch.get_default_dtype()
             onehot = graph.call_function(mixed_onehot, (slots, len(self.adapters) + 1, dtype))
+        weights = _shared_weights(gm, layouts, onehot, slots)
         calls: dict[str, list[tuple[Node, int | str]]] = {}
         for node in graph.nodes:
             info = provenance.node_info(node)
@@ -260,7 +285,7 @@ class ServeAdapters(FxLoraPass):
                 calls.setdefault(info["site"], []).append((node, info["input"]))
         for site, layout in layouts.items():
             for node, where in calls[site]:
-                _add_mixed_branch(gm, layout, node, input_of(node, where), slots, onehot)
+                _add_mixed_branch(gm, layout, node, input_of(node, where), slots, weights.get(site))
         state["served"] = {"adapters": list(self.adapters), "sites": layouts}
         state["active"] = list(self.adapters)
         counters[self.name]["sites"] += len(layouts)
@@ -268,24 +293,24 @@ class ServeAdapters(FxLoraPass):
         return PassResult(gm, True)
 
 
-def _add_mixed_branch(gm, layout: ServedSite, node: Node, x: Node, slots: Node, onehot: Node) -> None:
+def _add_mixed_branch(gm, layout: ServedSite, node: Node, x: Node, slots: Node, weights: Node) -> None:
     """``node`` (a call of the site) replaced, for its users, by one call of the mixed-batch math of
     :mod:`fxlora.lora` that adds each sample's branch to it."""
     graph = gm.graph
     first = next(iter(layout.specs.values()))
     with graph.inserting_before(node.next):
-        A, B, scale = (graph.get_attr(q) for q in (layout.A, layout.B, layout.scale))
         if layout.kind == "linear":
-            slices = graph.get_attr(layout.slices) if layout.slices is not None else None
-            out = graph.call_function(mixed_linear, (node, x, slots, onehot, A, B, scale, slices), {"site": layout.name})
+            new = [graph.get_attr(q) for q in (layout.A, layout.B) + ((layout.slices,) if layout.slices else ())]
+            out = graph.call_function(mixed_linear, (node, x, slots, weights, *new), {"site": layout.name})
         else:
+            new = [graph.get_attr(q) for q in (layout.A, layout.B, layout.scale)]
             out = graph.call_function(
-                mixed_embedding, (node, x, slots, A, B, scale, first.op.get("padding_idx")), {"site": layout.name}
+                mixed_embedding, (node, x, slots, *new, first.op.get("padding_idx")), {"site": layout.name}
             )
     node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
-    for new in (A, B, scale, out, *([slices] if layout.kind == "linear" and slices is not None else [])):
-        new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
-        new.meta[provenance.META_KEY] = {"site": layout.name, "adapter": None, "role": provenance.MIXED, "spec": first}
+    for added in (*new, out):
+        added.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+        added.meta[provenance.META_KEY] = {"site": layout.name, "adapter": None, "role": provenance.MIXED, "spec": first}
 
 
 def serve_adapters(gm: GraphModule, adapters: list[str]) -> PassResult:
