@@ -116,8 +116,10 @@ def interleave(
     warmup: int = 1,
     label: str = "",
 ) -> dict[str, float]:
-    """Median milliseconds of each function, timed in interleaved rounds (a, b, c, a, b, c, ...) after
-    ``warmup`` untimed calls each.  A function that raises is reported and left out."""
+    """Median milliseconds of each function, timed in interleaved rounds after ``warmup`` untimed calls
+    each.  Each round starts one function later (a b c, b c a, c a b, ...), so that no function always
+    runs after the same one (a slow neighbour's allocator or clock state would otherwise be charged to
+    it).  A function that raises is reported and left out."""
     live = dict(fns)
     for name, fn in list(live.items()):
         with errors.guard(f"{label}{name} (warm-up)") as ok:
@@ -126,8 +128,10 @@ def interleave(
         if not ok["ok"]:
             del live[name]
     times: dict[str, list[float]] = {k: [] for k in live}
-    for _ in range(repeats):
-        for name, fn in list(live.items()):
+    for round_ in range(repeats):
+        order = list(live.items())
+        shift = round_ % max(len(order), 1)
+        for name, fn in order[shift:] + order[:shift]:
             with errors.guard(f"{label}{name}") as ok:
                 times[name].append(timed(fn, device))
             if not ok["ok"]:
