@@ -22,8 +22,10 @@ from .errors import (
     FxLoraError,
     LoraOpError,
     NotRewrittenError,
+    PassContractError,
     RuleError,
     TraceError,
+    UsageError,
 )
 from .folding import fold, load_folded
 from .graph_module import LoraGraphModule
@@ -101,5 +103,5 @@ __all__ = [
     "zoo",
     # the exceptions (fxlora.errors)
     "FxLoraError", "ArgumentError", "RuleError", "TraceError", "CheckpointError", "FoldError", "ExportError",
-    "NotRewrittenError", "LoraOpError",
+    "NotRewrittenError", "LoraOpError", "PassContractError", "UsageError",
 ]

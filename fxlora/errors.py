@@ -3,18 +3,20 @@
 Each is an :class:`FxLoraError` and also derives from the built-in exception a caller would otherwise
 expect, so generic handlers keep working:
 
-=====================  ================  =====================================================
-class                  also a            raised when
-=====================  ================  =====================================================
-``ArgumentError``      ``ValueError``    a keyword argument has a value fxlora does not accept
-``RuleError``          ``ValueError``    a rule is malformed, matches nothing, or selects a site it cannot adapt
-``TraceError``         ``RuntimeError``  the model cannot be captured as a graph
-``CheckpointError``    ``ValueError``    a state dict, file or adapter folder does not fit, or cannot be written
-``FoldError``          ``ValueError``    an update cannot be folded (non-finite values)
-``ExportError``        ``RuntimeError``  an export failed, or the artifact does not reproduce the module
-``NotRewrittenError``  ``TypeError``     a function that needs a module made by :func:`fxlora.rewrite` got another
-``LoraOpError``        ``ValueError``    a LoRA op (``fxlora.ops``) got tensors of mismatched shapes, dtypes or devices
-=====================  ================  =====================================================
+=====================  ==================  =====================================================
+class                  also a              raised when
+=====================  ==================  =====================================================
+``ArgumentError``      ``ValueError``      a keyword argument has a value fxlora does not accept
+``RuleError``          ``ValueError``      a rule is malformed, matches nothing, or selects a site it cannot adapt
+``TraceError``         ``RuntimeError``    the model cannot be captured as a graph
+``CheckpointError``    ``ValueError``      a state dict, file or adapter folder does not fit, or cannot be written
+``FoldError``          ``ValueError``      an update cannot be folded (non-finite values)
+``ExportError``        ``RuntimeError``    an export failed, or the artifact does not reproduce the module
+``NotRewrittenError``  ``TypeError``       a function that needs a module made by :func:`fxlora.rewrite` got another
+``LoraOpError``        ``ValueError``      a LoRA op (``fxlora.ops``) got tensors of mismatched shapes, dtypes or devices
+``PassContractError``  ``AssertionError``  a graph pass's ``requires``/``ensures`` check failed (a pass run on a graph it was not made for)
+``UsageError``         ``ValueError``      the command line got bad input (printed as one line, exit status 2)
+=====================  ==================  =====================================================
 
 Every message names the rule, node, key or file at fault and says how to fix it.  fxlora raises before
 it changes anything: a failed call leaves the model, the graph module and the files as they were.
@@ -32,6 +34,8 @@ __all__ = [
     "ExportError",
     "NotRewrittenError",
     "LoraOpError",
+    "PassContractError",
+    "UsageError",
 ]
 
 
@@ -74,3 +78,13 @@ class NotRewrittenError(FxLoraError, TypeError):
 class LoraOpError(FxLoraError, ValueError):
     """A LoRA op (:mod:`fxlora.ops`) got tensors of mismatched shapes, dtypes or devices, or a bad path
     name."""
+
+
+class PassContractError(FxLoraError, AssertionError):
+    """A pass's ``requires`` or ``ensures`` check failed (:mod:`fxlora.passes`): the pass was given a graph
+    it was not made for (a plan of another graph, a module that already serves a mixed batch), or it left
+    the graph malformed, which is a bug in the pass."""
+
+
+class UsageError(FxLoraError, ValueError):
+    """Bad command-line input (:mod:`fxlora.tools.cli`): printed as one line, exit status 2."""

@@ -15,15 +15,12 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxlora.errors import PassContractError
+
 __all__ = ["FxLoraPass", "PassResult", "counters", "finalize", "check_contract", "module_at", "PassContractError"]
 
 #: pass name -> Counter of what it did, over the life of the process.
 counters: defaultdict[str, Counter[str]] = defaultdict(Counter)
-
-
-class PassContractError(AssertionError):
-    """A pass's ``requires`` or ``ensures`` check failed: a bug in the caller or in the pass, not bad user
-    input (user input is validated before any pass runs)."""
 
 
 class FxLoraPass(PassBase):

@@ -102,6 +102,9 @@ def test_every_exception_lives_in_errors_and_derives_from_its_builtin():
             assert "class " not in path.read_text().replace("class Config", "")  # defines no exception
             continue
         for obj in vars(mod).values():
+            if isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == module:
+                # only private, locally caught signals may live elsewhere
+                assert obj.__name__.startswith("_"), f"{obj.__name__} is defined in {module}, not fxlora.errors"
             if isinstance(obj, type) and issubclass(obj, fxlora.FxLoraError):
                 assert obj.__module__ == "fxlora.errors", f"{obj.__name__} is defined in {obj.__module__}"
     builtins = {
@@ -113,6 +116,8 @@ def test_every_exception_lives_in_errors_and_derives_from_its_builtin():
         "ExportError": RuntimeError,
         "NotRewrittenError": TypeError,
         "LoraOpError": ValueError,
+        "PassContractError": AssertionError,
+        "UsageError": ValueError,
     }
     for name in fxlora.errors.__all__:
         if name == "FxLoraError":

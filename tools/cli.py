@@ -26,16 +26,13 @@ import torch
 from torch import nn
 
 import fxlora
+from fxlora.errors import UsageError
 from fxlora.reporting import FORMATS
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE = 0, 1, 2
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit status 2."""
 
 
 def one_line(text: object) -> str:
