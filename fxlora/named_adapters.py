@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 
 from .errors import ArgumentError
 from .passes import FoldPass, RemoveAdapter, RewritePass, SetActiveAdapters, unit_paths
-from .provenance import active_adapters, adapter_state, adapters_of, require_sites
+from .provenance import active_adapters as _active, adapter_state, adapters_of, require_sites
 from .resolution import check_adapter_name, make_plan
 from .rules import Rule, as_rules
 from .state import mark_only_lora_as_trainable
@@ -45,6 +45,12 @@ __all__ = [
     "check_train_module_conflicts",
     "check_not_split",
 ]
+
+
+def active_adapters(gm: GraphModule) -> list[str]:
+    """The names of the adapters whose branches run, in creation order (empty under
+    :func:`disable_adapter` or after ``set_adapter(gm, None)``)."""
+    return _active(require_sites(gm, "active_adapters") and gm)
 
 
 def adapters(gm: GraphModule) -> list[str]:
@@ -123,7 +129,7 @@ def delete_adapter(gm: GraphModule, name: str) -> None:
 def disable_adapter(gm: GraphModule) -> Iterator[GraphModule]:
     """``with fxlora.disable_adapter(gm): ...`` runs the base model (no adapter active) inside the block,
     and restores the adapters that were active, also when the block raises."""
-    active = active_adapters(require_sites(gm, "disable_adapter") and gm)
+    active = _active(require_sites(gm, "disable_adapter") and gm)
     set_adapter(gm, None)
     try:
         yield gm

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ArgumentError
 
-__all__ = ["CaptureOptions", "capture_options", "CAPTURE_METHODS"]
+__all__ = ["CaptureOptions", "capture_options", "no_positional", "CAPTURE_METHODS"]
 
 #: ``"auto"`` tries symbolic tracing, then torch.export when example inputs are given.
 CAPTURE_METHODS = ("auto", "symbolic", "export")
@@ -94,3 +94,15 @@ def capture_options(capture: CaptureOptions | str | None, overrides: Mapping[str
             f"({', '.join(map(repr, CAPTURE_METHODS))}), got {type(capture).__name__}."
         )
     return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def no_positional(positional: tuple[Any, ...], where: str) -> None:
+    """The one refusal of extra positional arguments to the entry points (model and rules are the only
+    positional ones; everything else is a keyword)."""
+    if positional:
+        raise ArgumentError(
+            f"fxlora.{where} takes the capture options as keywords, and nothing positional but the model"
+            f"{'' if where == 'capture' else ' and the rules'} (got {len(positional)} more positional "
+            f"argument(s)): {where}(model{'' if where == 'capture' else ', rules'}, example_inputs=(...), "
+            "example_kwargs={...})."
+        )

@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 from .errors import ArgumentError, RuleError, TraceError
 from .graph_module import LoraGraphModule
 from .lora import DEFAULT_ADAPTER
-from .options import CaptureOptions, capture_options
+from .options import CaptureOptions, capture_options, no_positional
 from .passes import FuseSiblings, RewritePass, SplitUnits
 from .provenance import adapter_state
 from .resolution import (
@@ -120,11 +120,7 @@ def capture(model: nn.Module, *positional: Any, capture: CaptureOptions | str | 
     ``gm.meta["fxlora_capture"]`` says which capture was used (``"symbolic_trace"`` or
     ``"torch.export"``).  The result can be passed to :func:`rewrite`.
     """
-    if positional:
-        raise ArgumentError(
-            "fxlora.capture takes the capture options as keywords: capture(model, example_inputs=(...), "
-            "example_kwargs={...})."
-        )
+    no_positional(positional, "capture")
     _check_model(model, "fxlora.capture")
     return _capture(model, capture_options(capture, capture_kwargs, "capture"))[0]
 
@@ -132,7 +128,7 @@ def capture(model: nn.Module, *positional: Any, capture: CaptureOptions | str | 
 def plan(
     model: nn.Module,
     rules: Rule | Sequence[Rule] | None = None,
-    *,
+    *positional: Any,
     adapter: str = DEFAULT_ADAPTER,
     train_modules: Sequence[str | type] | None = None,
     tied: str = "adapt",
@@ -146,6 +142,7 @@ def plan(
     Without rules, the plan selects nothing and lists every candidate site.  ``tied`` as for
     :func:`rewrite`; capture options as for :func:`capture`.
     """
+    no_positional(positional, "plan")
     _check_model(model, "fxlora.plan")
     opts = capture_options(capture, capture_kwargs, "plan")
     return _plan(
@@ -156,7 +153,7 @@ def plan(
 def rewrite(
     model: nn.Module | Plan,
     rules: Rule | Sequence[Rule] | None = None,
-    *,
+    *positional: Any,
     adapter: str = DEFAULT_ADAPTER,
     train_modules: Sequence[str | type] | None = None,
     units: Sequence[str | type] | str | type | None = None,
@@ -203,6 +200,7 @@ def rewrite(
         ``node.meta["fxlora"]`` with the site, its role and its :class:`fxlora.SiteSpec`, which records
         the rule that selected it.
     """
+    no_positional(positional, "rewrite")
     if bias not in BIAS_MODES:
         raise ArgumentError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}.")
     if isinstance(model, Plan):

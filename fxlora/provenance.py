@@ -157,16 +157,11 @@ def is_rewritten(gm: Any) -> bool:
     return bool(graph_sites(gm))
 
 
-def require_sites(gm: Any, what: str, adapter: str | None = None) -> dict[str, SiteSpec]:
-    """``graph_sites(gm, adapter)``, or :class:`NotRewrittenError` when ``gm`` is not a module fxlora
-    rewrote (the one place that error is raised)."""
-    sites = graph_sites(gm, adapter)
+def require_sites(gm: Any, what: str) -> dict[str, SiteSpec]:
+    """``graph_sites(gm)``, or :class:`NotRewrittenError` when ``gm`` is not a module fxlora rewrote (the
+    one place that error is raised)."""
+    sites = graph_sites(gm)
     if not sites:
-        if adapter is not None and is_rewritten(gm):
-            raise NotRewrittenError(
-                f"{what}: this module has no adapter named {adapter!r}; its adapters are "
-                f"{', '.join(map(repr, adapters_of(gm)))}."
-            )
         raise NotRewrittenError(
             f"{what} expects the graph module returned by fxlora.rewrite; this {type(gm).__name__} has no LoRA "
             "sites."

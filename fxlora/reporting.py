@@ -21,10 +21,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .errors import ArgumentError
-from .lora import SiteSpec, fold_fidelity, kind_of
-from .options import CaptureOptions
+from .lora import DEFAULT_ADAPTER, SiteSpec, fold_fidelity, kind_of
+from .options import CaptureOptions, no_positional
 from .pipeline import plan as make_plan
-from .provenance import active_adapters, adapter_state, adapters_of, graph_sites
+from .provenance import active_adapters, adapter_state, adapters_of, graph_sites, require_sites
 from .quantized import dense, is_quantized, requantize_fidelity, stored_bytes
 from .resolution import Plan
 from .rules import Rule
@@ -270,20 +270,24 @@ def _model_totals(module: nn.Module, exclude: set[str]) -> tuple[int, int]:
 def report(
     model: nn.Module | Plan,
     rules: Rule | Sequence[Rule] | None = None,
-    *,
+    *positional: Any,
     fidelity: torch.dtype | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    adapter: str = DEFAULT_ADAPTER,
     train_modules: Sequence[str | type] | None = None,
+    tied: str = "adapt",
     capture: CaptureOptions | str | None = None,
     **capture_kwargs: Any,
 ) -> Report:
     """The parameter budget of adapting ``model`` with ``rules`` (see the module docstring).
 
-    ``model`` may be a model (captured and planned by :func:`fxlora.plan`, with the same capture options),
+    ``model`` may be a model (captured and planned by :func:`fxlora.plan`, with the same ``adapter``,
+    ``train_modules``, ``tied`` and capture options),
     a :class:`~fxlora.resolution.Plan`, or a module returned by :func:`fxlora.rewrite` (its sites, and
     with ``fidelity=dtype`` how much of each update survives folding into ``dtype`` weights; with
     ``fidelity=fn``, a quantizer such as ``torchao.quantization.to_nf4``, how much survives
     ``fold(gm, requantize=fn)`` at each site whose base weight is quantized, the other sites left blank).
     """
+    no_positional(positional, "report")
     quantizer = fidelity if callable(fidelity) and not isinstance(fidelity, torch.dtype) else None
     if fidelity is not None and quantizer is None and not isinstance(fidelity, torch.dtype):
         raise ArgumentError(
@@ -313,18 +317,20 @@ def report(
             fidelity_quantizer=None if quantizer is None else getattr(quantizer, "__name__", "requantize"),
         )
 
-    if fidelity is not None:
-        raise ArgumentError(
-            "fidelity needs trained LoRA weights: pass the module returned by fxlora.rewrite (with its adapter "
-            "loaded), not the base model."
-        )
+    if fidelity is not None:  # fidelity needs trained LoRA weights: the module fxlora.rewrite returned
+        require_sites(model, "report(..., fidelity=...)")
     if isinstance(model, Plan):
-        if rules is not None or capture is not None or capture_kwargs or train_modules:
-            raise ArgumentError("report(plan) reports the plan as it is: give no rules or capture options.")
+        if (rules is not None or capture is not None or capture_kwargs or train_modules or adapter != DEFAULT_ADAPTER
+                or tied != "adapt"):
+            raise ArgumentError(
+                "report(plan) reports the plan as it is: give no rules, adapter, train_modules, tied or capture options."
+            )
         the_plan = model
         base, nbytes = _model_totals(the_plan.graph_module, set())
     else:
-        the_plan = make_plan(model, rules, train_modules=train_modules, capture=capture, **capture_kwargs)
+        the_plan = make_plan(
+            model, rules, adapter=adapter, train_modules=train_modules, tied=tied, capture=capture, **capture_kwargs
+        )
         base, nbytes = _model_totals(model, set())
     gm = the_plan.graph_module
     if not the_plan.rules:

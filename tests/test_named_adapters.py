@@ -169,7 +169,7 @@ def test_bad_adapter_names_and_calls_change_nothing():
     assert gm.code == code and fxlora.adapters(gm) == ["a", "b"]
     assert list(gm.state_dict()) == list(state) and all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
     plain = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
-    for call in (fxlora.adapters, fxlora.unload, lambda m: fxlora.set_adapter(m, None), lambda m: fxlora.add_adapter(m, RULES_A, "a")):
+    for call in (fxlora.adapters, fxlora.active_adapters, fxlora.unload, lambda m: fxlora.set_adapter(m, None), lambda m: fxlora.add_adapter(m, RULES_A, "a")):
         with pytest.raises(fxlora.NotRewrittenError):
             call(plain)
 

@@ -81,6 +81,11 @@ def test_capture_options_are_one_value_with_keyword_conveniences():
             fn(model, capture="jit")
         with pytest.raises(fxlora.ArgumentError, match="example_inputs must be a tuple"):
             fn(model, example_inputs=torch.zeros(2))
+    for fn in (fxlora.plan, fxlora.rewrite, fxlora.report):  # one rule for extra positional arguments
+        with pytest.raises(fxlora.ArgumentError, match="takes the capture options as keywords, and nothing positional"):
+            fn(model, RULES, (torch.zeros(2, 3),))
+    with pytest.raises(fxlora.ArgumentError, match="nothing positional but the model "):
+        fxlora.capture(model, (torch.zeros(2, 3),))
     # keywords override the options they are given with; the method is spelled capture=
     traced_through = fxlora.capture(model, capture=opts, leaf_modules=())
     assert not any(n.op == "call_module" and n.target == "blocks.0" for n in traced_through.graph.nodes)

@@ -162,5 +162,19 @@ def test_fidelity_of_an_update_below_half_an_ulp_is_total_loss():
 
 
 def test_fidelity_needs_a_rewritten_module():
-    with pytest.raises(fxlora.FxLoraError, match="fidelity needs trained LoRA weights"):
+    with pytest.raises(fxlora.NotRewrittenError, match=r"report\(..., fidelity=...\) expects the graph module returned"):
         fxlora.report(TinyTransformer(), [fxlora.Rule("head", r=1, alpha=1)], fidelity=torch.bfloat16)
+
+
+def test_report_plans_with_the_same_options_as_rewrite():
+    torch.manual_seed(0)
+    model = zoo.gpt2_tiny()
+    rules = [fxlora.Rule("lm_head", r=2, alpha=2)]
+    tied = fxlora.report(model, rules)
+    assert [r.name for r in tied.rows] == [r for r in fxlora.graph_sites(fxlora.rewrite(model, rules))]
+    with pytest.raises(fxlora.RuleError, match="tied"):  # as rewrite(..., tied="refuse") does
+        fxlora.report(model, rules, tied="refuse")
+    with pytest.raises(fxlora.RuleError, match="tied"):
+        fxlora.rewrite(model, rules, tied="refuse")
+    with pytest.raises(fxlora.ArgumentError, match="adapter name"):
+        fxlora.report(model, rules, adapter="")
