@@ -204,18 +204,50 @@ def _replaced(root: Path, dfd: int) -> bool:
     return (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino)
 
 
+#: No file of the formats fxlora reads is shorter: a safetensors file is an 8-byte header length and at
+#: least ``{}``; a zip (``torch.save``) ends with a 22-byte directory record; a ``torch.save`` pickle
+#: starts with a magic number that alone is longer.
+MIN_FILE_BYTES = 10
+
+
 def sniff(data: bytes) -> str:
     """``"safetensors"``, ``"zip"`` (``torch.save``'s format), ``"pickle"`` (legacy ``torch.save`` or
-    ``pickle.dump``), ``"empty"`` or ``"unknown"``, from the first bytes of ``data``."""
+    ``pickle.dump``), ``"empty"``, ``"truncated"`` (shorter than any file of those formats) or
+    ``"unknown"``, from the first bytes of ``data``.
+
+    A pickle starts with PROTO (``0x80``) and its protocol (2 to 5); so does a safetensors file whose
+    header is 640, 896, 1152 or 1408 bytes long (a little-endian u64: ``80 02 00 00 00 00 00 00``).
+    The byte after PROTO tells them apart: a pickle's next opcode is never ``0x00``, while a header
+    length below 2**16 has zero bytes 2 to 7 (and a safetensors file has ``{`` at byte 8)."""
     if not data:
         return "empty"
     if len(data) >= 10 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") >= 2:
         return "safetensors"  # a u64 header length, then the JSON header (perhaps truncated: parse says)
+    if len(data) < MIN_FILE_BYTES:
+        return "truncated"
     if data[:4] == b"PK\x03\x04":
         return "zip"
-    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+    if data[0] == 0x80 and 2 <= data[1] <= 5 and data[2] != 0:
         return "pickle"
     return "unknown"
+
+
+def pickle_truncated(data: bytes, pickles: int = 5) -> bool:
+    """Whether the pickle stream in ``data`` ends before one of its first ``pickles`` pickles is complete
+    (a legacy ``torch.save`` file is five pickles, then raw storage bytes).  Read with
+    :func:`pickletools.genops`, which decodes opcodes without running any; linear in the data."""
+    import pickletools
+
+    stream = io.BytesIO(data)
+    for _ in range(pickles):
+        if stream.tell() >= len(data):
+            return False
+        try:
+            for _op in pickletools.genops(stream):
+                pass
+        except Exception:  # noqa: BLE001 - genops raises ValueError and others on bad input
+            return stream.tell() >= len(data)  # ran out of bytes: truncated; else corrupted
+    return False
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -362,6 +394,11 @@ def parse_tensor_file(data: bytes, *, source: str) -> tuple[dict[str, Any], dict
         return dict(obj), {}
     if kind == "empty":
         raise CheckpointError(f"{source} is empty (0 bytes); it was not written completely. Nothing was loaded.")
+    if kind == "truncated":
+        raise CheckpointError(
+            f"{source} is truncated: {len(data)} bytes, shorter than any safetensors or torch.save file. It was "
+            "not written completely; save it again. Nothing was loaded."
+        )
     raise CheckpointError(
         f"{source} is neither a safetensors file nor a torch.save file (it starts with {bytes(data[:8])!r}); it may "
         "be corrupted. Nothing was loaded."
@@ -379,6 +416,11 @@ def parse_torch_save(data: bytes, *, source: str) -> Any:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if pickle_truncated(data):  # a cut-off name reads as an unknown global: say what happened
+            raise CheckpointError(
+                f"{source} is a truncated torch.save file (its pickle ends after {len(data)} bytes); it was not "
+                "written completely. Save it again. Nothing was loaded."
+            ) from None
         raise CheckpointError(
             f"{source} is a pickle that holds more than tensors (it would run code or build objects), so fxlora "
             f"refuses to unpickle it ({first}). Nothing was loaded."

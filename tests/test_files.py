@@ -52,6 +52,50 @@ def test_formats_are_told_by_their_bytes():
         assert torch.equal(tensors["a"], sd["a"])
 
 
+def _safetensors_with_header(length: int) -> bytes:
+    """A real safetensors file whose header is ``length`` bytes (padded through its metadata)."""
+    sd = {"a.lora_A": torch.ones(2, 3)}
+    for pad in range(length):
+        data = files.safetensors_bytes(sd, {"format": "pt", "pad": "x" * pad})
+        if int.from_bytes(data[:8], "little") == length:
+            return data
+    raise AssertionError(f"no padding gives a {length}-byte header")
+
+
+def test_a_truncated_file_is_called_truncated_never_a_malicious_pickle():
+    # 640, 896, 1152 and 1408 as little-endian u64 start with 0x80 0x02..0x05, as a pickle does
+    sd = {"a.lora_A": torch.ones(2, 3)}
+    saves = {f"safetensors/{n}": _safetensors_with_header(n) for n in (640, 896, 1152, 1408)}
+    saves["zip"] = _torch_bytes(sd)
+    saves["legacy"] = _torch_bytes(sd, _use_new_zipfile_serialization=False)
+    saves["pickle"] = pickle.dumps(sd, protocol=2)
+    for name, data in saves.items():
+        assert files.sniff(data) != "unknown", name
+        for n in range(1, len(data)):
+            with pytest.raises(CheckpointError) as e:
+                files.parse_tensor_file(data[:n], source="'x'")
+            message = str(e.value)
+            assert "run code" not in message and "malicious" not in message, (name, n, message)
+            if n < files.MIN_FILE_BYTES:
+                assert "truncated" in message, (name, n, message)
+    assert files.sniff(saves["safetensors/640"][:9]) == "truncated"
+    assert files.sniff(b"\x80\x02\x00\x00\x00\x00\x00\x00\x00\x00") == "unknown"  # not a pickle either
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pickle_that_would_run_code_is_still_called_one(legacy):
+    data = _torch_bytes({"x": _RunsCode()}, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="run code"):
+        files.parse_tensor_file(data, source="'x'")
+    with pytest.raises(CheckpointError, match="run code"):
+        files.parse_tensor_file(pickle.dumps({"x": _RunsCode()}), source="'x'")
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
