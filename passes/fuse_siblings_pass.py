@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 
 from fxlora import provenance
 
-from .infra import FxLoraPass, PassResult, counters, finalize
+from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
 
 __all__ = ["FuseSiblings", "fuse_siblings"]
 
@@ -49,7 +49,26 @@ def _groups(gm: GraphModule) -> list[list[Node]]:
 
 
 class FuseSiblings(FxLoraPass):
+    """Fuse the shrinks of sibling linear branches (see the module docstring).
+
+    Requires a rewritten graph; ensures the parameters (names and objects) are those it was given and
+    no group of siblings is left unfused."""
+
     name = "fuse_siblings"
+
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        check_contract(provenance.is_rewritten(gm), "fuse_siblings runs on a graph the rewrite pass made")
+        self._parameters = dict(gm.named_parameters())
+
+    def ensures(self, gm: GraphModule) -> None:
+        super().ensures(gm)
+        now = dict(gm.named_parameters())
+        check_contract(
+            now.keys() == self._parameters.keys() and all(now[k] is v for k, v in self._parameters.items()),
+            "fuse_siblings changed the parameters",
+        )
+        check_contract(not _groups(gm), "fuse_siblings left a group of sibling shrinks unfused")
 
     def call(self, gm: GraphModule) -> PassResult:
         groups = _groups(gm)

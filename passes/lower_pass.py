@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from fxlora import ops, provenance  # noqa: F401  (importing fxlora.ops registers the custom ops)
 from fxlora.sites import SITE_OPS, op_arguments
 
-from .infra import FxLoraPass, PassResult, counters, finalize
+from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
 from .rewrite_pass import input_of
 
 __all__ = ["LowerLinearBranches", "lower_linear_branches", "LOWERED"]
@@ -95,7 +95,31 @@ def _lower_call(gm: GraphModule, add: Node) -> bool:
 
 
 class LowerLinearBranches(FxLoraPass):
+    """Lower each single-adapter linear call with its branch to one ``fxlora::lora_linear`` op (see the
+    module docstring).
+
+    Requires a rewritten graph; ensures the parameters are those it was given (the op reads the same
+    objects) and every node it made is a lowered call of a site."""
+
     name = "lower_linear_branches"
+
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        check_contract(provenance.is_rewritten(gm), "lower_linear_branches runs on a graph the rewrite pass made")
+        self._parameters = dict(gm.named_parameters())
+
+    def ensures(self, gm: GraphModule) -> None:
+        super().ensures(gm)
+        now = dict(gm.named_parameters())
+        check_contract(
+            now.keys() == self._parameters.keys() and all(now[k] is v for k, v in self._parameters.items()),
+            "lower_linear_branches changed the parameters",
+        )
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in (torch.ops.fxlora.lora_linear.default,
+                                                              torch.ops.fxlora.lora_linear_h.default):
+                info = provenance.node_info(node)
+                check_contract(info is not None and info["role"] == LOWERED, f"{node.name} is not a lowered site call")
 
     def call(self, gm: GraphModule) -> PassResult:
         adds = [

@@ -172,9 +172,25 @@ def _inline_one(gm: GraphModule, unit: str) -> None:
 
 
 class InlineUnits(FxLoraPass):
-    """Put every unit's nodes back into the outer graph: the inverse of :class:`SplitUnits`."""
+    """Put every unit's nodes back into the outer graph: the inverse of :class:`SplitUnits`.
+
+    Ensures no unit is left (no graph-module submodule is called) and the state dict's keys are the
+    ones it was given."""
 
     name = "inline_units"
+
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        self._keys = list(gm.state_dict())
+
+    def ensures(self, gm: GraphModule) -> None:
+        super().ensures(gm)
+        check_contract(not unit_paths(gm), f"inline_units left units {unit_paths(gm)}")
+        check_contract(
+            not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), GraphModule) for n in gm.graph.nodes),
+            "inline_units left a call of a graph-module unit",
+        )
+        check_contract(sorted(gm.state_dict()) == sorted(self._keys), "inline_units changed the state dict's keys")
 
     def call(self, gm: GraphModule) -> PassResult:
         units = unit_paths(gm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fxlora
+import pytest
 import torch
 import torch.nn.functional as F
 from fxlora import Rule
@@ -102,3 +103,24 @@ def test_merge_on_eval_with_fused_branches():
     x = torch.randn(2, 5, 16)
     fused.eval()
     torch.testing.assert_close(fused(x), plain.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_siblings_of_mixed_dtypes_are_not_fused_and_the_pass_says_so():
+    from fxlora import passes
+    from fxlora.passes.infra import counters
+
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(Attention(), [Rule("gate", r=3, alpha=3), Rule("up", r=3, alpha=6)])  # one sibling pair
+    gm.get_submodule("gate").lora_A = nn.Parameter(gm.get_submodule("gate").lora_A.detach().double())
+    code, groups = gm.code, counters["fuse_siblings"]["groups"]
+    result = passes.FuseSiblings()(gm)
+    assert not result.modified and gm.code == code and counters["fuse_siblings"]["groups"] == groups
+    # three siblings, one of another dtype: the other two fuse, and only they
+    gm = fxlora.rewrite(Attention(), [Rule(n, r=2, alpha=2) for n in ("q", "k", "v")])
+    gm.get_submodule("q").lora_A = nn.Parameter(gm.get_submodule("q").lora_A.detach().double())
+    result = passes.FuseSiblings()(gm)
+    assert result.modified and _fused_groups(gm) == [["k", "v"]]
+    assert counters["fuse_siblings"]["groups"] == groups + 1
+    for pass_ in (passes.FuseSiblings(), passes.LowerLinearBranches()):  # they require a rewritten graph
+        with pytest.raises(fxlora.PassContractError, match="runs on a graph the rewrite pass made"):
+            pass_(torch.fx.symbolic_trace(Attention()))
