@@ -112,7 +112,6 @@ __all__ = [
     "get_path",
     "use_path",
     "choose_path",
-    "triton_available",
     "LoraOpError",
 ]
 
@@ -182,11 +181,6 @@ def _triton_module():
     except ImportError:
         return None
     return triton_lora
-
-
-def triton_available() -> bool:
-    """Whether Triton imports here (kernels still need CUDA tensors, or ``TRITON_INTERPRET=1``)."""
-    return _triton_module() is not None
 
 
 def _triton_supports(x: Tensor, n: int, r: int) -> bool:
