@@ -396,8 +396,8 @@ def parse_tensor_file(data: bytes, *, source: str) -> tuple[dict[str, Any], dict
         raise CheckpointError(f"{source} is empty (0 bytes); it was not written completely. Nothing was loaded.")
     if kind == "truncated":
         raise CheckpointError(
-            f"{source} is truncated: {len(data)} bytes, shorter than any safetensors or torch.save file. It was "
-            "not written completely; save it again. Nothing was loaded."
+            f"{source} is truncated (only {len(data)} bytes, shorter than any safetensors or torch.save file) or is "
+            "not a checkpoint at all; save it again. Nothing was loaded."
         )
     raise CheckpointError(
         f"{source} is neither a safetensors file nor a torch.save file (it starts with {bytes(data[:8])!r}); it may "

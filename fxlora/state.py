@@ -14,6 +14,7 @@ tensors and metadata, so they serve one adapter or several.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -130,12 +131,17 @@ def _bias_names(gm: GraphModule, bias: str, sites: Mapping[str, SiteSpec]) -> li
     return [name for name, _ in gm.named_parameters() if name.rpartition(".")[2] == "bias"]
 
 
+def _owned(p: torch.Tensor) -> bool:
+    """Whether fxlora writes ``p`` in place (else :func:`_private` first gives it storage of its own)."""
+    return bool(getattr(p, "_fxlora_private", False)) or is_sharded(p)
+
+
 def _private(gm: GraphModule, name: str) -> nn.Parameter:
     """The base parameter ``name`` with storage of its own (copy-on-write): rewrite shares the caller's
     weights, so a parameter fxlora will write (a trained or loaded bias) is first copied.  A sharded
     parameter (FSDP2) already has storage of its own, and its module owns it: it is not replaced."""
     p = gm.get_parameter(name)
-    if not getattr(p, "_fxlora_private", False) and not is_sharded(p):
+    if not _owned(p):
         owner, _, attr = name.rpartition(".")
         p = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
         p._fxlora_private = True  # type: ignore[attr-defined]
@@ -214,7 +220,12 @@ def _stage_one(key: str, value: Any, target: torch.Tensor, hint: str) -> tuple[s
     if not isinstance(value, torch.Tensor):
         return f"'{key}' is a {type(value).__name__}, not a tensor", None
     try:
-        if value.layout != torch.strided or value.is_nested:
+        if value.is_nested:
+            return (
+                f"'{key}' is a nested tensor (several tensors in one); a LoRA tensor must be one dense tensor of the "
+                "parameter's shape"
+            ), None
+        if value.layout != torch.strided:
             return f"'{key}' is a {value.layout} tensor; LoRA tensors must be dense (save value.to_dense())", None
         if value.is_quantized:
             return f"'{key}' is a quantized tensor; LoRA tensors must be plain floating point", None
@@ -281,21 +292,85 @@ def _stage_all(
     return staged, problems
 
 
-def commit_tensors(gm: GraphModule, staged: Mapping[str, torch.Tensor], lora_names: set[str]) -> None:
+def _unwritable(gm: GraphModule, keys: list[str], source: str) -> CheckpointError | None:
+    """The error to raise before any copy when some of ``keys`` cannot be written in place here.  An
+    inference tensor (made under ``torch.inference_mode()``) refuses in-place updates outside that
+    mode, and only after the kernel has written."""
+    if torch.is_inference_mode_enabled():
+        return None
+    frozen = [key for key in keys if gm.get_parameter(key).is_inference()]
+    if not frozen:
+        return None
+    names = ", ".join(map(repr, frozen[:6])) + (" ..." if len(frozen) > 6 else "")
+    return CheckpointError(
+        f"cannot load {source}, nothing was loaded: the model's {names} "
+        f"{'are inference tensors' if len(frozen) > 1 else 'is an inference tensor'} (the model was built under torch.inference_mode()), which cannot be updated in place outside that mode. "
+        "Load inside `with torch.inference_mode():`, or build the model outside it."
+    )
+
+
+def _inference_if(flag: bool) -> Any:
+    """``torch.inference_mode()`` when ``flag`` (an inference tensor is written only there), else nothing:
+    ``inference_mode(False)`` would turn gradients back on."""
+    return torch.inference_mode() if flag else contextlib.nullcontext()
+
+
+def _restore(journal: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[str]:
+    """Copy every backup of ``journal`` (key, target, backup) back, newest first; the keys that could not
+    be restored bit for bit."""
+    failed = []
+    for key, target, backup in reversed(journal):
+        with contextlib.suppress(Exception), _inference_if(target.is_inference()):
+            target.copy_(backup)  # checked below: some copies write, then raise
+        try:
+            same = bool(torch.equal(target.detach(), backup))
+        except Exception:  # noqa: BLE001
+            same = False
+        if not same:
+            failed.append(key)
+    return failed
+
+
+def _failed_copy(what: str, e: BaseException, unrestored: list[str]) -> CheckpointError:
+    """The error for a copy of ``what`` that failed; ``unrestored``: what the rollback could not restore."""
+    if not unrestored:
+        return CheckpointError(f"copying {what} into the model failed ({_first_line(e)}); nothing was loaded.")
+    return CheckpointError(
+        f"copying {what} into the model failed ({_first_line(e)}), and {', '.join(unrestored)} could not be "
+        "restored: they may hold new values. Load the checkpoint again, or reload the model."
+    )
+
+
+def commit_tensors(
+    gm: GraphModule, staged: Mapping[str, torch.Tensor], lora_names: set[str], *, source: str = "the LoRA state dict"
+) -> None:
     """Copy the staged tensors into ``gm`` (a bias first gets storage of its own, see
-    :func:`mark_only_lora_as_trainable`).  If a copy fails, the tensors already written are restored."""
-    done: list[tuple[torch.Tensor, torch.Tensor]] = []
+    :func:`mark_only_lora_as_trainable`), all or nothing: every target is checked to be writable first,
+    and each is backed up *before* its copy starts, so a copy that writes and then raises is undone
+    too; a bias given its own storage gets its original parameter back."""
     with torch.no_grad():
+        in_place = [key for key in staged if key in lora_names or _owned(gm.get_parameter(key))]
+        refusal = _unwritable(gm, in_place, source)
+        if refusal is not None:
+            raise refusal
+        journal: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        replaced: list[tuple[nn.Module, str, nn.Parameter]] = []
+        key = ""
         try:
             for key, value in staged.items():
-                target = gm.get_parameter(key) if key in lora_names else _private(gm, key)
-                backup = target.detach().clone()
+                target = gm.get_parameter(key)
+                if key not in lora_names and _private(gm, key) is not target:
+                    owner, _, attr = key.rpartition(".")
+                    replaced.append((gm.get_submodule(owner), attr, target))  # put back on failure, never written
+                    target = gm.get_parameter(key)
+                else:
+                    journal.append((key, target, target.detach().clone()))  # backed up before the copy starts
                 copy_into(target, value)  # a sharded target takes this rank's shard
-                done.append((target, backup))
         except Exception as e:  # noqa: BLE001 - roll back, then report
-            for target, backup in reversed(done):
-                target.copy_(backup)
-            raise CheckpointError(f"copying '{key}' into the model failed ({_first_line(e)}); nothing was loaded.") from None
+            unrestored = _restore(journal)
+            for owner, attr, original in reversed(replaced):
+                setattr(owner, attr, original)
+            raise _failed_copy(f"'{key}'", e, [f"'{k}'" for k in unrestored]) from None
 
 
 def load_into(
@@ -330,7 +405,7 @@ def load_into(
     problems += value_problems
     if problems:
         raise CheckpointError(f"cannot load {source}, nothing was loaded: " + "; ".join(problems) + ".")
-    commit_tensors(gm, staged, lora_set)
+    commit_tensors(gm, staged, lora_set, source=source)
     return _IncompatibleKeys(missing, unexpected)
 
 
@@ -365,7 +440,20 @@ def load_adapter(
         return _load_slot(gm, adapter, sites, state_dict, strict=strict, source=source)
     mapping = adapter_key_map(gm, adapter, sites)
     back = {v: k for k, v in mapping.items()}
-    renamed = {mapping.get(k, k) if isinstance(k, str) else k: v for k, v in state_dict.items()}
+    renamed: dict[Any, Any] = {}
+    origin: dict[Any, Any] = {}
+    clashes = []
+    for key, value in state_dict.items():
+        param = mapping.get(key, key) if isinstance(key, str) else key
+        if param in origin:
+            clashes.append(f"'{origin[param]}' and '{key}' both name the parameter '{param}'")
+        origin[param] = key
+        renamed[param] = value
+    if clashes:
+        raise CheckpointError(
+            f"cannot load {source}, nothing was loaded: " + "; ".join(clashes[:6]) + (" ..." if len(clashes) > 6 else "")
+            + ". Keep one key per parameter (lora_state_dict's keys are the unsuffixed '<site>.lora_A')."
+        )
     trained = [p for p in mapping.values() if p not in _lora_names(sites)]  # modules trained in full
     result = load_into(gm, sites, renamed, strict=strict, source=source, extra=trained)
     return _IncompatibleKeys([back.get(k, k) for k in result.missing_keys], [back.get(k, k) for k in result.unexpected_keys])
@@ -393,8 +481,25 @@ def _load_slot(
     staged = stage_tensors({k: targets[k] for k in known}, known, source=source)
     biases = {k: v for k, v in state_dict.items() if k not in targets and k not in unexpected}
     staged_biases = stage_tensors({k: params[k] for k in biases}, biases, source=source)
-    write_slot(gm, adapter, {k: staged[canonical_name(k, adapter)] for k in current if canonical_name(k, adapter) in staged})
-    commit_tensors(gm, staged_biases, set())
+    stacks = list(dict.fromkeys(q for layout in (_served_layouts(gm) or {}).values() for q in (layout.A, layout.B)))
+    refusal = _unwritable(gm, stacks, source)
+    if refusal is not None:
+        raise refusal
+    backup = {k: v.detach().clone() for k, v in current.items()}  # taken before anything is written
+    try:
+        write_slot(gm, adapter, {k: staged[canonical_name(k, adapter)] for k in current if canonical_name(k, adapter) in staged})
+        commit_tensors(gm, staged_biases, set(), source=source)  # all or nothing itself
+    except Exception as e:  # put the slot back, then report
+        try:
+            with _inference_if(any(gm.get_parameter(q).is_inference() for q in stacks)):
+                write_slot(gm, adapter, backup)
+            restored = all(torch.equal(v, backup[k]) for k, v in read_slot(gm, adapter).items())
+        except Exception:  # noqa: BLE001
+            restored = False
+        if isinstance(e, CheckpointError) and restored:
+            raise
+        what = f"adapter {adapter!r}'s factors"
+        raise _failed_copy(what, e, [] if restored else [f"{what} (in its slot of the stacks)"]) from None
     return _IncompatibleKeys(missing, unexpected)
 
 

@@ -379,9 +379,12 @@ def test_the_reader_follows_the_bytes_not_the_name(tmp_path):
     with pytest.raises(CheckpointError, match="refuses to unpickle"):
         fxlora.load_lora(fresh, tmp_path / "evil.safetensors")
     assert not (tmp_path / "pwned").exists()
-    (tmp_path / "text.safetensors").write_text("hello")
+    (tmp_path / "text.safetensors").write_text("hello world, not a checkpoint")
     with pytest.raises(CheckpointError, match="neither a safetensors file nor a torch.save file"):
         fxlora.load_lora(fresh, tmp_path / "text.safetensors")
+    (tmp_path / "short.safetensors").write_text("hello")
+    with pytest.raises(CheckpointError, match="truncated .only 5 bytes.* or is not a checkpoint"):
+        fxlora.load_lora(fresh, tmp_path / "short.safetensors")
 
 
 def test_save_lora_refuses_what_it_could_not_read_back(tmp_path):
@@ -530,3 +533,152 @@ def test_a_peft_folder_given_to_load_lora_says_which_function_reads_it(tmp_path)
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="is a PEFT adapter folder; load it with fxlora.load_peft_adapter"):
         fxlora.load_lora(gm, tmp_path)
+
+
+# -- all or nothing when a copy fails midway, inference tensors, served slots -----------------------
+
+
+def _copy_that_writes_then_fails(monkeypatch, fail_at):
+    """``copy_into`` that writes its ``fail_at``-th target and then raises, as an inference tensor's
+    version-counter check does after the kernel ran."""
+    real, calls = fxlora.state.copy_into, []
+
+    def copy_into(target, value):
+        calls.append(target)
+        real(target, value)
+        if len(calls) == fail_at:
+            raise RuntimeError("the copy ran, then failed")
+
+    monkeypatch.setattr(fxlora.state, "copy_into", copy_into)
+    return calls
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, 5])
+def test_a_copy_that_writes_then_fails_is_undone_with_every_earlier_one(fail_at, monkeypatch):
+    gm = _proj_gm()
+    bias = gm.get_parameter("blocks.1.proj.bias")
+    before = _snapshot(gm)
+    sd = {k: torch.randn_like(v) for k, v in fxlora.lora_state_dict(gm).items()}
+    sd["blocks.1.proj.bias"] = torch.randn_like(bias)  # a bias: given storage of its own, then written
+    calls = _copy_that_writes_then_fails(monkeypatch, fail_at)
+    with pytest.raises(CheckpointError, match="the copy ran, then failed.*nothing was loaded"):
+        fxlora.load_lora_state_dict(gm, sd)
+    assert len(calls) == fail_at
+    assert _unchanged(gm, before)
+    assert gm.get_parameter("blocks.1.proj.bias") is bias  # the original parameter is back
+
+
+def test_a_model_built_under_inference_mode_is_refused_before_any_copy():
+    with torch.inference_mode():
+        gm = fxlora.rewrite(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), [Rule("*", r=2, alpha=2)])
+    before = {k: v.clone() for k, v in fxlora.lora_state_dict(gm).items()}
+    sd = {k: torch.randn_like(v) for k, v in before.items()}
+    with pytest.raises(CheckpointError, match=r"'0.lora_A'.*inference tensors.*torch.inference_mode\(\)"):
+        fxlora.load_lora_state_dict(gm, sd)
+    assert all(torch.equal(before[k], v) for k, v in fxlora.lora_state_dict(gm).items())
+    with torch.inference_mode():  # where the message says it works
+        fxlora.load_lora_state_dict(gm, sd)
+    assert all(torch.equal(sd[k], v) for k, v in fxlora.lora_state_dict(gm).items())
+
+
+def _served():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.proj", r=2, alpha=2)], adapter="a")
+    fxlora.add_adapter(gm, [Rule("blocks.*.proj", r=3, alpha=3)], "b")
+    randomize_lora(gm, std=0.3)
+    return fxlora.serve(gm)
+
+
+@pytest.mark.parametrize("fail", ["bias", "slot"])
+def test_a_served_slot_is_put_back_when_any_later_write_fails(fail, monkeypatch):
+    server = _served()
+    before = _snapshot(server)
+    sd = {k: torch.randn_like(v) for k, v in fxlora.lora_state_dict(server, adapter="b").items()}
+    sd["blocks.0.proj.bias"] = torch.randn_like(server.get_parameter("blocks.0.proj.bias"))
+    if fail == "bias":  # the slot is written, then the bias copy fails
+        _copy_that_writes_then_fails(monkeypatch, 1)
+    else:  # the slot's writer dies halfway
+        real = fxlora.state.write_slot
+
+        def write_slot(gm, adapter, tensors):
+            if failed:  # the rollback's write goes through
+                return real(gm, adapter, tensors)
+            failed.append(True)
+            real(gm, adapter, dict(list(tensors.items())[:1]))
+            raise RuntimeError("the copy ran, then failed")
+
+        failed = []
+
+        monkeypatch.setattr(fxlora.state, "write_slot", write_slot)
+    with pytest.raises(CheckpointError, match="the copy ran, then failed.*nothing was loaded"):
+        fxlora.load_lora_state_dict(server, sd, adapter="b")
+    monkeypatch.undo()
+    assert _unchanged(server, before)
+    fxlora.load_lora_state_dict(server, sd, adapter="b")  # and without the failure it loads
+    assert all(torch.equal(sd[k], v) for k, v in fxlora.lora_state_dict(server, adapter="b").items())
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+
+def test_two_keys_for_one_parameter_are_refused_naming_both(tmp_path):
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    gm = fxlora.rewrite(model, [Rule("blocks.*.proj", r=2, alpha=2)])
+    fxlora.add_adapter(gm, [Rule("blocks.*.proj", r=2, alpha=2)], "b")
+    randomize_lora(gm)
+    before = _snapshot(gm)
+    sd = {k: torch.randn_like(v) for k, v in fxlora.lora_state_dict(gm, adapter="b").items()}
+    sd["blocks.0.proj.lora_A_b"] = torch.randn_like(sd["blocks.0.proj.lora_A"])  # the parameter's own name
+    for strict in (True, False):
+        with pytest.raises(CheckpointError, match="'blocks.0.proj.lora_A' and 'blocks.0.proj.lora_A_b' both name"):
+            fxlora.load_lora_state_dict(gm, sd, adapter="b", strict=strict)
+        assert _unchanged(gm, before)
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(files.safetensors_bytes(sd, {}))
+    with pytest.raises(CheckpointError, match="both name the parameter 'blocks.0.proj.lora_A_b'"):
+        fxlora.load_lora(gm, path, adapter="b")
+    assert _unchanged(gm, before)
+
+
+def test_a_nested_tensor_is_refused_as_nested():
+    gm = _proj_gm()
+    before = _snapshot(gm)
+    sd = {k: torch.randn_like(v) for k, v in fxlora.lora_state_dict(gm).items()}
+    a = sd["blocks.0.proj.lora_A"]
+    sd["blocks.0.proj.lora_A"] = torch.nested.nested_tensor([a, a[:1]])
+    with pytest.raises(CheckpointError, match="'blocks.0.proj.lora_A' is a nested tensor") as info:
+        fxlora.load_lora_state_dict(gm, sd)
+    assert "torch.strided" not in str(info.value)
+    assert _unchanged(gm, before)
+
+
+@pytest.mark.parametrize("through", ["state_dict", "file"])
+def test_strict_false_loads_the_subset_all_or_nothing_and_reports_the_rest(through, tmp_path):
+    gm = _proj_gm()
+    names = list(fxlora.lora_state_dict(gm))
+    keep = names[:2]
+    sd = {k: torch.randn_like(v) for k, v in fxlora.lora_state_dict(gm).items() if k in keep}
+    sd["blocks.0.proj.lora_C"] = torch.zeros(2)  # unknown
+
+    def load(state):
+        if through == "state_dict":
+            return fxlora.load_lora_state_dict(gm, state, strict=False)
+        path = tmp_path / "subset.safetensors"
+        path.write_bytes(files.safetensors_bytes(state, {}))
+        return fxlora.load_lora(gm, path, strict=False)
+
+    before = _snapshot(gm)
+    result = load(sd)
+    assert type(result).__name__ == "_IncompatibleKeys"
+    assert sorted(result.missing_keys) == sorted(names[2:])
+    assert result.unexpected_keys == ["blocks.0.proj.lora_C"]
+    got = fxlora.lora_state_dict(gm)
+    assert all(torch.equal(got[k], sd[k]) for k in keep)  # the subset loaded
+    assert all(torch.equal(got[k], before[k]) for k in names[2:])  # the rest untouched
+    loaded = _snapshot(gm)
+    bad = {k: torch.randn_like(v) for k, v in sd.items()}
+    bad[keep[1]] = torch.full_like(sd[keep[1]], float("nan"))  # one bad tensor in the subset
+    with pytest.raises(CheckpointError, match=f"'{keep[1]}' holds NaN"):
+        load(bad)
+    assert _unchanged(gm, loaded)  # nothing of the subset loaded, not even the good key
