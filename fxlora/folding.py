@@ -142,11 +142,19 @@ def _sources(gm: GraphModule, weights: Mapping[str, float]) -> dict[str, str]:
     return {path: copy_path for name in weights for path, copy_path in trained.get(name, {}).items()}
 
 
+def _reduce(self: GraphModule) -> tuple[Any, ...]:
+    from .graph_module import reduce_folded  # it imports this module
+
+    return reduce_folded(self)  # a torch.export capture is refused with a CheckpointError
+
+
 def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch.Tensor], sources: dict[str, str]) -> GraphModule:
     # A class of its own (recompiling one folded module must not touch another), reusing the template's
     # generated forward; named as torch names per-instance classes, so that GraphModule.__new__ (deepcopy,
     # unpickling) builds its usual class from the code instead of subclassing this one.
-    new_cls = type("GraphModuleImpl", (GraphModule,), {"forward": type(template).forward, "graph": _lazy_graph})
+    new_cls = type(
+        "GraphModuleImpl", (GraphModule,), {"forward": type(template).forward, "graph": _lazy_graph, "__reduce__": _reduce}
+    )
     out = object.__new__(new_cls)  # not GraphModule.__new__, which would make yet another class
     nn.Module.__init__(out)
     state_keys = set(out.__dict__)
@@ -219,17 +227,25 @@ _lazy_graph = property(_lazy_graph_get, _lazy_graph_set)
 
 
 def load_folded(model: nn.Module, folded: GraphModule) -> _IncompatibleKeys:
-    """Write the merged weights of ``folded`` (the module :func:`fold` returned, or a rewritten module,
-    which is folded first) into ``model``, the user's own model object, in place: a Hugging Face model
-    can then ``generate`` and ``save_pretrained`` with them.  This is the only fxlora call that changes the
-    model passed to :func:`fxlora.rewrite`.
+    """Give ``model``, the user's own model object, the merged weights of ``folded`` (the module :func:`fold`
+    returned, or a rewritten module, which is folded first): a Hugging Face model can then ``generate`` and
+    ``save_pretrained`` with them.  This is the only fxlora call that changes the model passed to
+    :func:`fxlora.rewrite`.
 
     The folded module has ``model``'s state-dict keys (fxlora keeps non-persistent buffers and
     torch.export's lifted constants out of them, and tied weights under every name), so this is
-    ``model.load_state_dict(folded.state_dict(), strict=True)`` with checks first: a key ``model`` lacks,
-    or a tensor of another shape, raises :class:`~fxlora.errors.CheckpointError` and loads nothing.  Keys
-    the folded module lacks (parameters a symbolically traced graph never reads, so that fold cannot
-    have changed them) are left as they are and returned as ``missing_keys``.
+    ``model.load_state_dict(folded.state_dict(), strict=True, assign=True)`` with checks first: a key
+    ``model`` lacks, a tensor of another shape, or one whose names in ``model`` are tied but whose values in
+    ``folded`` differ raises :class:`~fxlora.errors.CheckpointError` and loads nothing.  Keys the folded
+    module lacks (parameters a symbolically traced graph never reads, so that fold cannot have changed
+    them) are left as they are and returned as ``missing_keys``.
+
+    The tensors are *assigned*, not copied into ``model``'s own: the module :func:`fxlora.rewrite` returned
+    shares its base weights with ``model``, and writing the merged values into them would add the update
+    to that module (and to every later fold of it) a second time.  Each parameter that changes becomes a
+    new ``nn.Parameter`` with the old one's ``requires_grad``, on the old one's device and in its dtype;
+    parameters tied in ``model`` stay one object; a tensor already holding the value is kept as it is
+    (so an optimizer over the untouched parameters keeps working).
     """
     if not isinstance(model, nn.Module) or not isinstance(folded, nn.Module):
         raise ArgumentError(
@@ -238,23 +254,74 @@ def load_folded(model: nn.Module, folded: GraphModule) -> _IncompatibleKeys:
         )
     if isinstance(folded, GraphModule) and graph_sites(folded):
         folded = fold(folded)
-    source, target = folded.state_dict(), model.state_dict()
+    source, target = folded.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
     unexpected = [k for k in source if k not in target]
     mismatched = [
         f"'{k}' {tuple(v.shape)} (the model has {tuple(target[k].shape)})"
         for k, v in source.items()
         if k in target and tuple(v.shape) != tuple(target[k].shape)
     ]
-    if unexpected or mismatched:
+    slots = _tensor_slots(model)  # id(tensor) -> every (module, table, key) holding it in the model
+    new_values: dict[int, torch.Tensor] = {}  # id(model tensor) -> its value from folded
+    split = []
+    for k, value in source.items():
+        if k not in target or tuple(value.shape) != tuple(target[k].shape):
+            continue
+        old = target[k]
+        earlier = new_values.setdefault(id(old), value)
+        if earlier is not value and not torch.equal(earlier.detach().to(value.device, value.dtype), value.detach()):
+            split.append(k)
+    if unexpected or mismatched or split:
         problems = []
         if unexpected:
             problems.append(f"tensors the model does not have: {', '.join(unexpected[:6])}")
         if mismatched:
             problems.append(f"tensors of another shape: {', '.join(mismatched[:6])}")
+        if split:
+            problems.append(f"tensors tied in the model but with different values in the folded module: {', '.join(split[:6])}")
         raise CheckpointError(
             "load_folded: the folded module does not fit this model (" + "; ".join(problems) + "). Pass the model "
-            "that was rewritten. Nothing was loaded."
+            "that was rewritten, and the module fold returned for it. Nothing was loaded."
         )
+    with torch.no_grad():
+        for k in source:
+            old = target[k]
+            value = new_values.pop(id(old), None)
+            if value is None:
+                continue  # a tie: done under its first name
+            new = _assigned(old, value)
+            if new is old:
+                continue
+            for table, key in slots[id(old)]:
+                table[key] = new
     missing = [k for k in target if k not in source]
-    model.load_state_dict({**{k: target[k] for k in missing}, **source}, strict=True)
     return _IncompatibleKeys(missing, [])
+
+
+def _tensor_slots(model: nn.Module) -> dict[int, list[tuple[dict, str]]]:
+    """id(tensor) -> every (parameter or buffer table, key) that holds it in ``model`` (ties included)."""
+    slots: dict[int, list[tuple[dict, str]]] = {}
+    seen: set[int] = set()
+    for mod in model.modules():  # each module object once, however many names it has
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                if t is not None:
+                    slots.setdefault(id(t), []).append((table, key))
+    return slots
+
+
+def _assigned(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """What replaces ``old`` in the model: ``old`` itself when it already holds ``value`` (the same storage,
+    or equal values), else a new tensor with ``value``'s values in ``old``'s dtype and device (a new
+    ``nn.Parameter`` with ``old``'s ``requires_grad`` for a parameter)."""
+    data = value.detach()
+    if data.device != old.device or data.dtype != old.dtype:
+        data = data.to(device=old.device, dtype=old.dtype)
+    if (data.data_ptr() == old.data_ptr() and data.stride() == old.stride()) or torch.equal(data, old.detach()):
+        return old
+    if isinstance(old, nn.Parameter):
+        return nn.Parameter(data, requires_grad=old.requires_grad)
+    return data
