@@ -25,6 +25,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .distributed import full, plain_class
 from .errors import ArgumentError, CheckpointError
 from .passes import FoldPass, InlineUnits, merged_weights
+from .pickling import reduce_folded
 from .provenance import (
     active_adapters,
     adapter_state,
@@ -142,18 +143,12 @@ def _sources(gm: GraphModule, weights: Mapping[str, float]) -> dict[str, str]:
     return {path: copy_path for name in weights for path, copy_path in trained.get(name, {}).items()}
 
 
-def _reduce(self: GraphModule) -> tuple[Any, ...]:
-    from .graph_module import reduce_folded  # it imports this module
-
-    return reduce_folded(self)  # a torch.export capture is refused with a CheckpointError
-
-
 def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch.Tensor], sources: dict[str, str]) -> GraphModule:
     # A class of its own (recompiling one folded module must not touch another), reusing the template's
     # generated forward; named as torch names per-instance classes, so that GraphModule.__new__ (deepcopy,
     # unpickling) builds its usual class from the code instead of subclassing this one.
     new_cls = type(
-        "GraphModuleImpl", (GraphModule,), {"forward": type(template).forward, "graph": _lazy_graph, "__reduce__": _reduce}
+        "GraphModuleImpl", (GraphModule,), {"forward": type(template).forward, "graph": _lazy_graph, "__reduce__": reduce_folded}
     )
     out = object.__new__(new_cls)  # not GraphModule.__new__, which would make yet another class
     nn.Module.__init__(out)

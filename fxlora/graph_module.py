@@ -32,12 +32,20 @@ Pickling
     fxlora's records (``gm.meta["fxlora"]`` and every ``node.meta["fxlora"]``), so fold, the state-dict
     helpers and ``merge_on_eval`` work on the copy.  Node metadata that cannot be pickled (fake tensors
     of a ``torch.export`` capture, module types defined inside a function) is left out.  A module
-    captured with ``torch.export`` holds torch's input-guard function, which cannot be pickled: that
-    is refused with a :class:`~fxlora.errors.CheckpointError` saying what to do instead.
+    captured with ``torch.export`` (rewritten, folded or served) holds torch's input-guard function,
+    which cannot be pickled: ``pickle`` and ``torch.save`` refuse it with a
+    :class:`~fxlora.errors.CheckpointError` saying what to do instead (so does a hook defined inside a
+    function); ``copy.deepcopy`` works.
+
+Inference mode
+    A module built under ``torch.inference_mode()`` holds inference tensors, which have no version
+    counter: ``merge_on_eval`` then stamps them by identity and address alone (the bit-for-bit check
+    still sees every change of their values) and builds the fold in inference mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pickle
 from typing import Any
@@ -48,6 +56,7 @@ from torch.fx.node import map_arg
 
 from .errors import CheckpointError
 from .folding import fold
+from .pickling import refuse_unpicklable_modules
 
 __all__ = ["LoraGraphModule"]
 
@@ -144,8 +153,12 @@ class LoraGraphModule(GraphModule):
 
     def _stamp(self) -> tuple[Any, ...]:
         """Identity, address and version of every parameter and buffer (an optimizer step, a loaded
-        checkpoint, a bias given its own storage, ``p.data = t``)."""
-        return tuple((id(t), t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers()))
+        checkpoint, a bias given its own storage, ``p.data = t``).  An inference tensor (made under
+        ``torch.inference_mode()``) has no version counter: its stamp is identity and address, and the
+        bit-for-bit check of :class:`_FoldCache` still sees any change of its values."""
+        return tuple(
+            (id(t), None if t.is_inference() else t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers())
+        )
 
     def merged_module(self) -> GraphModule:
         """The folded module that eval mode runs with ``merge_on_eval``, rebuilt whenever any tensor it
@@ -154,7 +167,12 @@ class LoraGraphModule(GraphModule):
         cache = self.__dict__.get("_fxlora_cache")
         if cache is None or not cache.fresh(stamp):
             self.__dict__["_fxlora_cache"] = None  # free the old fold before building the new one
-            cache = _FoldCache(self, stamp)
+            # a module built under torch.inference_mode() holds inference tensors, which can be made into
+            # parameters only in that mode; its fold then holds inference tensors too, and runs wherever the
+            # module itself does (under torch.no_grad() or torch.inference_mode())
+            frozen = any(t.is_inference() for t in (*self.parameters(), *self.buffers()))
+            with torch.inference_mode() if frozen else contextlib.nullcontext():
+                cache = _FoldCache(self, stamp)
             self.__dict__["_fxlora_cache"] = cache
         return cache.module
 
@@ -183,7 +201,7 @@ class LoraGraphModule(GraphModule):
         """Pickle the graph itself (nodes, targets, arguments and the metadata that can be pickled) and
         the module's attributes; ``torch.fx``'s own pickling re-traces the generated code instead,
         which loses every ``node.meta`` and the module's class."""
-        _refuse_unpicklable_modules(self)
+        refuse_unpicklable_modules(self)
         body = {k: v for k, v in self.__dict__.items() if k not in _COMPILED}
         if "meta" in body:
             body["meta"] = _picklable_meta(body["meta"], keep=("fxlora",))
@@ -224,18 +242,6 @@ class _OpRef:
         for part in self.name.split("."):
             op = getattr(op, part)
         return op
-
-
-def _refuse_unpicklable_modules(gm: GraphModule) -> None:
-    for name, module in gm.named_modules():
-        for attr, value in vars(module).items():
-            if callable(value) and "<locals>" in getattr(value, "__qualname__", ""):
-                raise CheckpointError(
-                    f"this module cannot be pickled: its submodule '{name}' ({type(module).__name__}) holds "
-                    f"'{attr}', a function generated when the model was captured (torch.export's input guards). "
-                    "Save the adapter with fxlora.save_lora and rewrite the model again to restore it, or save the "
-                    "folded model with fxlora.export.to_exported_program."
-                )
 
 
 def _picklable(value: Any) -> bool:

@@ -293,6 +293,61 @@ def test_a_module_captured_with_torch_export_says_why_it_cannot_be_pickled():
     assert isinstance(copy.deepcopy(gm), fxlora.LoraGraphModule)  # deepcopy does not pickle
 
 
+def test_every_export_captured_module_refuses_pickling_with_checkpoint_error():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer(), RULES, example_inputs=(torch.randint(0, 40, (2, 6)),), capture="export")
+    randomize_lora(gm)
+    fxlora.add_adapter(gm, RULES, "b")
+    x = torch.randint(0, 40, (2, 6))
+    modules = {"rewritten": gm, "folded": fxlora.fold(gm), "served": fxlora.serve(gm)}
+    for name, module in modules.items():
+        for how in ("pickle", "torch.save"):
+            with pytest.raises(fxlora.CheckpointError, match="cannot be pickled.*'_guards_fn'.*to_exported_program"):
+                ROUND_TRIPS[how](module)
+        copied = copy.deepcopy(module)  # deepcopy does not pickle
+        if name != "served":
+            assert torch.equal(copied(x), module(x)), name
+
+
+def test_a_local_hook_is_refused_by_name_not_with_attribute_error():
+    gm = _gm()
+
+    def hook(module, args):  # defined in a function: pickle cannot save it
+        return None
+
+    gm.get_submodule("head").register_forward_pre_hook(hook)
+    with pytest.raises(fxlora.CheckpointError, match="'head'.*_forward_pre_hooks.*hook"):
+        pickle.dumps(gm)
+
+
+def test_merge_on_eval_works_on_a_model_built_under_inference_mode():
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        gm = fxlora.rewrite(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), [fxlora.Rule("*", r=2, alpha=2)],
+                            merge_on_eval=True)
+        for name, p in gm.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    x = torch.randn(3, 8)
+
+    def branches():
+        gm.train()
+        with torch.no_grad():
+            out = gm(x)
+        gm.eval()
+        return out
+
+    expected = branches()
+    assert torch.allclose(gm(x), expected, atol=1e-5)
+    assert len(list(gm.merged_module().graph.nodes)) < len(list(gm.graph.nodes))  # the fold runs
+    with torch.inference_mode():
+        gm.get_parameter("0.lora_B").zero_()  # in place, no train() in between: noticed by the bit check
+        assert torch.allclose(gm(x), branches(), atol=1e-5)
+        gm.get_parameter("2.weight").add_(1.0)
+        assert torch.allclose(gm(x), branches(), atol=1e-5)
+    assert not torch.allclose(gm(x), expected, atol=1e-3)
+
+
 def test_a_model_class_defined_in_a_function_still_round_trips():
     class Local(nn.Module):  # its type cannot be pickled; fxlora's record of it is left out
         def __init__(self):
