@@ -10,18 +10,21 @@ them in place during training, which must not leak into the caller's model).
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import traceback
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.fx import Graph, GraphModule, Tracer
+from torch.fx import Graph, GraphModule, Node, Tracer
+from torch.fx.operator_schemas import get_signature_for_torch_op
 from torch.utils import _pytree as pytree
 
 from . import calling
 from .errors import TraceError
 from .passes import make_mode_aware
+from .sites import normalize_method_calls
 
 __all__ = ["shadow_copy", "trace", "copy_graph_module", "export_capture", "keep_state_keys", "NON_PERSISTENT_META"]
 
@@ -132,7 +135,9 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}.")
     if isinstance(model, GraphModule):
-        return _shadow_graph_module_root(model), copy.deepcopy(model.graph)
+        graph = copy.deepcopy(model.graph)
+        normalize_method_calls(graph)
+        return _shadow_graph_module_root(model), graph
     root = shadow_copy(model)
     tracer = _Tracer(leaf_modules)
     before = _module_state(root)
@@ -148,6 +153,8 @@ def trace(
             "yourself and pass the GraphModule to fxlora."
         ) from e
     _check_state_unchanged(model, before, _module_state(root), "symbolic")
+    _check_no_state_writes(model, root, graph)
+    normalize_method_calls(graph)  # x.matmul(W.T) is a site like torch.matmul(x, W.T)
     return root, graph
 
 
@@ -213,6 +220,114 @@ def _check_state_unchanged(model: nn.Module, before: dict, after: dict, how: str
         "silently differ from your model. Capture with torch.export instead, which keeps buffer updates: pass "
         "example_inputs=(...) (capture='auto' then falls back to it) or capture='export'."
     )
+
+
+_INPLACE_NAMES = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift", "matmul")
+_INPLACE_OPERATORS = frozenset(getattr(operator, f"i{name}") for name in _INPLACE_NAMES) | {operator.setitem}
+_ALIASING_ATTRS = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
+
+
+def _schemas(node: Node) -> list[Any]:
+    """The ATen schemas of a ``call_function`` or ``call_method`` node's op (every overload), or []."""
+    if node.op == "call_method" and isinstance(node.target, str):
+        packet = getattr(torch.ops.aten, node.target, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            return []
+        return [getattr(packet, o)._schema for o in packet.overloads()]
+    if node.op != "call_function":
+        return []
+    if isinstance(node.target, torch._ops.OpOverload):
+        return [node.target._schema]
+    try:
+        found = get_signature_for_torch_op(node.target, return_schemas=True)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - an op torch has no schema for
+        return []
+    return list(found[1] or []) if isinstance(found, tuple) else []
+
+
+def _written(node: Node) -> list[Any]:
+    """The arguments that ``node`` writes into: ``self`` of an in-place method or function (``x.add_()``,
+    ``x.copy_(y)``, ``x[i] = v``, ``x += y``), an ``out=`` argument, and any argument the op's schema
+    marks as written (``Tensor(a!)``)."""
+    written: list[Any] = []
+    if node.op == "call_method" and isinstance(node.target, str):
+        name = node.target
+        if (name.endswith("_") and not name.startswith("_")) or name == "__setitem__" or (
+            name.startswith("__i") and name.endswith("__") and name[3:-2] in _INPLACE_NAMES
+        ):
+            written.append(node.args[0] if node.args else None)
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")):
+            written.append(node.args[0] if node.args else None)
+    else:
+        return written
+    if "out" in node.kwargs:
+        written.append(node.kwargs["out"])
+    for schema in _schemas(node):
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                if arg.kwarg_only or i >= len(node.args):
+                    written.append(node.kwargs.get(arg.name))
+                else:
+                    written.append(node.args[i])
+    return written
+
+
+def _is_view(node: Node) -> bool:
+    """Whether ``node``'s result may share memory with its first argument (a view of it: ``x.view()``,
+    ``x[0]``, ``x.T``, ``x.transpose()``...), read from the op's schema where it has one."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _ALIASING_ATTRS
+    if node.op == "call_function" and node.target is operator.getitem:
+        return True
+    if node.op == "call_method" and node.target in ("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "expand", "expand_as", "contiguous"):
+        return True
+    for schema in _schemas(node):
+        returns = schema.returns
+        if returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write:
+            return True
+    return False
+
+
+def _check_no_state_writes(model: nn.Module, root: nn.Module, graph: Graph) -> None:
+    """Raise :class:`TraceError` when the traced graph writes in place into a buffer or parameter (or a view
+    of one): ``s.ema.copy_(0.9 * s.ema + 0.1 * x.mean(0))`` records the copy_, but the ``0.9 * s.ema``
+    it copies was computed once while tracing, on the buffer's value then, and is baked into the graph
+    as a constant; the captured model would drift from yours from the second call."""
+    storage: dict[int, tuple[str, str]] = {}  # storage address -> (kind, name) of a buffer or parameter
+    for kind, named in (("parameter", root.named_parameters), ("buffer", root.named_buffers)):
+        for name, t in named():
+            if t.device.type != "meta" and t.numel():
+                storage.setdefault(t.untyped_storage().data_ptr(), (kind, name))
+    state: dict[Node, tuple[str, str]] = {}  # node -> (kind, name) of the buffer or parameter it aliases
+    for node in graph.nodes:
+        if node.op == "get_attr" and isinstance(node.target, str):
+            value: Any = root
+            for atom in node.target.split("."):
+                value = getattr(value, atom, None)
+            # a buffer, a parameter, or a tensor constant the tracer made of a view of one (s.ema.view(2, 2))
+            if isinstance(value, torch.Tensor) and value.device.type != "meta" and value.numel():
+                found = storage.get(value.untyped_storage().data_ptr())
+                if found is not None:
+                    state[node] = found
+            continue
+        if node.op not in ("call_function", "call_method"):
+            continue
+        for target in _written(node):
+            if isinstance(target, Node) and target in state:
+                kind, name = state[target]
+                what = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+                raise TraceError(
+                    f"{type(model).__name__}.forward() writes into the {kind} '{name}' in place ({what} at node "
+                    f"'{node.name}': {node.format_node()}). Symbolic tracing records that write, but what it writes was "
+                    f"partly computed once while tracing, from the {kind}'s value then, and is baked into the graph, "
+                    "so the captured model would silently drift from yours from the second call. Capture with "
+                    "torch.export instead, which keeps such updates: pass example_inputs=(...) (capture='auto' then "
+                    "falls back to it) or capture='export'."
+                )
+        if node.args and isinstance(node.args[0], Node) and node.args[0] in state and _is_view(node):
+            state[node] = state[node.args[0]]
 
 
 def keep_state_keys(gm: GraphModule, model: nn.Module) -> None:

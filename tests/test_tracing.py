@@ -7,7 +7,7 @@ import copy
 import fxlora
 import pytest
 import torch
-from fxlora import FxLoraError, TraceError
+from fxlora import FxLoraError, Rule, TraceError
 from torch import nn
 
 from helpers import (
@@ -183,3 +183,101 @@ def test_folded_state_dict_loads_into_the_users_model():
         torch.testing.assert_close(target(x), expected)
     with pytest.raises(fxlora.CheckpointError, match="does not fit this model.*Nothing was loaded"):
         fxlora.load_folded(nn.Sequential(nn.Linear(4, 4)), folded)
+
+
+class TiedLM(nn.Module):
+    """An embedding and a head that share one weight, and a frozen projection between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.proj(self.emb(ids))))
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_load_folded_leaves_the_rewritten_module_and_its_folds_as_they_were(capture):
+    torch.manual_seed(0)
+    model = TiedLM()
+    model.proj.bias.requires_grad_(False)
+    ids = torch.randint(0, 20, (2, 5))
+    gm = fxlora.rewrite(model, [Rule("proj", r=2, alpha=4), Rule("head", r=2, alpha=4)], capture=capture, example_inputs=(ids,))
+    randomize_lora(gm, std=0.3)
+    base_emb = model.emb.weight.detach().clone()
+    proj_w = model.proj.weight.detach().clone()
+    with torch.no_grad():
+        before = gm(ids)
+        earlier = fxlora.fold(gm)
+        # an independent reference: the model with W + scale * B @ A written by hand
+        ref = copy.deepcopy(model)
+        sites = fxlora.graph_sites(gm)
+        assert sorted(spec.kind for spec in sites.values()) == ["linear", "tied"]
+        for spec in sites.values():  # both stored (rows, cols) = (out, in): W += B @ A * alpha / r
+            ref.get_parameter(spec.weight).add_(gm.get_parameter(spec.lora_B) @ gm.get_parameter(spec.lora_A) * 2.0)
+        expected = ref(ids)
+        assert not torch.allclose(expected, model(ids), atol=1e-3)
+        torch.testing.assert_close(before, expected, atol=1e-5, rtol=1e-5)
+        assert fxlora.load_folded(model, gm) == ([], [])
+        torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+        # neither the rewritten module nor any fold of it changed: the update is not applied twice
+        assert torch.equal(gm(ids), before)
+        torch.testing.assert_close(fxlora.fold(gm)(ids), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(earlier(ids), expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(gm.get_parameter("emb.weight"), base_emb) and torch.equal(gm.get_parameter("proj.weight"), proj_w)
+    # the model's own ties, requires_grad flags, dtype and device are kept
+    assert model.head.weight is model.emb.weight and isinstance(model.emb.weight, nn.Parameter)
+    assert model.proj.weight.requires_grad and not model.proj.bias.requires_grad
+    assert model.proj.weight.dtype == torch.float32
+    # a float64 fold loads into the float32 model as float32
+    fxlora.load_folded(model, fxlora.fold(gm, dtype=torch.float64))
+    assert model.emb.weight.dtype == torch.float32 and model.head.weight is model.emb.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(gm(ids), before)
+
+
+class _EMA(nn.Module):
+    def __init__(self, write):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("ema", torch.zeros(4))
+        self.write = write
+
+    def forward(self, x):
+        self.write(self, x)
+        return self.lin(x) + self.ema
+
+
+BUFFER_WRITES = {
+    "ema.copy_(0.9 * ema + 0.1 * mean)": lambda s, x: s.ema.copy_(0.9 * s.ema + 0.1 * x.mean(0)),
+    "ema[0] = x.sum()": lambda s, x: s.ema.__setitem__(0, x.sum()),
+    "ema.lerp_(mean, 0.1)": lambda s, x: s.ema.lerp_(x.mean(0), 0.1),
+    "ema.view(2, 2).add_(mean)": lambda s, x: s.ema.view(2, 2).add_(x.mean(0).view(2, 2)),
+    "ema.index_put_((idx,), mean)": lambda s, x: s.ema.index_put_((torch.tensor([1, 2]),), x.mean(0)[:2]),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(BUFFER_WRITES))
+def test_a_buffer_written_in_the_traced_graph_is_refused_or_captured_with_export(spelling):
+    torch.manual_seed(0)
+    model = _EMA(BUFFER_WRITES[spelling])
+    x = torch.randn(3, 4)
+    with pytest.raises(TraceError, match="writes into the buffer 'ema' in place.*capture='export'"):
+        fxlora.rewrite(model, [Rule("lin", r=2, alpha=2)], capture="symbolic")
+    # capture="auto" with example inputs falls back to torch.export, which keeps the update
+    gm = fxlora.rewrite(model, [Rule("lin", r=2, alpha=2)], example_inputs=(x,))
+    assert gm.meta["fxlora_capture"] == "torch.export"
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for _ in range(3):  # the model and the rewritten module drift apart from the second call if not
+            torch.testing.assert_close(gm(x), reference(x))
+
+
+def test_a_model_that_only_reads_its_buffers_is_traced_symbolically():
+    model = _EMA(lambda s, x: None)
+    gm = fxlora.rewrite(model, [Rule("lin", r=2, alpha=2)], example_inputs=(torch.randn(3, 4),))
+    assert gm.meta["fxlora_capture"] == "symbolic_trace"
