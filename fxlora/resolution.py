@@ -361,6 +361,17 @@ class _GraphFacts:
         self.leaves = sorted({n.target for n in gm.graph.nodes if n.op == "call_module"}, key=len, reverse=True)
         self._uses = None
 
+    def ran(self, name: str) -> bool:
+        """Whether module ``name`` ran while the graph was captured (some node records it in its
+        ``nn_module_stack``, or calls it)."""
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module" and node.target == name:
+                return True
+            stack = node.meta.get("nn_module_stack") or {}
+            if any(isinstance(entry, tuple) and entry and entry[0] == name for entry in stack.values()):
+                return True
+        return False
+
     def leaf_holding(self, name: str) -> str | None:
         """The call_module leaf that ``name`` (a module or parameter path) is inside of, if any."""
         return next((t for t in self.leaves if name == t or name.startswith(t + ".")), None)
@@ -431,6 +442,11 @@ def _why_not_a_site(name: str, root: nn.Module, candidates: Sequence[Candidate],
             f"'{name}' ({type_name} runs inside '{leaf}' ({type(held).__name__}), which symbolic tracing keeps "
             f"opaque as a leaf module: {_export_hint()})"
         )
+    reads = facts.ops_reading(name)
+    if reads:
+        return f"'{name}' ({type_name}: in the traced graph its weights are read by {'; '.join(reads[:3])}, which fxlora does not adapt)"
+    if facts.ran(name):
+        return f"'{name}' ({type_name} is called in the traced graph, but no op there reads its weights)"
     return f"'{name}' ({type_name} is never called in the traced graph: the model does not use it for these inputs)"
 
 
@@ -485,7 +501,19 @@ def explain_unmatched(
             owner = pname.rpartition(".")[0]
             leaf = facts.leaf_holding(pname)
             mod = try_submodule(root, owner) if owner else root
-            if leaf is not None and not facts.export:
+            found = _sites_of_param(gm, root, pname, candidates)
+            if found is not None:
+                sites, role = found
+                named = ", ".join(f"'{c.name}'" for c in sites[:4])
+                names = list(sites[0].names)
+                best = owner if owner in names else names[0]  # the parameter's own module, when it can be named
+                others = [n for n in names if n != best][:3]
+                lines.append(
+                    f"'{pname}' is the {role} of the site{'s' if len(sites) > 1 else ''} {named}: rules name sites "
+                    f"(modules), not their parameters; write Rule({best!r}, ...)"
+                    + (f" (or any of {', '.join(map(repr, others))})" if others else "")
+                )
+            elif leaf is not None and not facts.export:
                 lines.append(
                     f"'{pname}' is a parameter of '{owner}' ({type(mod).__name__}), inside '{leaf}', which symbolic "
                     f"tracing keeps opaque as a leaf module: only a torch.export graph shows the op that reads it; "
@@ -502,6 +530,36 @@ def explain_unmatched(
     if not close:
         close = pool[:5]
     return f"{rule!r} matched no module or site. Closest qualified names: {', '.join(close) or '(the model has none)'}."
+
+
+def _sites_of_param(
+    gm: GraphModule, root: nn.Module, pname: str, candidates: Sequence[Candidate]
+) -> tuple[list[Candidate], str] | None:
+    """The adaptable sites whose weight (or, failing that, bias) is parameter ``pname`` (by identity: a tied
+    weight under any of its names), and which of the two it is; None when it is neither."""
+    param = None
+    for module in (gm, root):
+        try:
+            param = module.get_parameter(pname)
+            break
+        except AttributeError:
+            continue
+    if param is None:
+        return None
+    for role, attr in (("weight", "weight"), ("bias", "bias")):
+        found = []
+        for c in candidates:
+            name = getattr(c, attr)
+            if not c.kind or not name:
+                continue
+            try:
+                if gm.get_parameter(name) is param:
+                    found.append(c)
+            except AttributeError:
+                continue
+        if found:
+            return found, role
+    return None
 
 
 def _check_lora_names(gm: GraphModule, owner: str, names: Sequence[str], fail) -> None:

@@ -66,6 +66,7 @@ __all__ = [
     "bind_call",
     "try_submodule",
     "op_name",
+    "normalize_method_calls",
 ]
 
 aten = torch.ops.aten
@@ -180,6 +181,37 @@ def _matmul_roles(target: Any) -> tuple[MatmulRole, ...] | None:
     if isinstance(target, torch._ops.OpOverload) and target._schema.name.endswith("::grouped_mm_fallback"):
         return _FALLBACK_ROLE
     return None
+
+
+def _function_form(node: Node) -> Callable[..., Any] | None:
+    """The torch function a ``call_method`` node computes when it is a method spelling of an op fxlora
+    adapts (``x.matmul(W)`` is ``torch.matmul(x, W)``, ``b.addmm(x, W.t())`` is ``torch.addmm(b, x, W.t())``:
+    a tensor method takes ``self`` as the function's first argument), else None."""
+    if node.op != "call_method" or not isinstance(node.target, str) or node.target.startswith("_"):
+        return None
+    fn = getattr(torch, node.target, None)
+    if fn is None or getattr(torch.Tensor, node.target, None) is None:
+        return None
+    return fn if fn in SITE_OPS or fn in MATMUL_OPS else None
+
+
+def normalize_method_calls(graph: torch.fx.Graph) -> int:
+    """Rewrite, in place, the ``call_method`` nodes that spell an op fxlora adapts as a tensor method
+    (``x.matmul(W.T)``, ``x.mm(W.t())``, ``b.addmm(x, W.t())``, ``x.bmm(W)``) as the ``call_function`` of
+    the same op with the same arguments, so that they are sites exactly like their function forms (their
+    layout read from the graph the same way).  Returns how many nodes it rewrote."""
+    count = 0
+    for node in list(graph.nodes):
+        fn = _function_form(node)
+        if fn is None:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(fn, tuple(node.args), dict(node.kwargs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        count += 1
+    return count
 
 
 def op_name(target: Any) -> str:
@@ -596,9 +628,23 @@ def _functional_candidate(
         cand.reason = f"{cand.type_name} reads a transposed view of its weight"
         return cand
     for key, value in args.items():  # hyper-parameters computed in the graph cannot be baked in
-        if key not in site_op.data_args and isinstance(value, Node):
-            cand.reason = f"{cand.type_name} has an argument computed in the graph ({key}={value.name})"
-            return cand
+        if key in site_op.data_args:
+            continue
+        computed: list[Node] = []
+        map_arg(value, computed.append)  # a Node, or Nodes inside a list (symbolic sizes)
+        if not computed:
+            continue
+        names = ", ".join(n.name for n in computed)
+        if key == "output_padding":
+            cand.reason = (
+                f"{cand.type_name} computes its output_padding in the graph from the input's shape ({names}): "
+                "nn.ConvTranspose called with output_size under torch.export's dynamic shapes, which fxlora does not "
+                "adapt. Capture with static shapes (capture='export', dynamic_shapes=None: output_padding is then "
+                "fixed by the example inputs), or call the module without output_size and set its output_padding"
+            )
+        else:
+            cand.reason = f"{cand.type_name} has an argument computed in the graph ({key}={names})"
+        return cand
     if site_op.kind == "linear":
         if weight.dim() != 2:
             return None  # a 3-D weight read whole: an experts site, if anything (see _experts_candidate)
@@ -784,7 +830,9 @@ def find_candidates(
             if cand.kind == "conv_transpose" and (len(node.args) > 1 or node.kwargs):
                 cand.kind, cand.reason = None, (
                     f"{cand.type_name} is called with output_size, which sets output_padding from the input's "
-                    "shape at run time; fxlora adapts transposed convolutions called with their input alone"
+                    "shape at run time; fxlora adapts transposed convolutions called with their input alone, or "
+                    "called with output_size in a torch.export capture with static shapes (example_inputs=(...), "
+                    "capture='export', dynamic_shapes=None)"
                 )
             cand.nodes.append(node)
             cand.inputs.append(0 if node.args else next(iter(node.kwargs), ""))
@@ -814,7 +862,29 @@ def find_candidates(
                 )
         else:
             by_key[key] = fc
-    return list(by_key.values())
+    candidates = list(by_key.values())
+    _add_holder_names(gm, root, candidates)
+    return candidates
+
+
+def _add_holder_names(gm: GraphModule, root: nn.Module, candidates: list[Candidate]) -> None:
+    """Let a rule name a site by any module that holds its weight (by identity), under any of its names:
+    T5's ``shared`` holds the weight that ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head``
+    read, so ``Rule("shared")`` selects those uses (and, the weight being tied, adapts it at every use)."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    for path, mod in root.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                name = path if attr == "weight" and path else (f"{path}.{attr}" if path else attr)
+                holders[id(p)].append(name)
+    for cand in candidates:
+        if not cand.weight:
+            continue
+        try:
+            param = gm.get_parameter(cand.weight)
+        except AttributeError:
+            continue
+        cand.names = tuple(dict.fromkeys([*cand.names, *holders.get(id(param), ())]))
 
 
 # --------------------------------------------------------------------------------------------- #

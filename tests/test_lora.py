@@ -338,3 +338,46 @@ def test_conv_transpose_as_aten_convolution():
         ref[0].weight.copy_(_conv_transpose_reference(model[0].weight, A, B, 2, 1.0))
         torch.testing.assert_close(gm(x), ref(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fxlora.fold(gm)(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+class _OutputSize(nn.Module):
+    """A grouped ConvTranspose2d called with output_size (which sets output_padding from the input's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2)
+
+    def forward(self, x):
+        return self.c(x, output_size=[10, 10])  # 5x5 -> 9x9 without output_padding: output_padding (1, 1)
+
+
+def test_conv_transpose_called_with_output_size_under_export():
+    torch.manual_seed(0)
+    model, x = _OutputSize(), torch.randn(2, 4, 5, 5)
+    rule = fxlora.Rule("c", r=2, alpha=4)
+    # dynamic shapes (the default; capture="auto" falls back to export too): output_padding is computed in the graph
+    for capture in ("export", "auto"):
+        with pytest.raises(fxlora.RuleError, match=r"computes its output_padding in the graph.*dynamic_shapes=None"):
+            fxlora.rewrite(model, [rule], capture=capture, example_inputs=(x,))
+    # static shapes: output_padding is fixed, and the branch uses it
+    gm = fxlora.rewrite(model, [rule], capture="export", example_inputs=(x,), dynamic_shapes=None)
+    (spec,) = fxlora.graph_sites(gm).values()
+    assert spec.kind == "conv_transpose" and spec.op["output_padding"] == (1, 1)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    randomize_lora(gm, std=0.3)
+    A, B = gm.get_parameter(spec.lora_A).detach(), gm.get_parameter(spec.lora_B).detach()
+    W = model.c.weight.detach()  # (in, out/g, kh, kw)
+    delta = torch.zeros_like(W)
+    for g in range(2):  # an independent reference: per group, delta[i, o] = sum_j A[i, j] * B[o, j] * alpha / r
+        i, o = slice(2 * g, 2 * g + 2), slice(3 * g, 3 * g + 3)
+        for a in range(2):
+            for b in range(3):
+                delta[i][a, b] = sum(A[i][a, j] * B[o][b, j, 0, 0] for j in range(A.shape[1])) * 2.0
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.c.weight.add_(delta)
+        expected = reference(x)
+        assert expected.shape == (2, 6, 10, 10) and not torch.allclose(expected, model(x), atol=1e-3)
+        torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fxlora.fold(gm)(x), expected, atol=1e-5, rtol=1e-5)

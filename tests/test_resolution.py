@@ -287,15 +287,29 @@ SPELLINGS = {
     "torch.mm(x, W)": (lambda x, W, b: torch.mm(x, W), True),
     "F.linear(x, W.t(), b)": (lambda x, W, b: F.linear(x, W.t(), b), True),
     "torch.matmul(x, W.T.T.T)": (lambda x, W, b: torch.matmul(x, W.T.T.T), False),
+    # tensor-method spellings (call_method nodes in a symbolic graph) are sites like their function forms
+    "x.matmul(W.T)": (lambda x, W, b: x.matmul(W.T), False),
+    "x.mm(W.t())": (lambda x, W, b: x.mm(W.t()), False),
+    "b.addmm(x, W.t())": (lambda x, W, b: b.addmm(x, W.t()), False),
+    "x.matmul(W)": (lambda x, W, b: x.matmul(W), True),
+    "b.addmm(x, W)": (lambda x, W, b: b.addmm(x, W), True),
 }
 
 
+class MethodLinear(nn.Linear):
+    """An nn.Linear subclass whose forward uses the tensor-method spelling of its matmul."""
+
+    def forward(self, input):
+        return self.bias.addmm(input, self.weight.t())
+
+
 @pytest.mark.parametrize("capture", ["symbolic", "export"])
-@pytest.mark.parametrize("spelling", sorted(SPELLINGS) + ["FalconLinear"])
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS) + ["FalconLinear", "MethodLinear"])
 def test_matmul_sites_in_every_spelling_read_their_layout_from_the_graph(spelling, capture):
     torch.manual_seed(0)
-    if spelling == "FalconLinear":
-        model, stored_in_out, target, wname = nn.Sequential(FalconStyleLinear(5, 6)), False, "0", "0.weight"
+    if spelling in ("FalconLinear", "MethodLinear"):
+        cls = FalconStyleLinear if spelling == "FalconLinear" else MethodLinear
+        model, stored_in_out, target, wname = nn.Sequential(cls(5, 6)), False, "0", "0.weight"
     else:
         fn, stored_in_out = SPELLINGS[spelling]
         model, target, wname = Spelled(fn, stored_in_out), "W", "W"
@@ -315,6 +329,37 @@ def test_matmul_sites_in_every_spelling_read_their_layout_from_the_graph(spellin
         assert not torch.allclose(ref(x), model(x), atol=1e-3)
         torch.testing.assert_close(gm(x), ref(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fxlora.fold(gm)(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_module_that_is_called_is_never_said_to_be_never_called():
+    class Exp(nn.Linear):  # called, its weight read by an op fxlora does not adapt
+        def forward(self, x):
+            return x @ self.weight.exp().T
+
+    class Ignores(nn.Linear):  # called, its weight read by nothing
+        def forward(self, x):
+            return x * 2
+
+    class Model(nn.Sequential):
+        def forward(self, x):  # `unused` is never called
+            return self[2](self[1](self[0](x)))
+
+    model = Model(Exp(3, 3), Ignores(3, 3), nn.Linear(3, 3))
+    model.unused = nn.Linear(3, 3)
+    with pytest.raises(RuleError, match=r"'0' \(Exp: in the traced graph its weights are read by exp") as info:
+        fxlora.rewrite(model, [Rule("0", r=2, alpha=2)])
+    assert "never called" not in str(info.value)
+    with pytest.raises(RuleError, match=r"'1' \(Ignores is called in the traced graph, but no op there reads its weights"):
+        fxlora.rewrite(model, [Rule("1", r=2, alpha=2)])
+    with pytest.raises(RuleError, match=r"'unused' \(Linear is never called in the traced graph"):
+        fxlora.rewrite(model, [Rule("unused", r=2, alpha=2)])
+
+
+def test_a_rule_naming_a_sites_parameter_says_which_site_to_name():
+    model = nn.Sequential(nn.Linear(4, 4))
+    for capture in ("symbolic", "export"):
+        with pytest.raises(RuleError, match=r"'0.weight' is the weight of the site '0'.*Rule\('0'"):
+            fxlora.rewrite(model, [Rule("0.weight", r=2, alpha=2)], capture=capture, example_inputs=(torch.randn(2, 4),))
 
 
 def test_a_type_rule_never_skips_a_module_silently(caplog):
