@@ -15,6 +15,12 @@ that change matching (``(?i)``, ``(?m)``, ``(?a)``, ``(?L)``).  ``(?s)`` and ``(
 Patterns longer than :data:`MAX_PATTERN_LENGTH` characters, or that expand to more than
 :data:`MAX_PROGRAM` instructions (``a{1000}{1000}``), are refused too.
 
+The work is bounded per file as well as per pattern: the patterns of one file (a PEFT config, a rules
+file) share a :class:`PatternBudget` of :data:`MAX_FILE_PROGRAM` instructions and
+:data:`MAX_FILE_PATTERNS` patterns, so a file of many large patterns is refused after a bounded amount of
+compiling; and one match may visit at most :data:`MAX_MATCH_WORK` automaton states (not cached), so a
+large pattern against a long name is refused, naming both, instead of running for minutes.
+
 Only the yes/no answer is computed (no groups, no spans): that is all rule and config matching needs.
 """
 
@@ -34,10 +40,23 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 import re
 
-__all__ = ["Pattern", "compile_pattern", "try_compile", "MAX_PATTERN_LENGTH", "MAX_PROGRAM"]
+__all__ = [
+    "Pattern",
+    "PatternBudget",
+    "compile_pattern",
+    "try_compile",
+    "MAX_PATTERN_LENGTH",
+    "MAX_PROGRAM",
+    "MAX_FILE_PROGRAM",
+    "MAX_FILE_PATTERNS",
+    "MAX_MATCH_WORK",
+]
 
 MAX_PATTERN_LENGTH = 10_000
 MAX_PROGRAM = 50_000
+MAX_FILE_PROGRAM = 100_000  # instructions, all the patterns of one file together
+MAX_FILE_PATTERNS = 10_000  # patterns in one file
+MAX_MATCH_WORK = 3_000_000  # automaton states one match may visit outside the caches
 _CACHE_LIMIT = 20_000  # cached DFA states and transitions per pattern before the cache is reset
 
 # Instruction kinds of the NFA program.
@@ -117,13 +136,14 @@ class _Compiler:
     """Parse tree -> NFA program: a list of (kind, argument) instructions; ``_SPLIT`` takes two
     targets (in priority order, irrelevant for a yes/no answer), ``_JMP`` one."""
 
-    def __init__(self, dotall: bool) -> None:
+    def __init__(self, dotall: bool, limit: int = MAX_PROGRAM) -> None:
         self.prog: list[list] = []
         self.dotall = dotall
+        self.limit = limit
 
     def emit(self, kind: int, arg=None) -> int:
-        if len(self.prog) >= MAX_PROGRAM:
-            raise _Unsupported(f"counted repeats that expand to more than {MAX_PROGRAM} automaton states")
+        if len(self.prog) >= self.limit:
+            raise _Unsupported(f"constructs that expand to more than {self.limit} automaton states")
         self.prog.append([kind, arg])
         return len(self.prog) - 1
 
@@ -209,6 +229,31 @@ class Pattern:
         self._uses_context = uses_context
         self._closures: dict = {}
         self._steps: dict = {}
+        self._work = 0  # states visited outside the caches by the match in progress
+        self._subject = ""
+        self._field = "a pattern"
+        self._error: type[FxLoraError] = RuleError
+
+    def _for(self, field: str, error: type[FxLoraError]) -> Pattern:
+        """This pattern (sharing its program and caches) reporting a too-slow match as ``error`` naming
+        ``field``."""
+        bound = object.__new__(Pattern)
+        bound.__dict__.update(self.__dict__)
+        bound._field, bound._error = field, error
+        return bound
+
+    @property
+    def size(self) -> int:
+        """The number of automaton instructions."""
+        return len(self._prog)
+
+    def _charge(self, n: int, s: str) -> None:
+        self._work += n
+        if self._work > MAX_MATCH_WORK:
+            raise self._error(
+                f"{self._field}: the pattern {_short(self.pattern)} needs more than {MAX_MATCH_WORK} automaton steps to "
+                f"match the name {_short(s)} ({len(s)} characters); use a smaller pattern (fewer counted repeats)."
+            )
 
     def __repr__(self) -> str:
         return f"Pattern({self.pattern!r})"
@@ -243,6 +288,7 @@ class Pattern:
         if hit is not None:
             return hit
         prog = self._prog
+        self._charge(len(pcs) + 1, self._subject)
         seen: set[int] = set()
         consuming: list[int] = []
         matched = False
@@ -252,6 +298,8 @@ class Pattern:
             if pc in seen:
                 continue
             seen.add(pc)
+            if len(seen) & 1023 == 0:
+                self._charge(1024, self._subject)
             kind, arg = prog[pc]
             if kind == _CHAR:
                 consuming.append(pc)
@@ -277,6 +325,7 @@ class Pattern:
         if hit is not None:
             return hit
         prog = self._prog
+        self._charge(len(state) + 1, self._subject)
         nxt = frozenset(pc + 1 for pc in state if prog[pc][1](ch))
         if len(self._steps) > _CACHE_LIMIT:
             self._steps.clear()
@@ -284,6 +333,7 @@ class Pattern:
         return nxt
 
     def _run(self, s: str, full: bool) -> bool:
+        self._work, self._subject = 0, s
         state, matched = self._closure(frozenset((0,)), self._context(s, 0))
         if matched and not full:
             return True
@@ -306,7 +356,7 @@ class Pattern:
 
 
 @functools.lru_cache(maxsize=512)
-def _compile(pattern: str) -> Pattern | str:
+def _compile(pattern: str, limit: int = MAX_PROGRAM) -> Pattern | str:
     """The compiled pattern, or the reason it cannot be compiled (a string)."""
     if len(pattern) > MAX_PATTERN_LENGTH:
         return f"it is {len(pattern)} characters long (at most {MAX_PATTERN_LENGTH})"
@@ -318,7 +368,7 @@ def _compile(pattern: str) -> Pattern | str:
         tree = _sre_parse.parse(pattern)
         flags = tree.state.flags
         _Compiler._check_flags(flags)
-        compiler = _Compiler(bool(flags & re.DOTALL))
+        compiler = _Compiler(bool(flags & re.DOTALL), limit)
         compiler.seq(tree, compiler.dotall)
         compiler.emit(_MATCH)
     except _Unsupported as e:
@@ -332,15 +382,49 @@ def _compile(pattern: str) -> Pattern | str:
     return Pattern(pattern, compiler.prog, uses_context)
 
 
-def compile_pattern(pattern: object, *, field: str, error: type[FxLoraError] = RuleError) -> Pattern:
+class PatternBudget:
+    """What the patterns of one file (``source``) may cost together: :data:`MAX_FILE_PROGRAM` automaton
+    instructions and :data:`MAX_FILE_PATTERNS` patterns.  Pass it to every :func:`compile_pattern` call
+    for that file; the call that goes over raises, naming its field and the file's totals."""
+
+    def __init__(self, source: str, *, states: int = MAX_FILE_PROGRAM, patterns: int = MAX_FILE_PATTERNS) -> None:
+        self.source = source
+        self.states = states
+        self.patterns = patterns
+        self.used_states = 0
+        self.used_patterns = 0
+
+    def _refuse(self, field: str, error: type[FxLoraError], what: str) -> FxLoraError:
+        return error(
+            f"{field}: {self.source} has {what}; fxlora bounds the work a file may ask for. Use fewer or smaller "
+            "patterns (one alternation such as 'q_proj|v_proj' instead of many entries, no large counted repeats)."
+        )
+
+
+def compile_pattern(
+    pattern: object, *, field: str, error: type[FxLoraError] = RuleError, budget: PatternBudget | None = None
+) -> Pattern:
     """Compile ``pattern`` for linear-time matching, or raise ``error`` naming ``field`` (where the
-    pattern was read, e.g. ``"adapter_config.json: rank_pattern key 'q|v'"``) and why."""
+    pattern was read, e.g. ``"adapter_config.json: rank_pattern key 'q|v'"``) and why.  With ``budget``,
+    the pattern is charged to its file's total (see :class:`PatternBudget`)."""
     if not isinstance(pattern, str):
         raise error(f"{field}: a pattern must be a string, got {type(pattern).__name__}.")
-    compiled = _compile(pattern)
+    limit = MAX_PROGRAM
+    if budget is not None:
+        budget.used_patterns += 1
+        if budget.used_patterns > budget.patterns:
+            raise budget._refuse(field, error, f"more than {budget.patterns} patterns")
+        limit = max(1, min(MAX_PROGRAM, budget.states - budget.used_states))
+    compiled = _compile(pattern, limit)
     if isinstance(compiled, str):
+        if budget is not None and limit < MAX_PROGRAM and "automaton states" in compiled:
+            raise budget._refuse(
+                field, error, f"patterns that expand to more than {budget.states} automaton states together"
+            )
         raise error(f"{field}: the pattern {_short(pattern)} cannot be used: {compiled}.")
-    return compiled
+    if budget is not None:
+        budget.used_states += compiled.size
+    return compiled._for(field, error)
 
 
 def try_compile(pattern: str) -> Pattern | None:

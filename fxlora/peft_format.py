@@ -37,7 +37,7 @@ from . import files
 from .distributed import is_writer
 from .errors import ArgumentError, CheckpointError
 from .lora import SiteSpec
-from .patterns import Pattern, compile_pattern
+from .patterns import Pattern, PatternBudget, compile_pattern
 from .provenance import adapter_state
 from .resolution import canonical_name
 from .rules import Rule
@@ -188,7 +188,9 @@ class _Config:
     raw: dict[str, Any]
 
 
-def _patterns(config: dict[str, Any], field: str, value_check: Callable[[Any], str | None], source: str) -> tuple:
+def _patterns(
+    config: dict[str, Any], field: str, value_check: Callable[[Any], str | None], source: str, budget: PatternBudget
+) -> tuple:
     table = config.get(field)
     if table is None:
         return ()
@@ -199,19 +201,28 @@ def _patterns(config: dict[str, Any], field: str, value_check: Callable[[Any], s
         problem = value_check(value)
         if problem is not None:
             raise CheckpointError(f"{source}: field '{field}' entry {key!r} must be {problem}, got {_show(value)}.")
-        compile_pattern(key, field=f"{source}: field '{field}' key {key!r}", error=CheckpointError)
+        where = f"{source}: field '{field}' key {_show(key)}"
+        compile_pattern(key, field=where, error=CheckpointError, budget=budget)
         # PEFT's resolution: the first key that matches the end of the module name, after a dot
-        pattern = compile_pattern(rf"(.*\.)?({key})$", field=f"{source}: field '{field}' key {key!r}", error=CheckpointError)
+        pattern = compile_pattern(rf"(.*\.)?({key})$", field=where, error=CheckpointError, budget=budget)
         out.append((key, pattern, value))
     return tuple(out)
 
 
-def _name_matcher(config: dict[str, Any], field: str, source: str) -> Pattern | tuple[str, ...] | None:
+def _name_matcher(
+    config: dict[str, Any], field: str, source: str, budget: PatternBudget
+) -> Pattern | tuple[str, ...] | None:
     value = config.get(field)
     if value is None or (field == "target_modules" and value == "all-linear"):
         return None  # every module (PEFT's "all-linear" selects every linear layer but the output head)
     if isinstance(value, str):
-        return compile_pattern(value, field=f"{source}: field '{field}'", error=CheckpointError)
+        return compile_pattern(value, field=f"{source}: field '{field}'", error=CheckpointError, budget=budget)
+    budget.used_patterns += len(value)  # names, matched in linear time, but each one is work per module
+    if budget.used_patterns > budget.patterns:
+        raise CheckpointError(
+            f"{source}: field '{field}' has {len(value)} entries, and the config more than {budget.patterns} names and "
+            "patterns in all; fxlora bounds the work a file may ask for. Nothing was loaded."
+        )
     return tuple(value)
 
 
@@ -242,15 +253,16 @@ def validate_config(config: Any, source: str) -> _Config:
             "so this adapter is only right on top of them. Convert it to a plain LoRA adapter first (PEFT's "
             "save_pretrained(..., path_initial_model_for_weight_conversion=...))."
         )
+    budget = PatternBudget(source)  # one bound on the work of all the config's patterns together
     return _Config(
         r=config.get("r", 8),
         alpha=float(config.get("lora_alpha", 8)),
         dropout=float(config.get("lora_dropout") or 0.0),
         rslora=bool(config.get("use_rslora") or False),
-        rank_pattern=_patterns(config, "rank_pattern", _rank, source),
-        alpha_pattern=_patterns(config, "alpha_pattern", _alpha, source),
-        target_modules=_name_matcher(config, "target_modules", source),
-        exclude_modules=_name_matcher(config, "exclude_modules", source),
+        rank_pattern=_patterns(config, "rank_pattern", _rank, source, budget),
+        alpha_pattern=_patterns(config, "alpha_pattern", _alpha, source, budget),
+        target_modules=_name_matcher(config, "target_modules", source, budget),
+        exclude_modules=_name_matcher(config, "exclude_modules", source, budget),
         raw=config,
     )
 
@@ -364,13 +376,12 @@ def adapter_sites(config: _Config, tensors: dict[str, Any], source: str) -> tupl
                 f"{source}: field '{r_field}' gives module '{name}' rank {r_config}, but its tensors have rank {r}. "
                 "The config contradicts the weights; fix the config. Nothing was loaded."
             )
-        alpha = config.alpha
-        for _key, pattern, value in config.alpha_pattern:
+        alpha, a_field = config.alpha, "lora_alpha"
+        for key, pattern, value in config.alpha_pattern:
             if pattern.match(name):
-                alpha = float(value)
+                alpha, a_field = float(value), f"alpha_pattern[{key!r}]"
                 break
-        if config.rslora:
-            alpha = alpha * math.sqrt(r)  # scale alpha / sqrt(r) expressed as fxlora's alpha / r
+        alpha = _checked_alpha(alpha, r, config.rslora, a_field, name, source)
         if config.target_modules is not None and not _selects(config.target_modules, name):
             raise CheckpointError(
                 f"{source}: field 'target_modules' ({_show(config.raw.get('target_modules'))}) does not select "
@@ -383,6 +394,28 @@ def adapter_sites(config: _Config, tensors: dict[str, Any], source: str) -> tupl
             )
         sites[name] = PeftSite(name, embedding, r, alpha, a, b)
     return sites, others
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _checked_alpha(alpha: float, r: int, rslora: bool, field: str, name: str, source: str) -> float:
+    """fxlora's alpha for a module of rank ``r`` (rsLoRA's scale ``alpha / sqrt(r)`` expressed as fxlora's
+    ``alpha / r``), refusing a config whose alpha or scale is not a finite positive float32, naming the
+    config fields it came from."""
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    fxlora_alpha = alpha * math.sqrt(r) if rslora else alpha
+    ok = all(math.isfinite(v) and 0 < v <= _FLOAT32_MAX for v in (scale, fxlora_alpha))
+    if not ok:
+        formula = f"{field} / sqrt(r)" if rslora else f"{field} / r"
+        raise CheckpointError(
+            f"{source}: field '{field}' ({alpha!r})" + (" with field 'use_rslora' true" if rslora else "")
+            + f" gives module '{name}' (rank {r}) the scale {formula} = {scale!r}"
+            + (f" and fxlora's alpha {field} * sqrt(r) = {fxlora_alpha!r}" if rslora else "")
+            + "; both must be finite positive float32 numbers. Fix the config's "
+            + ("'use_rslora' or " if rslora else "") + f"'{field}'. Nothing was loaded."
+        )
+    return fxlora_alpha
 
 
 def _read_sites(folder: str | os.PathLike[str]) -> tuple[_Config, dict[str, PeftSite], dict[str, Any], str]:

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from .errors import RuleError
-from .patterns import compile_pattern, try_compile
+from .patterns import PatternBudget, compile_pattern, try_compile
 
 __all__ = ["Rule", "as_rules", "load_rules", "rules_from_data", "module_targets", "target_matches"]
 
@@ -228,6 +228,7 @@ def rules_from_data(data: object, source: str = "rules") -> list[Rule]:
     if not isinstance(entries, list) or not entries:
         raise RuleError(f"{source}: no [[rule]] tables; add at least one with target, r and alpha.")
     rules = []
+    budget = PatternBudget(source)  # one bound on the work of all the file's patterns together
     for i, entry in enumerate(entries):
         where = f"{source}: rule {i + 1}"
         if not isinstance(entry, dict):
@@ -245,7 +246,7 @@ def rules_from_data(data: object, source: str = "rules") -> list[Rule]:
             if not isinstance(target, str):
                 raise RuleError(f"{where}: target must be a string, got {type(target).__name__}.")
             if target.startswith("re:"):  # from a file: must match in bounded time
-                compile_pattern(target[3:], field=f"{where}: target", error=RuleError)
+                compile_pattern(target[3:], field=f"{where}: target", error=RuleError, budget=budget)
         else:
             if not isinstance(entry["type"], str):
                 raise RuleError(f"{where}: type must be a string import path such as 'torch.nn.Linear'.")

@@ -93,3 +93,29 @@ def test_dotall_and_verbose_are_supported():
     assert compile_pattern(r"(?s)a.b", field="t").fullmatch("a\nb")
     assert not compile_pattern(r"a.b", field="t").fullmatch("a\nb")
     assert compile_pattern(r"(?x) a \. b  # comment", field="t").fullmatch("a.b")
+
+
+def test_a_rules_files_patterns_share_one_budget():
+    from fxlora.rules import rules_from_data
+
+    data = {"rule": [{"target": f"re:.{{0,12000}}Q{i}", "r": 2, "alpha": 2} for i in range(60)]}
+    start = time.perf_counter()
+    with pytest.raises(RuleError, match=r"rules.toml: rule \d+: target: rules.toml has patterns that expand to more"):
+        rules_from_data(data, "rules.toml")
+    assert time.perf_counter() - start < 10.0  # about a second on one slow core; 7 s before the budget
+    few = {"rule": [{"target": f"re:.{{0,100}}Q{i}", "r": 2, "alpha": 2} for i in range(60)]}
+    assert len(rules_from_data(few, "rules.toml")) == 60  # ordinary files are far inside it
+
+
+def test_the_budget_counts_patterns_and_states():
+    from fxlora.patterns import PatternBudget
+
+    budget = PatternBudget("'config.json'", states=1000, patterns=3)
+    compile_pattern("a{400}", field="f1", budget=budget)
+    with pytest.raises(CheckpointError, match="f2: 'config.json' has patterns that expand to more than 1000"):
+        compile_pattern("b{700}", field="f2", error=CheckpointError, budget=budget)
+    budget = PatternBudget("'config.json'", states=1000, patterns=2)
+    compile_pattern("a", field="f1", budget=budget)
+    compile_pattern("b", field="f2", budget=budget)
+    with pytest.raises(RuleError, match="f3: 'config.json' has more than 2 patterns"):
+        compile_pattern("c", field="f3", budget=budget)

@@ -10,6 +10,7 @@ import stat
 import time
 
 import fxlora
+from fxlora.patterns import compile_pattern
 import pytest
 import torch
 from fxlora import CheckpointError, Rule
@@ -286,6 +287,53 @@ def test_patterns_from_the_config_run_in_bounded_time(tmp_path):
     rules = fxlora.peft_rules(folder)
     assert time.perf_counter() - start < 2.0
     assert [rule.r for rule in rules] == [4, 4]
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        # 60 keys of 12,000 counted repeats each: bounded one by one, hours in all before the total budget
+        (dict(rank_pattern={f".{{0,12000}}Q{i}": 4 for i in range(60)}), "rank_pattern"),
+        (dict(alpha_pattern={f"(.?){{4000}}{i}": 2 for i in range(60)}), "alpha_pattern"),
+        (dict(rank_pattern={f"n{i}": 4 for i in range(20_000)}), "rank_pattern"),  # many small ones
+        (dict(target_modules=[f"n{i}" for i in range(20_000)]), "target_modules"),
+    ],
+)
+def test_the_work_of_all_the_configs_patterns_together_is_bounded(changes, field, tmp_path):
+    _, folder = _saved(tmp_path)
+    _edit(folder, **changes)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"field '{field}'.*bounds the work a file may ask for"):
+        fxlora.peft_rules(folder)
+    assert time.perf_counter() - start < 10.0  # about a second on one slow core
+
+
+def test_a_large_pattern_against_a_long_name_is_refused_in_bounded_time():
+    from fxlora.patterns import MAX_MATCH_WORK
+
+    pattern = compile_pattern("(.?){20000}Z", field="adapter_config.json: field 'target_modules'", error=CheckpointError)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"field 'target_modules'.*more than {MAX_MATCH_WORK} automaton steps"):
+        pattern.fullmatch("layers." + "x" * 5000)
+    assert time.perf_counter() - start < 10.0  # unbounded, this took 8 s per 500 characters
+    assert compile_pattern(r"(.*\.)?(q|v)_proj", field="f").fullmatch("model." * 2000 + "q_proj")  # long, simple: fine
+
+
+@pytest.mark.parametrize(
+    "changes, text",
+    [
+        (dict(lora_alpha=1e308, use_rslora=True), r"field 'lora_alpha' \(1e\+308\) with field 'use_rslora' true"),
+        (dict(alpha_pattern={"x+": 1e308}, use_rslora=True), r"field 'alpha_pattern\['x\+'\]'.* field 'use_rslora'"),
+        (dict(lora_alpha=1e300), r"field 'lora_alpha' \(1e\+300\) gives .* lora_alpha / r = 2.5e\+299"),  # > float32
+        (dict(lora_alpha=5e-324), "field 'lora_alpha' .*lora_alpha / r = 0.0"),  # the scale underflows to 0
+    ],
+)
+def test_a_scale_that_is_not_finite_is_refused_naming_the_config_fields(changes, text, tmp_path):
+    _, folder = _saved(tmp_path)
+    _edit(folder, **changes)
+    with pytest.raises(CheckpointError, match=text) as info:
+        fxlora.peft_rules(folder)
+    assert "Rule(" not in str(info.value) and "finite positive float32" in str(info.value)
 
 
 def test_a_legacy_bin_adapter_is_read_by_its_bytes(tmp_path):
