@@ -263,6 +263,40 @@ class ExitsInForward(nn.Module):
 
 def exits_in_forward():
     return ExitsInForward()
+
+
+class Custom(BaseException):
+    pass
+
+
+def cancelled():
+    import asyncio
+    raise asyncio.CancelledError("cancelled\\nby the loop")
+
+
+def generator_exit():
+    raise GeneratorExit()
+
+
+def custom_base():
+    raise Custom("not an Exception")
+
+
+def interrupted():
+    raise KeyboardInterrupt
+
+
+class RaisesInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        raise Custom("in forward\\ntwo lines")
+
+
+def raises_base_in_forward():
+    return RaisesInForward()
 '''
 
 
@@ -313,7 +347,10 @@ def test_warnings_are_one_line_each(user_module, capsys):
         (["demo", "--steps", "-1"], "argument --steps: must be a whole number from 1 to 1,000,000, got -1"),
         (["demo", "--steps", "0"], "from 1 to 1,000,000, got 0"),
         (["demo", "--steps", "10000000000"], "got 10,000,000,000"),
-        (["demo", "--steps", "2.5"], "must be a whole number, got '2.5'"),
+        (["demo", "--steps", "2.5"], "must be a whole number written with the digits 0-9, got '2.5'"),
+        (["demo", "--steps", "５"], "digits 0-9, got '５'"),  # fullwidth: int() would take it
+        (["demo", "--steps", "١٢"], "digits 0-9, got '١٢'"),  # Arabic-Indic
+        (["demo", "--seed", "𝟘"], "digits 0-9, got '𝟘'"),
         (["demo", "--seed", "-3"], "argument --seed: must be a whole number from 0"),
     ],
 )
@@ -359,3 +396,44 @@ def test_regex_targets_in_rules_files_run_in_bounded_time(tmp_path, capsys):
     assert main(["report", "fxlora.zoo:gpt2_tiny", "--rules", backref]) == 2
     line = _one_error_line(capsys)
     assert "rule 1: target" in line and "backreference" in line
+
+
+@pytest.mark.parametrize(
+    "factory, shown",
+    [
+        ("cancelled", "cancelled() raised CancelledError: cancelled | by the loop"),
+        ("generator_exit", "generator_exit() raised GeneratorExit"),
+        ("custom_base", "custom_base() raised Custom: not an Exception"),
+    ],
+)
+def test_a_factory_raising_any_base_exception_gives_one_line_and_status_2(user_module, factory, shown, capsys):
+    assert main(["report", f"{user_module}:{factory}"]) == 2
+    assert shown in _one_error_line(capsys)
+
+
+def test_base_exceptions_from_the_models_code_and_interrupts_are_one_line(user_module, capsys):
+    assert main(["report", f"{user_module}:raises_base_in_forward"]) == 2
+    line = _one_error_line(capsys)
+    assert "Custom" in line and "in forward | two lines" in line
+    assert main(["report", f"{user_module}:interrupted"]) == 130
+    assert _one_error_line(capsys) == "fxlora report: interrupted"
+
+
+def test_budget_takes_ascii_digits_only():
+    assert parse_budget("250k") == ("count", 250_000.0)
+    for text in ("２５０k", "５%", "١٠٠"):
+        with pytest.raises(fxlora.errors.UsageError, match="--budget"):
+            parse_budget(text)
+
+
+def test_a_failed_demo_check_is_one_line_on_stderr(monkeypatch, capsys):
+    from fxlora.tools import demo
+
+    def broken(*args, **kwargs):
+        raise fxlora.CheckpointError("the adapter\ncannot be written")
+
+    monkeypatch.setattr(fxlora, "save_lora", broken)
+    assert main(["demo", "--steps", "1", "--no-onnx"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "FAILED" in err and "the adapter | cannot be written" in err, err
+    assert demo.run_demo  # the demo module itself ran

@@ -6,9 +6,11 @@
     fxlora demo    [--steps N] [--out DIR] [--no-onnx]
 
 Exit status: 0 on success, 1 when the report is over ``--budget`` (or a demo check failed), 2 on any
-bad input (module path, factory, rules file, arguments, a factory that calls ``sys.exit``), with a
-one-line message and no traceback.  Every error, and every warning, is one line on stderr, even when
-user code raises a message of several lines.  Numeric options are checked before anything runs.
+bad input (module path, factory, rules file, arguments, a factory that calls ``sys.exit`` or raises
+anything, ``BaseException`` subclasses included), with a one-line message and no traceback; 130 when
+interrupted (Ctrl-C), with one line too.  Every error, and every warning, is one line on stderr, even
+when user code raises a message of several lines.  Numeric options take ASCII digits only and are
+checked before anything runs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import fxlora
 from fxlora.errors import UsageError
 from fxlora.reporting import FORMATS
 
-EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_OVER_BUDGET, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -46,12 +48,16 @@ def _exit_text(e: SystemExit) -> str:
 
 
 def _call_factory(spec: str, factory: Callable[[], Any]) -> Any:
-    """Call the user's factory: its exceptions and its ``sys.exit`` become a UsageError (exit status 2)."""
+    """Call the user's factory: anything it raises (``BaseException`` subclasses such as
+    ``asyncio.CancelledError`` included) and its ``sys.exit`` become a UsageError (exit status 2); a
+    KeyboardInterrupt stays one (``main`` reports it)."""
     try:
         return factory()
+    except KeyboardInterrupt:
+        raise
     except SystemExit as e:
         raise UsageError(f"{spec}() called {_exit_text(e)}; a factory must return a model, not exit") from None
-    except Exception as e:  # noqa: BLE001 - user code
+    except BaseException as e:  # noqa: BLE001 - user code
         raise UsageError(f"{spec}() raised {type(e).__name__}: {e}") from None
 
 
@@ -91,13 +97,13 @@ def load_factory(spec: str) -> nn.Module:
 def parse_budget(text: str) -> tuple[str, float]:
     """``"1%"`` -> ("percent", 1.0); ``"250000"``, ``"250_000"``, ``"250k"``, ``"2.5M"`` -> ("count", n)."""
     t = text.strip().replace("_", "").replace(",", "")
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", t)
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)%", t)  # ASCII digits: float() would also take '５'
     if m:
         value = float(m.group(1))
         if not 0 < value <= 100:
             raise UsageError(f"--budget percentage must be in (0, 100], got {text!r}")
         return "percent", value
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgG]?)", t)
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kKmMgG]?)", t)
     if not m:
         raise UsageError(f"--budget must be a parameter count (250000, 250k, 2.5M) or a percentage (1%), got {text!r}")
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
@@ -107,14 +113,17 @@ def parse_budget(text: str) -> tuple[str, float]:
     return "count", value
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*", re.ASCII)
+
+
 def _int_in(name: str, low: int, high: int) -> Callable[[str], int]:
     """An argparse ``type`` for an int option in ``[low, high]`` (checked when parsing, before anything runs)."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text.strip().replace("_", ""), 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        digits = text.strip()
+        if not _ASCII_INT.fullmatch(digits):  # int() would also take '５' and other scripts' digits
+            raise argparse.ArgumentTypeError(f"must be a whole number written with the digits 0-9, got {text!r}")
+        value = int(digits.replace("_", ""), 10)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be a whole number from {low:,} to {high:,}, got {value:,}")
         return value
@@ -243,11 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:  # user code (a model's forward, a hook) that exits
             message = f"the model's code called {_exit_text(e)}"
         except KeyboardInterrupt:
-            message = "interrupted"
+            print(f"fxlora {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         except BrokenPipeError:  # stdout closed early (| head): nothing more to say there
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so that the final flush stays quiet
             message = "output closed before the report was written"
-        except Exception as e:  # noqa: BLE001 - the CLI never shows a traceback
+        except BaseException as e:  # noqa: BLE001 - the CLI never shows a traceback (GeneratorExit, CancelledError...)
             message = f"unexpected {type(e).__name__}: {e}"
     print(f"fxlora {args.command}: {one_line(message)}", file=sys.stderr)
     return EXIT_USAGE

@@ -180,7 +180,9 @@ def run_demo(steps: int = 120, out: str | None = None, onnx: bool = True, seed: 
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.perf_counter() - started
     if check.failed:
-        print(f"\nfxlora demo: {len(check.failed)} check(s) FAILED in {elapsed:.0f} s: {'; '.join(check.failed)}", file=sys.stderr)
+        text = f"fxlora demo: {len(check.failed)} check(s) FAILED in {elapsed:.0f} s: {'; '.join(check.failed)}"
+        print(flush=True)  # the blank line goes with the output; the error is one line on stderr
+        print(" | ".join(line.strip() for line in text.splitlines() if line.strip()), file=sys.stderr)
         return 1
     print(f"\nfxlora demo: every check passed in {elapsed:.0f} s")
     return 0
