@@ -82,3 +82,35 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
     assert "pytest" in test_command
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci.splitlines()
+
+
+def _test_functions(path: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_every_test_the_reliability_table_cites_exists():
+    """Each row's tests column: `file.py::test_name`, then bare `test_name`s of the same file."""
+    rows = [line for line in (ROOT / "docs" / "reliability.md").read_text().splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) >= 10, "the reliability table was not found"
+    cited, missing = 0, []
+    for row in rows:
+        tests_column = row.rstrip(" |").rpartition(" | ")[2]
+        current = None
+        for token in re.findall(r"`([^`]+)`", tests_column):
+            file, sep, name = token.rpartition("::")
+            if sep:
+                current = ROOT / "tests" / file
+                if not current.is_file():
+                    missing.append(f"{token} (no file {file})")
+                    current = None
+                    continue
+            if not name.startswith("test_") and name != "*":
+                continue
+            assert current is not None, f"{token} is cited before any file in: {row[:60]}"
+            cited += 1
+            if name != "*" and name not in _test_functions(current):
+                missing.append(f"{current.name}::{name}")
+    assert cited > 40 and not missing, missing
