@@ -14,13 +14,17 @@ make the same calls in the same order, as with ``torch.distributed`` itself), so
 
 from __future__ import annotations
 
+import time
+import zlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_sharded", "full", "copy_into", "is_writer", "rank", "world_size", "plain_class", "local_empty_like"]
+from .errors import CheckpointError
+
+__all__ = ["ARRIVAL_TIMEOUT_S", "is_sharded", "full", "copy_into", "is_writer", "rank", "world_size", "plain_class", "local_empty_like"]
 
 
 def _dtensor_type() -> type | None:
@@ -37,9 +41,47 @@ def is_sharded(t: Any) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
+ARRIVAL_TIMEOUT_S = 600.0
+"""How long :func:`full` waits for the other ranks of a sharded tensor's mesh to make the same call
+before it raises :class:`CheckpointError` (instead of waiting in the gather for torch.distributed's
+own timeout, or for ever)."""
+
+
+def _arrive(t: torch.Tensor) -> None:
+    """Check that every rank of ``t``'s mesh gathers a tensor of ``t``'s shape now: one small all-reduce,
+    polled until ``ARRIVAL_TIMEOUT_S``.  A rank whose peers do not come (a save called on one rank
+    only) or come for another tensor (calls in another order) gets a CheckpointError."""
+    mesh = t.device_mesh
+    group = mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
+    tag = float(zlib.crc32(f"{tuple(t.shape)} {t.dtype}".encode()) % (1 << 23))  # the same on every rank
+    flags = torch.tensor([tag, -tag], dtype=torch.float32, device=t.to_local().device)
+    work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group, async_op=True)
+    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise CheckpointError(
+                f"rank {rank()} waited {ARRIVAL_TIMEOUT_S:g} s for the other ranks to gather a sharded tensor: "
+                "lora_state_dict, save_lora, save_peft_adapter and fold gather the shards of a sharded module, so "
+                "every rank must call them, in the same order (rank 0 writes the file). Nothing was written; "
+                "this process group cannot be used for collectives any more."
+            )
+        time.sleep(1e-4)
+    work.wait()
+    if flags.tolist() != [tag, -tag]:
+        raise CheckpointError(
+            f"rank {rank()} gathered a sharded tensor of shape {tuple(t.shape)} while another rank gathered "
+            "another one: every rank must call lora_state_dict, save_lora, save_peft_adapter and fold on the "
+            "same module, in the same order. Nothing was written."
+        )
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself, or, for a ``DTensor``, the full tensor gathered from every rank (a collective)."""
-    return t.full_tensor() if is_sharded(t) else t
+    """``t`` itself, or, for a ``DTensor``, the full tensor gathered from every rank (a collective, after
+    :func:`_arrive` has checked that every rank is making it)."""
+    if not is_sharded(t):
+        return t
+    _arrive(t)
+    return t.full_tensor()
 
 
 def local_empty_like(target: torch.Tensor) -> torch.Tensor:
@@ -54,7 +96,10 @@ def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
     if is_sharded(target):
         from torch.distributed.tensor import distribute_tensor
 
-        shard = distribute_tensor(value.to(target.to_local().device), target.device_mesh, target.placements)
+        # every rank read the same full tensor: each cuts its own shard, no communication (src_data_rank=None)
+        shard = distribute_tensor(
+            value.to(target.to_local().device), target.device_mesh, target.placements, src_data_rank=None
+        )
         target.to_local().copy_(shard.to_local())
     else:
         target.copy_(value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import fxlora
 import pytest
@@ -144,3 +145,44 @@ def test_two_processes_train_as_one_on_the_same_global_batch(engine, reference, 
     assert set(fxlora.lora_state_dict(fresh)) == set(written)
     for k, v in reference["lora"].items():
         torch.testing.assert_close(fxlora.lora_state_dict(fresh)[k], v, atol=1e-5, rtol=1e-4)
+
+
+def _misuse_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A save called on rank 1 only, then the ranks gathering in different orders: each a CheckpointError
+    on the ranks that called, with no file written, instead of a hang."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    fxlora.distributed.ARRIVAL_TIMEOUT_S = 1.0
+    gm = _model(units=UNITS)
+    mesh = init_device_mesh("cpu", (world,))
+    for unit in fxlora.passes.unit_paths(gm):
+        fully_shard(gm.get_submodule(unit), mesh=mesh)
+    fully_shard(gm, mesh=mesh)
+    result = {}
+    try:
+        if rank == 1:  # the others never come
+            fxlora.save_lora(gm, f"{out}.safetensors")
+    except fxlora.CheckpointError as e:
+        result["alone"] = str(e)
+    # rank 1 left an unmatched collective in the group, so no barrier (it would pair with it): rank 0
+    # waits for rank 1's result file, and both leave without tearing the group down
+    if rank == 0:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(f"{out}.1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    result["file"] = os.path.exists(f"{out}.safetensors")
+    torch.save(result, f"{out}.{rank}.tmp")
+    os.replace(f"{out}.{rank}.tmp", f"{out}.{rank}")
+    os._exit(0)
+
+
+def test_a_save_on_one_rank_of_a_sharded_module_is_refused_not_hung(tmp_path):
+    out = str(tmp_path / "misuse")
+    mp.spawn(_misuse_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    results = [torch.load(f"{out}.{i}", weights_only=False) for i in range(2)]
+    assert "alone" not in results[0]
+    assert "every rank must call them" in results[1]["alone"] and "Nothing was written" in results[1]["alone"]
+    assert not results[0]["file"] and not results[1]["file"]
