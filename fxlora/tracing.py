@@ -290,6 +290,17 @@ def _is_view(node: Node) -> bool:
     return False
 
 
+def _storage_address(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage, or None where it has none to compare (meta and empty tensors,
+    tensor subclasses without a storage of their own, such as torchao's quantized weights)."""
+    if t.device.type == "meta" or not t.numel():
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 def _check_no_state_writes(model: nn.Module, root: nn.Module, graph: Graph) -> None:
     """Raise :class:`TraceError` when the traced graph writes in place into a buffer or parameter (or a view
     of one): ``s.ema.copy_(0.9 * s.ema + 0.1 * x.mean(0))`` records the copy_, but the ``0.9 * s.ema``
@@ -298,8 +309,9 @@ def _check_no_state_writes(model: nn.Module, root: nn.Module, graph: Graph) -> N
     storage: dict[int, tuple[str, str]] = {}  # storage address -> (kind, name) of a buffer or parameter
     for kind, named in (("parameter", root.named_parameters), ("buffer", root.named_buffers)):
         for name, t in named():
-            if t.device.type != "meta" and t.numel():
-                storage.setdefault(t.untyped_storage().data_ptr(), (kind, name))
+            address = _storage_address(t)
+            if address is not None:
+                storage.setdefault(address, (kind, name))
     state: dict[Node, tuple[str, str]] = {}  # node -> (kind, name) of the buffer or parameter it aliases
     for node in graph.nodes:
         if node.op == "get_attr" and isinstance(node.target, str):
@@ -307,10 +319,9 @@ def _check_no_state_writes(model: nn.Module, root: nn.Module, graph: Graph) -> N
             for atom in node.target.split("."):
                 value = getattr(value, atom, None)
             # a buffer, a parameter, or a tensor constant the tracer made of a view of one (s.ema.view(2, 2))
-            if isinstance(value, torch.Tensor) and value.device.type != "meta" and value.numel():
-                found = storage.get(value.untyped_storage().data_ptr())
-                if found is not None:
-                    state[node] = found
+            found = storage.get(_storage_address(value)) if isinstance(value, torch.Tensor) else None
+            if found is not None:
+                state[node] = found
             continue
         if node.op not in ("call_function", "call_method"):
             continue
