@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fxlora.errors import ArgumentError
 
-__all__ = ["SiteSpec", "Call", "kind_of", "init_factors", "delta_weight", "merged_weight", "fold_fidelity", "update_survival", "DEFAULT_ADAPTER", "KINDS"]
+__all__ = ["SiteSpec", "Call", "kind_of", "init_factors", "delta_weight", "merged_weight", "fold_fidelity", "update_survival", "DEFAULT_ADAPTER"]
 
 #: The name of the adapter :func:`fxlora.rewrite` creates unless told otherwise.
 DEFAULT_ADAPTER = "default"
@@ -390,9 +390,6 @@ class TiedKind(_Kind):
 _KINDS: dict[str, type[_Kind]] = {
     k.name: k for k in (LinearKind, EmbeddingKind, ConvKind, ConvTransposeKind, ExpertsKind, TiedKind)
 }
-
-#: Every kind of site fxlora adapts.
-KINDS = tuple(_KINDS)
 
 
 def init_factors(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> None:
