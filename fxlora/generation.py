@@ -24,6 +24,7 @@ left-padded with an ``attention_mask`` (as ``generate`` expects); greedy tokens 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -42,6 +43,21 @@ def _text_config(model: nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _cache_kwarg(forward: Any) -> str:
+    """The keyword under which ``forward`` takes its KV cache: ``cache`` in newer transformers (5.24 has it, and
+    still maps the old name with a deprecation warning), ``past_key_values`` in older ones (5.17).  Passing the wrong one is not
+    an error there: it lands in ``**kwargs`` unread, and the model runs with a fresh cache of its own."""
+    try:
+        params = inspect.signature(forward).parameters  # follows the decorators' __wrapped__
+    except (TypeError, ValueError):
+        params = {}
+    for name in ("cache", "past_key_values"):
+        if name in params and params[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            return name
+    raise ArgumentError(f"{getattr(forward, '__qualname__', forward)!r} takes neither cache= nor past_key_values=: "
+                        "fxlora.generation needs a transformers decoder that takes a KV cache.")
+
+
 def with_static_cache(model: nn.Module) -> nn.Module:
     """A view of the transformers decoder ``model`` (same modules and parameters, same names) whose forward
     is ``(input_ids, position_ids, cache_position, attention_mask, keys, values) -> logits``: ``keys[i]`` /
@@ -51,6 +67,7 @@ def with_static_cache(model: nn.Module) -> nn.Module:
 
     _text_config(model)
     base = type(model)
+    cache_kwarg = _cache_kwarg(base.forward)
 
     class StaticCacheDecoder(base):  # type: ignore[misc, valid-type]
         def forward(self, input_ids, position_ids, cache_position, attention_mask, keys, values):  # noqa: D102
@@ -60,12 +77,12 @@ def with_static_cache(model: nn.Module) -> nn.Module:
                 # index_copy_-writes, the caller's tensors
                 layer.keys, layer.values = k, v
                 layer.cumulative_length = cache_position[0].clone()
-                layer.device = k.device
+                layer.dtype, layer.device = k.dtype, k.device  # 5.17's StaticLayer also records the dtype
                 layer.batch_size, layer.num_heads = k.shape[0], k.shape[1]
                 layer.k_head_dim, layer.v_head_dim = k.shape[-1], v.shape[-1]
                 layer.is_initialized = True
             out = base.forward(self, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                               cache=cache, use_cache=True)
+                               use_cache=True, **{cache_kwarg: cache})
             return out.logits
 
     StaticCacheDecoder.__name__ = StaticCacheDecoder.__qualname__ = f"{base.__name__}WithStaticCache"
