@@ -40,7 +40,7 @@ from .lora import SiteSpec
 from .patterns import Pattern, PatternBudget, compile_pattern
 from .provenance import adapter_state
 from .resolution import canonical_name
-from .rules import Rule
+from .rules import FLOAT32_MAX, FLOAT32_TINY, Rule
 from .state import adapter_sites as resolve_adapter
 from .state import load_into, lora_state_dict, tensors_for_file
 
@@ -396,23 +396,20 @@ def adapter_sites(config: _Config, tensors: dict[str, Any], source: str) -> tupl
     return sites, others
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
 def _checked_alpha(alpha: float, r: int, rslora: bool, field: str, name: str, source: str) -> float:
     """fxlora's alpha for a module of rank ``r`` (rsLoRA's scale ``alpha / sqrt(r)`` expressed as fxlora's
     ``alpha / r``), refusing a config whose alpha or scale is not a finite positive float32, naming the
     config fields it came from."""
     scale = alpha / math.sqrt(r) if rslora else alpha / r
     fxlora_alpha = alpha * math.sqrt(r) if rslora else alpha
-    ok = all(math.isfinite(v) and 0 < v <= _FLOAT32_MAX for v in (scale, fxlora_alpha))
+    ok = all(math.isfinite(v) and FLOAT32_TINY <= v <= FLOAT32_MAX for v in (scale, fxlora_alpha))
     if not ok:
         formula = f"{field} / sqrt(r)" if rslora else f"{field} / r"
         raise CheckpointError(
             f"{source}: field '{field}' ({alpha!r})" + (" with field 'use_rslora' true" if rslora else "")
             + f" gives module '{name}' (rank {r}) the scale {formula} = {scale!r}"
             + (f" and fxlora's alpha {field} * sqrt(r) = {fxlora_alpha!r}" if rslora else "")
-            + "; both must be finite positive float32 numbers. Fix the config's "
+            + "; both must be normal float32 numbers (not rounded to zero, not overflowing). Fix the config's "
             + ("'use_rslora' or " if rslora else "") + f"'{field}'. Nothing was loaded."
         )
     return fxlora_alpha

@@ -22,6 +22,11 @@ from typing import Sequence
 
 import torch
 
+#: The range of a LoRA scale (alpha / r): normal float32 numbers, so that the branch neither rounds to
+#: zero (a config with alpha 1e-50 would load as an adapter that does nothing) nor overflows.
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 from .errors import RuleError
 from .patterns import PatternBudget, compile_pattern, try_compile
 
@@ -82,6 +87,12 @@ class Rule:
             or self.alpha <= 0
         ):
             raise RuleError(f"{self!r}: alpha must be a positive finite number (scale = alpha / r), got {self.alpha!r}.")
+        if not FLOAT32_TINY <= self.alpha / self.r <= FLOAT32_MAX:
+            raise RuleError(
+                f"{self!r}: the scale alpha / r = {self.alpha / self.r!r} is not a normal float32 number (from "
+                f"{FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}): the branch would be rounded to zero or overflow. "
+                "Give an alpha of the order of r (alpha = r or 2 r is usual)."
+            )
         if (
             isinstance(self.dropout, bool)
             or not isinstance(self.dropout, (int, float))

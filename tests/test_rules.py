@@ -23,6 +23,7 @@ from helpers import (
         ({"r": 2, "alpha": 0}, "alpha must be a positive"),
         ({"r": 2, "alpha": -1.0}, "alpha must be a positive"),
         ({"r": 2, "alpha": float("nan")}, "alpha must be a positive"),
+        ({"r": 2, "alpha": 1e-50}, "is not a normal float32 number"),  # the branch would round to zero
         ({"r": 2, "alpha": 2, "dropout": 1.0}, "dropout must be in [0, 1)"),
         ({"r": 2, "alpha": 2, "dropout": -0.1}, "dropout must be in [0, 1)"),
         ({"r": 2, "alpha": 2, "enable_lora": [False, False]}, "no True entry"),
