@@ -238,9 +238,10 @@ def load_folded(model: nn.Module, folded: GraphModule) -> _IncompatibleKeys:
     The tensors are *assigned*, not copied into ``model``'s own: the module :func:`fxlora.rewrite` returned
     shares its base weights with ``model``, and writing the merged values into them would add the update
     to that module (and to every later fold of it) a second time.  Each parameter that changes becomes a
-    new ``nn.Parameter`` with the old one's ``requires_grad``, on the old one's device and in its dtype;
-    parameters tied in ``model`` stay one object; a tensor already holding the value is kept as it is
-    (so an optimizer over the untouched parameters keeps working).
+    new ``nn.Parameter`` with the old one's ``requires_grad`` and attributes, on the old one's device and in
+    its dtype, holding its own copy (training ``model`` afterwards does not change ``folded``); parameters
+    tied in ``model`` stay one object; a tensor already holding the value is kept as it is.  An optimizer
+    built over ``model``'s parameters before this call still holds the replaced ones: build it after.
     """
     if not isinstance(model, nn.Module) or not isinstance(folded, nn.Module):
         raise ArgumentError(
@@ -310,13 +311,18 @@ def _tensor_slots(model: nn.Module) -> dict[int, list[tuple[dict, str]]]:
 
 def _assigned(old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """What replaces ``old`` in the model: ``old`` itself when it already holds ``value`` (the same storage,
-    or equal values), else a new tensor with ``value``'s values in ``old``'s dtype and device (a new
-    ``nn.Parameter`` with ``old``'s ``requires_grad`` for a parameter)."""
+    or equal values), else a new tensor of its own (never sharing ``value``'s storage) with ``value``'s
+    values in ``old``'s dtype and device (a new ``nn.Parameter`` with ``old``'s ``requires_grad`` and
+    attributes, for a parameter)."""
     data = value.detach()
     if data.device != old.device or data.dtype != old.dtype:
         data = data.to(device=old.device, dtype=old.dtype)
     if (data.data_ptr() == old.data_ptr() and data.stride() == old.stride()) or torch.equal(data, old.detach()):
         return old
+    if data.data_ptr() == value.data_ptr():  # the model gets its own copy, not the folded module's storage
+        data = data.clone()
     if isinstance(old, nn.Parameter):
-        return nn.Parameter(data, requires_grad=old.requires_grad)
+        new = nn.Parameter(data, requires_grad=old.requires_grad)
+        new.__dict__.update(old.__dict__)  # attributes set on the parameter (_is_hf_initialized, ...)
+        return new
     return data

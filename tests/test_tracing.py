@@ -232,6 +232,19 @@ def test_load_folded_leaves_the_rewritten_module_and_its_folds_as_they_were(capt
     assert model.head.weight is model.emb.weight and isinstance(model.emb.weight, nn.Parameter)
     assert model.proj.weight.requires_grad and not model.proj.bias.requires_grad
     assert model.proj.weight.dtype == torch.float32
+    # the model holds its own copy: training it does not change the folded module it was loaded from,
+    # and attributes set on a parameter survive
+    folded = fxlora.fold(gm)
+    with torch.no_grad():
+        model.proj.weight.add_(1.0)  # values that differ, so that load_folded replaces the parameter
+    model.proj.weight.custom_flag = True
+    old = model.proj.weight
+    fxlora.load_folded(model, folded)
+    assert model.proj.weight is not old and getattr(model.proj.weight, "custom_flag", False)
+    assert model.proj.weight.data_ptr() != folded.get_parameter("proj.weight").data_ptr()
+    with torch.no_grad():
+        model.proj.weight.add_(1.0)
+        torch.testing.assert_close(folded(ids), expected, atol=1e-5, rtol=1e-5)
     # a float64 fold loads into the float32 model as float32
     fxlora.load_folded(model, fxlora.fold(gm, dtype=torch.float64))
     assert model.emb.weight.dtype == torch.float32 and model.head.weight is model.emb.weight
