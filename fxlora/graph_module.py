@@ -45,7 +45,6 @@ Inference mode
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import pickle
 from typing import Any
@@ -169,9 +168,11 @@ class LoraGraphModule(GraphModule):
             self.__dict__["_fxlora_cache"] = None  # free the old fold before building the new one
             # a module built under torch.inference_mode() holds inference tensors, which can be made into
             # parameters only in that mode; its fold then holds inference tensors too, and runs wherever the
-            # module itself does (under torch.no_grad() or torch.inference_mode())
+            # module itself does (under torch.no_grad() or torch.inference_mode()); any other module's fold is
+            # built outside inference mode, whatever mode the first eval call came in, so that a later call
+            # with gradients on can use it
             frozen = any(t.is_inference() for t in (*self.parameters(), *self.buffers()))
-            with torch.inference_mode() if frozen else contextlib.nullcontext():
+            with torch.inference_mode() if frozen else torch.inference_mode(False):
                 cache = _FoldCache(self, stamp)
             self.__dict__["_fxlora_cache"] = cache
         return cache.module

@@ -370,3 +370,16 @@ def test_copy_copy_keeps_the_class_and_merge_on_eval():
     clone = copy.copy(gm)
     assert isinstance(clone, fxlora.LoraGraphModule) and clone.merge_on_eval
     assert clone.get_parameter("head.lora_A") is gm.get_parameter("head.lora_A")  # a shallow copy shares
+
+
+def test_a_first_eval_call_under_inference_mode_leaves_a_fold_that_gradients_can_use():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), [fxlora.Rule("*", r=2, alpha=2)],
+                        merge_on_eval=True).eval()
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        first = gm(x)
+    y = x.clone().requires_grad_()
+    out = gm(y)  # the fold built under inference mode above is reused here, with gradients on
+    out.sum().backward()
+    assert torch.allclose(out.detach(), first) and y.grad is not None and torch.isfinite(y.grad).all()
