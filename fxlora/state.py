@@ -136,16 +136,23 @@ def _owned(p: torch.Tensor) -> bool:
     return bool(getattr(p, "_fxlora_private", False)) or is_sharded(p)
 
 
-def _private(gm: GraphModule, name: str) -> nn.Parameter:
+def _private(gm: GraphModule, name: str, replaced: list[tuple[nn.Module, str, nn.Parameter]] | None = None) -> nn.Parameter:
     """The base parameter ``name`` with storage of its own (copy-on-write): rewrite shares the caller's
-    weights, so a parameter fxlora will write (a trained or loaded bias) is first copied.  A sharded
+    weights, so a parameter fxlora will write (a trained or loaded bias) is first copied, and the copy
+    takes the original's place under every name it has in ``gm`` (a bias tied between two modules stays
+    tied); each place replaced is appended to ``replaced`` as ``(module, attr, original)``.  A sharded
     parameter (FSDP2) already has storage of its own, and its module owns it: it is not replaced."""
     p = gm.get_parameter(name)
     if not _owned(p):
-        owner, _, attr = name.rpartition(".")
-        p = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        p._fxlora_private = True  # type: ignore[attr-defined]
-        setattr(gm.get_submodule(owner), attr, p)
+        new = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        new._fxlora_private = True  # type: ignore[attr-defined]
+        for module in gm.modules():
+            for attr, value in list(module._parameters.items()):
+                if value is p:
+                    module._parameters[attr] = new
+                    if replaced is not None:
+                        replaced.append((module, attr, p))
+        p = new
     return p
 
 
@@ -359,10 +366,8 @@ def commit_tensors(
         try:
             for key, value in staged.items():
                 target = gm.get_parameter(key)
-                if key not in lora_names and _private(gm, key) is not target:
-                    owner, _, attr = key.rpartition(".")
-                    replaced.append((gm.get_submodule(owner), attr, target))  # put back on failure, never written
-                    target = gm.get_parameter(key)
+                if key not in lora_names and not _owned(target):
+                    target = _private(gm, key, replaced)  # its places are put back on failure; never written
                 else:
                     journal.append((key, target, target.detach().clone()))  # backed up before the copy starts
                 copy_into(target, value)  # a sharded target takes this rank's shard

@@ -682,3 +682,33 @@ def test_strict_false_loads_the_subset_all_or_nothing_and_reports_the_rest(throu
     with pytest.raises(CheckpointError, match=f"'{keep[1]}' holds NaN"):
         load(bad)
     assert _unchanged(gm, loaded)  # nothing of the subset loaded, not even the good key
+
+
+def test_a_tied_bias_stays_tied_when_it_is_loaded_or_trained():
+    class TiedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.bias = self.a.bias
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = TiedBias()
+    x = torch.randn(3, 4)
+    gm = fxlora.rewrite(model, [fxlora.Rule("a", r=2, alpha=2), fxlora.Rule("b", r=2, alpha=2)])
+    sd = fxlora.lora_state_dict(gm, bias="all")
+    assert "a.bias" in sd or "b.bias" in sd
+    key = "a.bias" if "a.bias" in sd else "b.bias"
+    fxlora.load_lora_state_dict(gm, {**sd, key: sd[key] + 1})
+    assert gm.get_submodule("a").bias is gm.get_submodule("b").bias
+    ref = TiedBias()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref.a.bias.add_(1)  # one tensor, both uses
+        torch.testing.assert_close(gm(x), ref(x))
+    assert torch.equal(model.a.bias, sd[key]) and model.b.bias is model.a.bias  # the model is untouched
+    gm2 = fxlora.rewrite(model, [fxlora.Rule("a", r=2, alpha=2), fxlora.Rule("b", r=2, alpha=2)])
+    fxlora.mark_only_lora_as_trainable(gm2, bias="all")  # the trained bias gets its own storage, still one tensor
+    assert gm2.get_submodule("a").bias is gm2.get_submodule("b").bias and gm2.get_submodule("a").bias.requires_grad
