@@ -225,6 +225,13 @@ def _check_state_unchanged(model: nn.Module, before: dict, after: dict, how: str
 _INPLACE_NAMES = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift", "matmul")
 _INPLACE_OPERATORS = frozenset(getattr(operator, f"i{name}") for name in _INPLACE_NAMES) | {operator.setitem}
 _ALIASING_ATTRS = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
+#: Methods whose result may be their input itself or a view of it: views, and conversions that return
+#: ``self`` when there is nothing to convert (``x.type_as(x)``, ``x.float()`` on a float32 tensor).
+_MAY_RETURN_SELF = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "expand", "expand_as", "contiguous",
+    "to", "type", "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool", "cpu", "cuda",
+    "detach", "requires_grad_", "as_subclass",
+})
 
 
 def _schemas(node: Node) -> list[Any]:
@@ -281,7 +288,7 @@ def _is_view(node: Node) -> bool:
         return len(node.args) > 1 and node.args[1] in _ALIASING_ATTRS
     if node.op == "call_function" and node.target is operator.getitem:
         return True
-    if node.op == "call_method" and node.target in ("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "expand", "expand_as", "contiguous"):
+    if node.op == "call_method" and node.target in _MAY_RETURN_SELF:
         return True
     for schema in _schemas(node):
         returns = schema.returns
@@ -312,6 +319,12 @@ def _check_no_state_writes(model: nn.Module, root: nn.Module, graph: Graph) -> N
             address = _storage_address(t)
             if address is not None:
                 storage.setdefault(address, (kind, name))
+    for prefix, module in root.named_modules():  # plain tensor attributes (self.stats = torch.zeros(4))
+        for attr, t in vars(module).items():
+            if isinstance(t, torch.Tensor) and not attr.startswith("_"):
+                address = _storage_address(t)
+                if address is not None:
+                    storage.setdefault(address, ("tensor attribute", f"{prefix}.{attr}" if prefix else attr))
     state: dict[Node, tuple[str, str]] = {}  # node -> (kind, name) of the buffer or parameter it aliases
     for node in graph.nodes:
         if node.op == "get_attr" and isinstance(node.target, str):
@@ -325,7 +338,7 @@ def _check_no_state_writes(model: nn.Module, root: nn.Module, graph: Graph) -> N
             continue
         if node.op not in ("call_function", "call_method"):
             continue
-        for target in _written(node):
+        for target in pytree.tree_leaves(_written(node)):  # a list of tensors too (torch._foreach_copy_)
             if isinstance(target, Node) and target in state:
                 kind, name = state[target]
                 what = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))

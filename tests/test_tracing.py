@@ -271,6 +271,8 @@ BUFFER_WRITES = {
     "ema.lerp_(mean, 0.1)": lambda s, x: s.ema.lerp_(x.mean(0), 0.1),
     "ema.view(2, 2).add_(mean)": lambda s, x: s.ema.view(2, 2).add_(x.mean(0).view(2, 2)),
     "ema.index_put_((idx,), mean)": lambda s, x: s.ema.index_put_((torch.tensor([1, 2]),), x.mean(0)[:2]),
+    "ema.type_as(x).copy_(...)": lambda s, x: s.ema.type_as(x).copy_(0.9 * s.ema + 0.1 * x.mean(0)),  # returns ema itself
+    "torch._foreach_copy_([ema], [...])": lambda s, x: torch._foreach_copy_([s.ema], [0.5 * s.ema + x.mean(0)]),
 }
 
 
@@ -288,6 +290,21 @@ def test_a_buffer_written_in_the_traced_graph_is_refused_or_captured_with_export
     with torch.no_grad():
         for _ in range(3):  # the model and the rewritten module drift apart from the second call if not
             torch.testing.assert_close(gm(x), reference(x))
+
+
+def test_a_plain_tensor_attribute_written_in_the_traced_graph_is_refused():
+    class Stats(nn.Module):  # not a registered buffer: a tensor attribute
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.stats = torch.zeros(4)
+
+        def forward(self, x):
+            self.stats.copy_(0.9 * self.stats + 0.1 * x.mean(0))
+            return self.lin(x) + self.stats
+
+    with pytest.raises(TraceError, match="writes into the tensor attribute 'stats' in place"):
+        fxlora.rewrite(Stats(), [Rule("lin", r=2, alpha=2)], capture="symbolic")
 
 
 def test_a_model_that_only_reads_its_buffers_is_traced_symbolically():
