@@ -235,6 +235,10 @@ def multi_line():
     raise ValueError("first line\\nsecond line\\n\\n  third line")
 
 
+def escapes():
+    raise ValueError("\\x1b[31mred\\x1b[0m")
+
+
 def exits_0():
     sys.exit(0)
 
@@ -319,6 +323,8 @@ def test_a_multi_line_message_from_user_code_is_one_line(user_module, capsys):
     assert main(["report", f"{user_module}:multi_line"]) == 2
     line = _one_error_line(capsys)
     assert line == f"fxlora report: {user_module}:multi_line() raised ValueError: first line | second line | third line"
+    assert main(["report", f"{user_module}:escapes"]) == 2  # an escape sequence is shown, not sent to the terminal
+    assert _one_error_line(capsys).endswith("raised ValueError: \\x1b[31mred\\x1b[0m")
 
 
 @pytest.mark.parametrize("factory, shown", [("exits_0", "sys.exit(0)"), ("exits_3", "sys.exit(3)"), ("exits_text", "sys.exit('bye\\nnow')")])

@@ -38,9 +38,10 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 
 
 def one_line(text: object) -> str:
-    """``text`` on one line: its non-empty lines, stripped, joined with `` | ``."""
+    """``text`` on one line: its non-empty lines, stripped, joined with `` | ``; control characters (an
+    escape sequence in a message from user code) shown escaped, never sent to the terminal."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return " | ".join(lines)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " | ".join(lines))
 
 
 def _exit_text(e: SystemExit) -> str:
