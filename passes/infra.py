@@ -15,9 +15,10 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxlora import provenance
 from fxlora.errors import PassContractError
 
-__all__ = ["FxLoraPass", "PassResult", "counters", "finalize", "check_contract", "module_at", "PassContractError"]
+__all__ = ["FxLoraPass", "RewiringPass", "PassResult", "counters", "finalize", "check_contract", "module_at", "PassContractError"]
 
 #: pass name -> Counter of what it did, over the life of the process.
 counters: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -34,6 +35,24 @@ class FxLoraPass(PassBase):
 
     def ensures(self, graph_module: GraphModule) -> None:
         graph_module.graph.lint()
+
+
+class RewiringPass(FxLoraPass):
+    """A pass that rewires the nodes of a graph the rewrite pass made and keeps its parameters: requires a
+    rewritten graph, ensures the parameters (names and objects) are the ones it was given."""
+
+    def requires(self, graph_module: GraphModule) -> None:
+        super().requires(graph_module)
+        check_contract(provenance.is_rewritten(graph_module), f"{self.name} runs on a graph the rewrite pass made")
+        self._parameters = dict(graph_module.named_parameters())
+
+    def ensures(self, graph_module: GraphModule) -> None:
+        super().ensures(graph_module)
+        now = dict(graph_module.named_parameters())
+        check_contract(
+            now.keys() == self._parameters.keys() and all(now[k] is v for k, v in self._parameters.items()),
+            f"{self.name} changed the parameters",
+        )
 
 
 def check_contract(condition: bool, what: str) -> None:
