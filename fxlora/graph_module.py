@@ -53,6 +53,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
+from . import provenance
 from .errors import CheckpointError
 from .folding import fold
 from .pickling import refuse_unpicklable_modules
@@ -151,12 +152,16 @@ class LoraGraphModule(GraphModule):
         return self
 
     def _stamp(self) -> tuple[Any, ...]:
-        """Identity, address and version of every parameter and buffer (an optimizer step, a loaded
-        checkpoint, a bias given its own storage, ``p.data = t``).  An inference tensor (made under
+        """The adapters' state (which run: ``set_adapter`` changes the graph, not the tensors) and the identity,
+        address and version of every parameter and buffer (an optimizer step, a loaded checkpoint, a bias
+        given its own storage, ``p.data = t``).  An inference tensor (made under
         ``torch.inference_mode()``) has no version counter: its stamp is identity and address, and the
         bit-for-bit check of :class:`_FoldCache` still sees any change of its values."""
-        return tuple(
-            (id(t), None if t.is_inference() else t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers())
+        state = provenance.adapter_state(self)
+        return (
+            state.get("version", 0),  # bumped by set_adapter, add/delete_adapter, combine_adapters: a new graph
+            tuple(state.get("active", ())),
+            *((id(t), None if t.is_inference() else t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers())),
         )
 
     def merged_module(self) -> GraphModule:

@@ -383,3 +383,21 @@ def test_a_first_eval_call_under_inference_mode_leaves_a_fold_that_gradients_can
     out = gm(y)  # the fold built under inference mode above is reused here, with gradients on
     out.sum().backward()
     assert torch.allclose(out.detach(), first) and y.grad is not None and torch.isfinite(y.grad).all()
+
+
+def test_merge_on_eval_follows_set_adapter_in_eval_mode():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer().eval(), [fxlora.Rule("blocks.*.qkv", r=2, alpha=4)], adapter="a",
+                        merge_on_eval=True)
+    fxlora.add_adapter(gm, [fxlora.Rule("head", r=3, alpha=3)], "b")
+    randomize_lora(gm, std=0.3)
+    x = torch.randint(0, 40, (2, 6))
+    expected = {}
+    for name in ("a", "b", None):  # each adapter's unmerged output, computed in train mode (no dropout here)
+        fxlora.set_adapter(gm, name)
+        gm.train()
+        expected[name] = gm(x).detach()
+    gm.eval()
+    for name in ("a", "b", None, "a"):  # switched in eval mode: the fold follows, never the previous adapter's
+        fxlora.set_adapter(gm, name)
+        torch.testing.assert_close(gm(x), expected[name], atol=1e-5, rtol=1e-5)
