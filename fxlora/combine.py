@@ -34,7 +34,7 @@ from .errors import ArgumentError, RuleError
 from .lora import SiteSpec, kind_of
 from .named_adapters import check_not_split
 from .passes import RewritePass
-from .provenance import adapter_state, adapters_of, require_sites
+from .provenance import adapter_state, adapters_of, require_unserved
 from .resolution import check_adapter_name, make_plan
 from .rules import Rule
 
@@ -58,7 +58,7 @@ def combine_adapters(
     """Add adapter ``name`` to ``gm``, made from the adapters in ``weights`` (name -> weight) by
     ``method`` (see the module docstring).  Like :func:`fxlora.add_adapter`, the new adapter is inactive
     until :func:`fxlora.set_adapter` selects it.  Nothing changes when any argument or site is refused."""
-    require_sites(gm, "combine_adapters")
+    require_unserved(gm, "combine_adapters")
     check_not_split(gm, "combine_adapters")
     known = adapters_of(gm)
     check_adapter_name(name)

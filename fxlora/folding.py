@@ -31,7 +31,7 @@ from .provenance import (
     adapter_state,
     adapters_of,
     graph_sites,
-    require_sites,
+    require_unserved,
 )
 from .quantized import is_quantized
 from .tracing import copy_graph_module
@@ -62,7 +62,7 @@ def fold(
     weight, such as ``torchao.quantization.to_nf4``) quantizes it again.  Quantized weights that were not
     adapted stay as they are, also with ``dtype``.
     """
-    require_sites(gm, "fold")
+    require_unserved(gm, "fold")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ArgumentError(f"fold(dtype=...) must be a floating-point torch.dtype, got {dtype!r}.")
     if requantize is not None and not callable(requantize):

@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 
 from .errors import ArgumentError
 from .passes import FoldPass, RemoveAdapter, RewritePass, SetActiveAdapters, unit_paths
-from .provenance import active_adapters as _active, adapter_state, adapters_of, require_sites
+from .provenance import active_adapters as _active, adapter_state, adapters_of, require_sites, require_unserved
 from .resolution import check_adapter_name, make_plan
 from .rules import Rule, as_rules
 from .state import mark_only_lora_as_trainable
@@ -75,7 +75,7 @@ def add_adapter(
     :func:`set_adapter` selects it.  ``train_modules`` are modules the adapter trains in full, as for
     :func:`fxlora.rewrite`.
     """
-    require_sites(gm, "add_adapter")
+    require_unserved(gm, "add_adapter")
     check_not_split(gm, "add_adapter")
     check_adapter_name(name)
     if name in adapters_of(gm):
@@ -92,7 +92,7 @@ def set_adapter(gm: GraphModule, names: str | Sequence[str] | None) -> None:
     """Run the adapters ``names`` (one name, a list whose updates add up, or None for the base model
     alone), in place.  The active adapters' LoRA parameters train (with the bias mode last given to
     :func:`fxlora.mark_only_lora_as_trainable`), the others are frozen."""
-    require_sites(gm, "set_adapter")
+    require_unserved(gm, "set_adapter")
     check_not_split(gm, "set_adapter")
     if names is None:
         wanted: list[str] = []
@@ -114,7 +114,7 @@ def set_adapter(gm: GraphModule, names: str | Sequence[str] | None) -> None:
 def delete_adapter(gm: GraphModule, name: str) -> None:
     """Remove adapter ``name`` (its branches if active, its parameters and records), in place.  The last
     adapter cannot be deleted: :func:`unload` gives back the base model."""
-    require_sites(gm, "delete_adapter")
+    require_unserved(gm, "delete_adapter")
     check_not_split(gm, "delete_adapter")
     _known(gm, name, "delete_adapter")
     if len(adapters_of(gm)) == 1:
@@ -129,7 +129,7 @@ def delete_adapter(gm: GraphModule, name: str) -> None:
 def disable_adapter(gm: GraphModule) -> Iterator[GraphModule]:
     """``with fxlora.disable_adapter(gm): ...`` runs the base model (no adapter active) inside the block,
     and restores the adapters that were active, also when the block raises."""
-    active = _active(require_sites(gm, "disable_adapter") and gm)
+    active = _active(require_unserved(gm, "disable_adapter") and gm)
     set_adapter(gm, None)
     try:
         yield gm
@@ -140,7 +140,7 @@ def disable_adapter(gm: GraphModule) -> Iterator[GraphModule]:
 def unload(gm: GraphModule) -> GraphModule:
     """A new plain ``GraphModule``: the base graph with every adapter removed and the base weights as they
     are (nothing folded).  ``gm`` is not modified."""
-    require_sites(gm, "unload")
+    require_unserved(gm, "unload")
     out = copy_graph_module(gm)
     FoldPass(weights={})(out)
     return out

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch.fx import GraphModule, Node
 
-from .errors import NotRewrittenError
+from .errors import ArgumentError, NotRewrittenError
 from .lora import SiteSpec
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "graph_sites",
     "is_rewritten",
     "require_sites",
+    "require_unserved",
 ]
 
 #: The key under which fxlora records provenance, in ``node.meta`` and in ``gm.meta``.
@@ -155,6 +156,21 @@ def graph_sites(gm: Any, adapter: str | None = None) -> dict[str, SiteSpec]:
 
 def is_rewritten(gm: Any) -> bool:
     return bool(graph_sites(gm))
+
+
+def require_unserved(gm: Any, what: str) -> dict[str, SiteSpec]:
+    """:func:`require_sites`, and an :class:`ArgumentError` for a served module (:func:`fxlora.serve`),
+    whose factors are stacked for mixed batches: switching, adding, folding or reporting its adapters is
+    done on the module it was served from."""
+    sites = require_sites(gm, what)
+    state = _state(gm) if isinstance(gm, GraphModule) else None
+    if state is not None and "served" in state:
+        raise ArgumentError(
+            f"{what} does not work on a served module (fxlora.serve), which holds its adapters' factors stacked "
+            f"for mixed batches: call {what} on the module you served from, then serve it again. A served module "
+            "loads and saves each adapter (load_lora / save_lora / lora_state_dict with adapter=...)."
+        )
+    return sites
 
 
 def require_sites(gm: Any, what: str) -> dict[str, SiteSpec]:

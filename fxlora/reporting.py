@@ -24,7 +24,7 @@ from .errors import ArgumentError
 from .lora import DEFAULT_ADAPTER, SiteSpec, fold_fidelity, kind_of
 from .options import CaptureOptions, no_positional
 from .pipeline import plan as make_plan
-from .provenance import active_adapters, adapter_state, adapters_of, graph_sites, require_sites
+from .provenance import active_adapters, adapter_state, adapters_of, graph_sites, require_sites, require_unserved
 from .quantized import dense, is_quantized, requantize_fidelity, stored_bytes
 from .resolution import Plan
 from .rules import Rule
@@ -293,10 +293,20 @@ def report(
         raise ArgumentError(
             f"fidelity must be a torch.dtype or a quantizing function (fold's requantize), got {type(fidelity).__name__}."
         )
-    sites = {s.name: s for name in active_adapters(model) for s in adapters_of(model)[name].values()} or graph_sites(model)
+    rewritten = bool(graph_sites(model))
+    if rewritten:
+        require_unserved(model, "report")
+        if rules is not None or train_modules or tied != "adapt" or capture is not None or capture_kwargs:
+            raise ArgumentError(
+                "this module is already rewritten: report it without rules, train_modules, tied or capture options "
+                "(adapter= picks one of its adapters), or pass the base model."
+            )
+        if adapter != DEFAULT_ADAPTER and adapter not in adapters_of(model):
+            raise ArgumentError(f"report: no adapter named {adapter!r}; this module has {', '.join(map(repr, adapters_of(model)))}.")
+    names = [adapter] if rewritten and adapter in adapters_of(model) and adapter != DEFAULT_ADAPTER else (
+        active_adapters(model) if rewritten else [])
+    sites = {s.name: s for name in names for s in adapters_of(model)[name].values()} or graph_sites(model)
     if sites:
-        if rules is not None or train_modules:
-            raise ArgumentError("this module is already rewritten: report it without rules, or pass the base model.")
         lora = {n for s in sites.values() for n in (s.lora_A, s.lora_B)}
         rows = []
         for spec in sites.values():
@@ -307,7 +317,7 @@ def report(
             elif fidelity is not None:
                 fid = fold_fidelity(dense(W, f"the weight of site '{spec.name}'"), A, B, spec, fidelity)
             rows.append(_row(model, spec, A.numel() + B.numel(), fid))
-        copies = [c for name in active_adapters(model) for c in adapter_state(model).get("train_modules", {}).get(name, {}).items()]
+        copies = [c for name in names for c in adapter_state(model).get("train_modules", {}).get(name, {}).items()]
         trained = {path: sum(p.numel() for p in model.get_submodule(copy).parameters()) for path, copy in copies}
         every_copy = {c for record in adapter_state(model).get("train_modules", {}).values() for c in record.values()}
         excluded = lora | {n for n, _ in model.named_parameters() if any(n.startswith(c + ".") for c in every_copy)}

@@ -74,9 +74,12 @@ def lora_parameter_names(gm: GraphModule, adapter: str | None = None) -> list[st
     (``lora_A`` before ``lora_B``), as they are in ``gm`` (the default adapter's are loralib's
     ``<site>.lora_A``; another adapter's carry its name, ``<site>.lora_A_<name>``)."""
     require_sites(gm, "lora_parameter_names")
-    if _served_layouts(gm) is not None:
-        layouts = _served_layouts(gm).values()
-        return list(dict.fromkeys(q for layout in layouts for q in (layout.A, layout.B)))
+    if _served_layouts(gm) is not None:  # one stack per site holds every served adapter
+        if adapter is not None:
+            adapter_sites(gm, adapter, "lora_parameter_names")
+            return list(dict.fromkeys(q for layout in _served_layouts(gm).values() if adapter in layout.specs
+                                      for q in (layout.A, layout.B)))
+        return list(dict.fromkeys(q for layout in _served_layouts(gm).values() for q in (layout.A, layout.B)))
     names = [adapter] if adapter is not None else list(adapters_of(gm))
     if adapter is not None:
         adapter_sites(gm, adapter, "lora_parameter_names")

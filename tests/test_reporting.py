@@ -178,3 +178,15 @@ def test_report_plans_with_the_same_options_as_rewrite():
         fxlora.rewrite(model, rules, tied="refuse")
     with pytest.raises(fxlora.ArgumentError, match="adapter name"):
         fxlora.report(model, rules, adapter="")
+
+
+def test_report_of_a_rewritten_module_reports_the_adapter_asked_for():
+    gm = fxlora.rewrite(TinyTransformer(), [fxlora.Rule("blocks.*.qkv", r=2, alpha=2)], adapter="a")
+    fxlora.add_adapter(gm, [fxlora.Rule("head", r=3, alpha=3)], "b")
+    assert [r.name for r in fxlora.report(gm).rows] == ["blocks.0.qkv", "blocks.1.qkv"]  # the active one
+    assert [r.name for r in fxlora.report(gm, adapter="b").rows] == ["head"]
+    with pytest.raises(fxlora.ArgumentError, match="no adapter named 'z'"):
+        fxlora.report(gm, adapter="z")
+    for kwargs in ({"tied": "refuse"}, {"capture": "export"}, {"example_inputs": (torch.zeros(1),)}):
+        with pytest.raises(fxlora.ArgumentError, match="already rewritten"):
+            fxlora.report(gm, **kwargs)

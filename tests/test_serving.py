@@ -187,3 +187,25 @@ def test_a_checkpoint_loads_into_an_adapters_slot_without_recompiling(tmp_path):
     torch.testing.assert_close(out[1], fxlora.set_adapter(gm, "a") or gm(x)[1], atol=1e-5, rtol=1e-5)
     with pytest.raises(fxlora.CheckpointError, match="missing LoRA keys: blocks.1.qkv.lora_A"):
         fxlora.load_lora(server, tmp_path / "b.safetensors", adapter="c")  # another adapter's checkpoint
+
+
+def test_switching_folding_or_reporting_a_served_module_is_refused_unchanged():
+    _, gm = _adapters()
+    server = fxlora.serve(gm)
+    code, nodes = server.code, len(server.graph.nodes)
+    calls = {
+        "set_adapter": lambda: fxlora.set_adapter(server, "a"),
+        "add_adapter": lambda: fxlora.add_adapter(server, RULES["a"], "d"),
+        "delete_adapter": lambda: fxlora.delete_adapter(server, "a"),
+        "unload": lambda: fxlora.unload(server),
+        "fold": lambda: fxlora.fold(server),
+        "combine_adapters": lambda: fxlora.combine_adapters(server, {"a": 1.0, "b": 1.0}, "ab"),
+        "report": lambda: fxlora.report(server),
+    }
+    for what, call in calls.items():
+        with pytest.raises(fxlora.ArgumentError, match=f"{what} does not work on a served module"):
+            call()
+    assert server.code == code and len(server.graph.nodes) == nodes and fxlora.adapters(server) == ["a", "b", "c"]
+    with pytest.raises(fxlora.ArgumentError, match="no adapter named 'zz'"):
+        fxlora.lora_parameter_names(server, adapter="zz")
+    assert set(fxlora.lora_parameter_names(server, adapter="c")) < set(fxlora.lora_parameter_names(server))
