@@ -52,21 +52,21 @@ def _arrive(t: torch.Tensor) -> None:
     polled until ``ARRIVAL_TIMEOUT_S``.  A rank whose peers do not come (a save called on one rank
     only) or come for another tensor (calls in another order) gets a CheckpointError."""
     mesh = t.device_mesh
-    group = mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
     tag = float(zlib.crc32(f"{tuple(t.shape)} {t.dtype}".encode()) % (1 << 23))  # the same on every rank
     flags = torch.tensor([tag, -tag], dtype=torch.float32, device=t.to_local().device)
-    work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group, async_op=True)
-    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
-    while not work.is_completed():
-        if time.monotonic() > deadline:
-            raise CheckpointError(
-                f"rank {rank()} waited {ARRIVAL_TIMEOUT_S:g} s for the other ranks to gather a sharded tensor: "
-                "lora_state_dict, save_lora, save_peft_adapter and fold gather the shards of a sharded module, so "
-                "every rank must call them, in the same order (rank 0 writes the file). Nothing was written; "
-                "this process group cannot be used for collectives any more."
-            )
-        time.sleep(1e-4)
-    work.wait()
+    for dim in range(mesh.ndim):  # the mesh's own groups: ranks outside it never take part
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=mesh.get_group(dim), async_op=True)
+        deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                raise CheckpointError(
+                    f"rank {rank()} waited {ARRIVAL_TIMEOUT_S:g} s for the other ranks to gather a sharded tensor: "
+                    "lora_state_dict, save_lora, save_peft_adapter and fold gather the shards of a sharded module, "
+                    "so every rank must call them, in the same order (rank 0 writes the file). Nothing was written; "
+                    "this process group cannot be used for collectives any more."
+                )
+            time.sleep(1e-4)
+        work.wait()
     if flags.tolist() != [tag, -tag]:
         raise CheckpointError(
             f"rank {rank()} gathered a sharded tensor of shape {tuple(t.shape)} while another rank gathered "

@@ -5,7 +5,7 @@ model's inputs plus ``adapter_ids``, a LongTensor with one entry per sample (an 
 ``adapters``, ``-1`` for the base model alone), and applies each sample's adapter in one graph
 (``fxlora.passes.ServeAdapters``): stacked factors gathered by ``adapter_ids`` and batched matmuls, no
 loop over adapters, no re-trace when the ids change.  It trains too: a mixed batch backpropagates into
-each sample's own adapter.  ``fxlora.lora_state_dict(server, adapter=...)`` / ``load_lora(server,
+each sample's own adapter (without LoRA dropout, which a served module does not apply; ``serve`` warns).  ``fxlora.lora_state_dict(server, adapter=...)`` / ``load_lora(server,
 path, adapter=...)`` read and write one adapter's slot in place (no graph change, so a compiled server
 is not recompiled).
 
@@ -15,6 +15,8 @@ that its rows split evenly over the samples.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from collections.abc import Sequence
 
@@ -59,6 +61,14 @@ def serve(gm: GraphModule, adapters: Sequence[str] | None = None) -> LoraGraphMo
             "serve adapters made of LoRA factors only, or fold each adapter."
         )
     _check_batch_major(gm, names)
+    with_dropout = sorted({n for n in names for spec in known[n].values() if spec.dropout > 0})
+    if with_dropout:
+        warnings.warn(
+            f"serve: adapter(s) {', '.join(map(repr, with_dropout))} use LoRA dropout, which a served module does not "
+            "apply: its forward, in train mode too, is that of eval mode (train with dropout through "
+            "fxlora.set_adapter on this module instead).",
+            stacklevel=2,
+        )
     out = copy_graph_module(gm, LoraGraphModule)
     ServeAdapters(names)(out)
     for p in out.parameters():

@@ -87,7 +87,12 @@ def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
             f"adapter_ids holds {low}..{high}, but this module serves "
             f"{num_adapters} adapters: use 0..{num_adapters - 1}, or -1 for the base model."
         )
-    return torch.where(adapter_ids < 0, num_adapters, adapter_ids).long()
+    if torch.compiler.is_compiling():  # no host sync under compile: a device-side assert instead
+        torch._assert_async(
+            ((adapter_ids >= -1) & (adapter_ids < num_adapters)).all(),
+            f"adapter_ids out of range: use 0..{num_adapters - 1}, or -1 for the base model",
+        )
+    return torch.where(adapter_ids == -1, num_adapters, adapter_ids).long()
 
 
 def _layout(gm: GraphModule, site: str, specs: dict[str, SiteSpec]) -> ServedSite:

@@ -209,3 +209,25 @@ def test_switching_folding_or_reporting_a_served_module_is_refused_unchanged():
     with pytest.raises(fxlora.ArgumentError, match="no adapter named 'zz'"):
         fxlora.lora_parameter_names(server, adapter="zz")
     assert set(fxlora.lora_parameter_names(server, adapter="c")) < set(fxlora.lora_parameter_names(server))
+
+
+def test_serving_adapters_with_dropout_warns_that_it_applies_none():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer(), [Rule("head", r=2, alpha=2, dropout=0.5)], adapter="a")
+    fxlora.add_adapter(gm, [Rule("head", r=2, alpha=2)], "b")
+    with pytest.warns(UserWarning, match="adapter\\(s\\) 'a' use LoRA dropout, which a served module does not apply"):
+        server = fxlora.serve(gm).train()
+    x = torch.randint(0, 40, (2, 5))
+    assert torch.equal(server(x, torch.tensor([0, 1])), server(x, torch.tensor([0, 1])))  # no dropout, as it says
+
+
+def test_out_of_range_ids_are_not_served_as_the_base_under_compile():
+    _, gm = _adapters()
+    server = fxlora.serve(gm).eval()
+    compiled = torch.compile(server, backend="eager", dynamic=False)
+    x = torch.randint(0, 40, (4, 5))
+    with torch.no_grad():
+        compiled(x, torch.tensor([0, 1, 2, -1]))
+        for bad in ([0, 1, -7, 0], [0, 1, 3, 0]):
+            with pytest.raises(RuntimeError, match="adapter_ids out of range"):
+                compiled(x, torch.tensor(bad))
