@@ -504,12 +504,12 @@ def explain_unmatched(
             found = _sites_of_param(gm, root, pname, candidates)
             if found is not None:
                 sites, role = found
-                named = ", ".join(f"'{c.name}'" for c in sites[:4])
+                named = ", ".join(f"'{name}'" for name in list(dict.fromkeys(c.name for c in sites))[:4])
                 names = list(sites[0].names)
                 best = owner if owner in names else names[0]  # the parameter's own module, when it can be named
                 others = [n for n in names if n != best][:3]
                 lines.append(
-                    f"'{pname}' is the {role} of the site{'s' if len(sites) > 1 else ''} {named}: rules name sites "
+                    f"'{pname}' is the {role} of the site{'s' if named.count(',') else ''} {named}: rules name sites "
                     f"(modules), not their parameters; write Rule({best!r}, ...)"
                     + (f" (or any of {', '.join(map(repr, others))})" if others else "")
                 )
