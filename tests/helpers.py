@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import operator
 
-import fxlora
 import torch
 import torch.nn.functional as F
-from fxlora.zoo import Conv1D  # GPT-2's Conv1D: x @ W + b with W stored (in, out)
 from torch import nn
+
+import fxlora
+from fxlora.zoo import Conv1D  # GPT-2's Conv1D: x @ W + b with W stored (in, out)
 
 
 def randomize_lora(gm, seed: int = 0, std: float = 0.1) -> None:
@@ -88,3 +89,31 @@ class Functional(nn.Module):
         h = self.fc(self.fc(x))  # one module, two calls
         h = F.linear(h, self.w1)
         return self.proj(torch.tanh(h)) + operator.matmul(x, self.w2)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The models the pass tests share: (factory, example inputs, rules)
+# --------------------------------------------------------------------------------------------- #
+
+CASES = {
+    "transformer": (
+        TinyTransformer,
+        lambda: (torch.randint(0, 40, (2, 6)),),
+        [
+            fxlora.Rule("blocks.*.qkv", r=2, alpha=4, enable_lora=[True, False, True]),
+            fxlora.Rule("re:blocks\\.\\d+\\.proj", r=3, alpha=3),
+            fxlora.Rule(nn.Embedding, r=4, alpha=8),
+            fxlora.Rule("head", r=2, alpha=2),
+        ],
+    ),
+    "convnet": (ConvNet, lambda: (torch.randn(2, 3, 11, 11),), [fxlora.Rule("c*", r=2, alpha=4), fxlora.Rule("fc", r=1, alpha=1)]),
+    "functional": (Functional, lambda: (torch.randn(3, 5, 8),), [fxlora.Rule("*", r=2, alpha=4)]),
+}
+
+
+def build_case(case):
+    """``(model, inputs, rules)`` of ``CASES[case]``: the model seeded and in eval mode."""
+    factory, inputs, rules = CASES[case]
+    torch.manual_seed(0)
+    model = factory().eval()
+    return model, inputs(), rules

@@ -2,46 +2,25 @@
 
 from __future__ import annotations
 
-import fxlora
 import pytest
 import torch
-from fxlora import FoldError
-from torch import nn
-
 from helpers import (
-    ConvNet,
+    CASES,
     Functional,
     TinyTransformer,
+    build_case,
     op_sequence,
     randomize_lora,
 )
+from torch import nn
 
-CASES = {
-    "transformer": (
-        TinyTransformer,
-        lambda: (torch.randint(0, 40, (2, 6)),),
-        [
-            fxlora.Rule("blocks.*.qkv", r=2, alpha=4, enable_lora=[True, False, True]),
-            fxlora.Rule("re:blocks\\.\\d+\\.proj", r=3, alpha=3),
-            fxlora.Rule(nn.Embedding, r=4, alpha=8),
-            fxlora.Rule("head", r=2, alpha=2),
-        ],
-    ),
-    "convnet": (ConvNet, lambda: (torch.randn(2, 3, 11, 11),), [fxlora.Rule("c*", r=2, alpha=4), fxlora.Rule("fc", r=1, alpha=1)]),
-    "functional": (Functional, lambda: (torch.randn(3, 5, 8),), [fxlora.Rule("*", r=2, alpha=4)]),
-}
-
-
-def _build(case):
-    factory, inputs, rules = CASES[case]
-    torch.manual_seed(0)
-    model = factory().eval()
-    return model, inputs(), rules
+import fxlora
+from fxlora import FoldError
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fold_equals_unmerged_and_restores_the_base_graph(case):
-    model, x, rules = _build(case)
+    model, x, rules = build_case(case)
     gm = fxlora.rewrite(model, rules)
     randomize_lora(gm)
     gm.eval()

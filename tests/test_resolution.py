@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import copy
 
-import fxlora
 import pytest
 import torch
 import torch.nn.functional as F
-from fxlora import Rule, RuleError
-from torch import nn
-
 from helpers import (
-    ConvNet,
-    Functional,
     TinyTransformer,
+    build_case,
     randomize_lora,
 )
+from torch import nn
+
+import fxlora
+from fxlora import Rule, RuleError
 
 
 def _snapshot(model):
@@ -133,7 +132,7 @@ def test_modules_fxlora_cannot_see_into_say_why():
             return self.w @ x
 
     model = nn.Sequential(MyLinear(4, 4))
-    with pytest.raises(RuleError, match="overrides forward\(\), and it is kept as a leaf"):
+    with pytest.raises(RuleError, match=r"overrides forward\(\), and it is kept as a leaf"):
         fxlora.rewrite(model, [Rule("0", r=1, alpha=1)], leaf_modules=[MyLinear])
     gm = fxlora.rewrite(model, [Rule("0", r=1, alpha=1)])  # traced through: its F.linear is the site
     assert fxlora.graph_sites(gm)["0"].kind == "linear"
@@ -182,31 +181,10 @@ def test_rewriting_twice_is_refused():
         fxlora.rewrite(gm, [fxlora.Rule("head", r=1, alpha=1)])
 
 
-CASES = {
-    "transformer": (
-        TinyTransformer,
-        lambda: (torch.randint(0, 40, (2, 6)),),
-        [
-            fxlora.Rule("blocks.*.qkv", r=2, alpha=4, enable_lora=[True, False, True]),
-            fxlora.Rule("re:blocks\\.\\d+\\.proj", r=3, alpha=3),
-            fxlora.Rule(nn.Embedding, r=4, alpha=8),
-            fxlora.Rule("head", r=2, alpha=2),
-        ],
-    ),
-    "convnet": (ConvNet, lambda: (torch.randn(2, 3, 11, 11),), [fxlora.Rule("c*", r=2, alpha=4), fxlora.Rule("fc", r=1, alpha=1)]),
-    "functional": (Functional, lambda: (torch.randn(3, 5, 8),), [fxlora.Rule("*", r=2, alpha=4)]),
-}
-
-
-def _build(case):
-    factory, inputs, rules = CASES[case]
-    torch.manual_seed(0)
-    model = factory().eval()
-    return model, inputs(), rules
 
 
 def test_functional_sites_read_layout_from_the_graph():
-    model, x, _ = _build("functional")
+    model, x, _ = build_case("functional")
     gm = fxlora.rewrite(model, [fxlora.Rule("proj", r=2, alpha=2), fxlora.Rule("w2", r=2, alpha=2), fxlora.Rule("w1", r=2, alpha=2)])
     sites = fxlora.graph_sites(gm)
     assert sites["proj"].fan_in_fan_out and sites["w2"].fan_in_fan_out and not sites["w1"].fan_in_fan_out
@@ -216,7 +194,7 @@ def test_functional_sites_read_layout_from_the_graph():
 
 
 def test_precedence_exact_over_pattern_over_type():
-    model, _, _ = _build("transformer")
+    model, _, _ = build_case("transformer")
     rules = [
         fxlora.Rule(nn.Linear, r=1, alpha=1),
         fxlora.Rule("blocks.*", r=2, alpha=2),

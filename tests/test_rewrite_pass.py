@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-import fxlora
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from helpers import (
-    ConvNet,
-    Functional,
+    CASES,
     TinyTransformer,
+    build_case,
     count_calls,
     randomize_lora,
 )
+from torch import nn
 
-CASES = {
-    "transformer": (
-        TinyTransformer,
-        lambda: (torch.randint(0, 40, (2, 6)),),
-        [
-            fxlora.Rule("blocks.*.qkv", r=2, alpha=4, enable_lora=[True, False, True]),
-            fxlora.Rule("re:blocks\\.\\d+\\.proj", r=3, alpha=3),
-            fxlora.Rule(nn.Embedding, r=4, alpha=8),
-            fxlora.Rule("head", r=2, alpha=2),
-        ],
-    ),
-    "convnet": (ConvNet, lambda: (torch.randn(2, 3, 11, 11),), [fxlora.Rule("c*", r=2, alpha=4), fxlora.Rule("fc", r=1, alpha=1)]),
-    "functional": (Functional, lambda: (torch.randn(3, 5, 8),), [fxlora.Rule("*", r=2, alpha=4)]),
-}
-
-
-def _build(case):
-    factory, inputs, rules = CASES[case]
-    torch.manual_seed(0)
-    model = factory().eval()
-    return model, inputs(), rules
+import fxlora
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rewrite_at_init_computes_the_base_function(case):
-    model, x, rules = _build(case)
+    model, x, rules = build_case(case)
     gm = fxlora.rewrite(model, rules)
     gm.graph.lint()
     assert fxlora.graph_sites(gm)
@@ -49,7 +27,7 @@ def test_rewrite_at_init_computes_the_base_function(case):
 
 
 def test_a_module_called_twice_gets_one_branch_and_one_delta():
-    model, x, _ = _build("functional")
+    model, x, _ = build_case("functional")
     gm = fxlora.rewrite(model, [fxlora.Rule("fc", r=2, alpha=2)])
     assert sorted(fxlora.lora_state_dict(gm)) == ["fc.lora_A", "fc.lora_B"]
     assert sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == "fc.lora_A") == 2
@@ -59,7 +37,7 @@ def test_a_module_called_twice_gets_one_branch_and_one_delta():
 
 
 def test_graph_records_provenance():
-    model, _, rules = _build("transformer")
+    model, _, rules = build_case("transformer")
     gm = fxlora.rewrite(model, rules)
     sites = fxlora.graph_sites(gm)
     assert sites["blocks.0.qkv"].rule == repr(rules[0]) and sites["blocks.0.qkv"].rule_index == 0

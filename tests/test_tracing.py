@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import copy
 
-import fxlora
 import pytest
 import torch
-from fxlora import FxLoraError, Rule, TraceError
-from torch import nn
-
 from helpers import (
-    ConvNet,
-    Functional,
-    TinyTransformer,
+    build_case,
     randomize_lora,
 )
+from torch import nn
+
+import fxlora
+from fxlora import FxLoraError, Rule, TraceError
 
 
 def test_untraceable_model_names_the_construct():
@@ -36,31 +34,10 @@ def test_untraceable_model_names_the_construct():
     assert isinstance(info.value, FxLoraError)
 
 
-CASES = {
-    "transformer": (
-        TinyTransformer,
-        lambda: (torch.randint(0, 40, (2, 6)),),
-        [
-            fxlora.Rule("blocks.*.qkv", r=2, alpha=4, enable_lora=[True, False, True]),
-            fxlora.Rule("re:blocks\\.\\d+\\.proj", r=3, alpha=3),
-            fxlora.Rule(nn.Embedding, r=4, alpha=8),
-            fxlora.Rule("head", r=2, alpha=2),
-        ],
-    ),
-    "convnet": (ConvNet, lambda: (torch.randn(2, 3, 11, 11),), [fxlora.Rule("c*", r=2, alpha=4), fxlora.Rule("fc", r=1, alpha=1)]),
-    "functional": (Functional, lambda: (torch.randn(3, 5, 8),), [fxlora.Rule("*", r=2, alpha=4)]),
-}
-
-
-def _build(case):
-    factory, inputs, rules = CASES[case]
-    torch.manual_seed(0)
-    model = factory().eval()
-    return model, inputs(), rules
 
 
 def test_rewrite_leaves_the_input_model_unchanged_and_copies_no_weight():
-    model, x, rules = _build("transformer")
+    model, x, rules = build_case("transformer")
     model.blocks[1].ln.weight.requires_grad_(False)  # a flag rewrite must preserve
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     keys = list(model.state_dict())
@@ -97,7 +74,7 @@ def test_rewrite_leaves_the_input_model_unchanged_and_copies_no_weight():
 
 
 def test_rewrite_accepts_a_graph_module_and_leaves_it_unchanged():
-    model, x, rules = _build("transformer")
+    model, x, rules = build_case("transformer")
     traced = torch.fx.symbolic_trace(model)
     code = traced.code
     gm = fxlora.rewrite(traced, rules)
