@@ -15,7 +15,9 @@ returns (and everything made from it: the rewritten module, the folded module) t
   :class:`~fxlora.errors.ArgumentError` naming it (the graph was specialised to the captured value);
 * an input of the original ``forward`` that was not captured may be left out or given its default
   (``attention_mask=None``); any other value raises :class:`~fxlora.errors.ArgumentError` naming it (the
-  graph does not read it).  A name the original ``forward`` does not take is Python's ``TypeError``.
+  graph does not read it), and so does a keyword the original ``forward`` takes through ``**kwargs``
+  (``return_dict=False``, ``output_attentions=True``) that was not given at capture.  A name the original
+  ``forward`` does not take at all is Python's ``TypeError``.
 
 The convention lives in the graph (the code generator travels with every copy of the graph: rewrite,
 fold, ``copy.deepcopy``), so no module class needs to know about it; ``inspect.signature(gm.forward)``
@@ -122,8 +124,6 @@ def convention_of(forward: Any, args: Sequence[Any], kwargs: Mapping[str, Any], 
     for p in params:
         if p.kind is inspect.Parameter.VAR_POSITIONAL:
             continue  # nothing was captured through it; the generated forward does not take it
-        if p.kind is inspect.Parameter.VAR_KEYWORD and not any(k not in sig.parameters for k in captured):
-            continue  # nothing was captured through **kwargs either
         signature.append((p.name, _KIND[p.kind]))
         if p.default is not inspect.Parameter.empty and _is_literal(p.default):
             defaults[p.name] = p.default
@@ -135,7 +135,9 @@ def convention_of(forward: Any, args: Sequence[Any], kwargs: Mapping[str, Any], 
         "kwargs": tuple(kwargs),
         "inputs": tuple(inputs),
         "constants": constants,
-        "var_keyword": var_kw if any(k not in sig.parameters for k in captured) else None,
+        # kept even when nothing was captured through it, so that a keyword the model takes there
+        # (return_dict=False) is an ArgumentError naming it, not Python's TypeError
+        "var_keyword": var_kw,
     }
 
 

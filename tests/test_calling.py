@@ -166,3 +166,18 @@ def test_an_example_input_that_is_a_view_does_not_tie_the_graph_to_its_base():
         torch.testing.assert_close(gm(x), folded(x), atol=1e-5, rtol=1e-5)
     assert not torch.equal(gm(ids), model(ids))  # the adapter is live
 
+
+def test_a_keyword_taken_through_var_keyword_but_not_captured_is_named():
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, **kwargs):
+            return self.fc(x) * (2.0 if kwargs.get("double") else 1.0)
+
+    x = torch.randn(2, 4)
+    gm = fxlora.rewrite(Kw(), [fxlora.Rule("fc", r=2, alpha=2)], capture="export", example_inputs=(x,))
+    torch.testing.assert_close(gm(x=x), gm(x))
+    with pytest.raises(fxlora.ArgumentError, match="double was not given when Kw was captured.*example_kwargs"):
+        gm(x, double=True)

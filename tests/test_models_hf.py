@@ -566,6 +566,10 @@ def test_t5_rule_on_the_owner_of_the_shared_weight_adapts_it_at_every_use():
         folded = fxlora.fold(gm)
         torch.testing.assert_close(folded(ids, decoder_input_ids=dec).logits, expected, atol=1e-5, rtol=1e-5)
         assert folded.get_parameter("lm_head.weight") is folded.get_parameter("shared.weight")  # folded once, still tied
+        # F: a keyword the model takes through **kwargs but was not captured with is an ArgumentError naming it
+        for extra in ({"return_dict": False}, {"output_attentions": True}):
+            with pytest.raises(fxlora.ArgumentError, match=f"{next(iter(extra))} was not given when T5ForConditionalGeneration was captured"):
+                gm(ids, decoder_input_ids=dec, **extra)
         target = copy.deepcopy(model)
         fxlora.load_folded(target, folded)
         assert target.lm_head.weight is target.shared.weight
