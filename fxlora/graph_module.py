@@ -46,6 +46,7 @@ Inference mode
 from __future__ import annotations
 
 import functools
+import inspect
 import pickle
 from typing import Any
 
@@ -163,6 +164,14 @@ class LoraGraphModule(GraphModule):
             tuple(state.get("active", ())),
             *((id(t), None if t.is_inference() else t._version, t.data_ptr()) for t in (*self.parameters(), *self.buffers())),
         )
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """For ``transformers.Trainer``: whether ``forward`` takes its loss keywords (``num_items_in_batch``).
+        Only when they were given at capture: a module captured with torch.export keeps the model's
+        ``**kwargs`` in its signature to name an uncaptured keyword in its error, and the Trainer would
+        otherwise read that as taking them, and pass them."""
+        return "num_items_in_batch" in inspect.signature(self.forward).parameters
 
     def merged_module(self) -> GraphModule:
         """The folded module that eval mode runs with ``merge_on_eval``, rebuilt whenever any tensor it
