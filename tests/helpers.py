@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import operator
 
+import fxlora
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import fxlora
 from fxlora.zoo import Conv1D  # GPT-2's Conv1D: x @ W + b with W stored (in, out)
+from torch import nn
 
 
 def randomize_lora(gm, seed: int = 0, std: float = 0.1) -> None:

@@ -138,3 +138,31 @@ def kill_loop(saves, current, *, seconds: float = 2.0, max_seconds: float = 6.0,
         kills += 1
     assert seen == {1.0, 2.0}, f"after {kills} kills only {seen} was ever on disk"
     return kills, changed
+
+
+def read_while_writing(save: Callable[[nn.Module], None], load: Callable[[nn.Module], None], refusals: tuple[str, ...],
+                       seconds: float = 1.5) -> tuple[int, int]:
+    """Save the two versions of :func:`two_versions` in turn from a forked writer while this process loads
+    with a reader of each version's alpha, for ``seconds``; ``(loads, refusals)``.  Each load must hold one
+    version whole (its metadata and tensors agree with the reader's alpha); each refusal must be a
+    CheckpointError whose message holds one of ``refusals``."""
+    model, (one, two) = two_versions()
+    save(one)
+    readers = [fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])]
+    writer = fork(forever(lambda: save(two), lambda: save(one)))
+    loads = refused = 0
+    try:
+        deadline = Deadline(seconds)
+        while deadline:
+            for alpha, reader in enumerate(readers, start=1):
+                try:
+                    load(reader)
+                except fxlora.CheckpointError as e:
+                    assert any(text in str(e) for text in refusals), e
+                    refused += 1
+                    continue
+                assert version_of(reader) == float(alpha)  # one version's metadata and tensors, never a mix
+                loads += 1
+    finally:
+        kill(writer)
+    return loads, refused

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
+import fxlora
 import pytest
 import torch
-from helpers import (
-    CASES,
-    Functional,
-    TinyTransformer,
-    build_case,
-    op_sequence,
-    randomize_lora,
-)
+from fxlora import FoldError
 from torch import nn
 
-import fxlora
-from fxlora import FoldError
+from helpers import CASES, Functional, TinyTransformer, build_case, op_sequence, randomize_lora
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

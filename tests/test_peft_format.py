@@ -16,7 +16,7 @@ import torch
 from fxlora import CheckpointError, Rule
 from torch import nn
 
-from processes import Deadline, die_at, fork, forever, kill, kill_loop, two_versions, version_of, wait
+from processes import die_at, fork, kill_loop, read_while_writing, two_versions, version_of, wait
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -424,26 +424,10 @@ def test_killing_save_peft_adapter_at_random_moments_switches_config_and_weights
 
 
 def test_readers_during_saves_get_the_old_or_the_new_adapter(tmp_path):
-    model, (one, two) = two_versions()
     folder = tmp_path / "adapter"
-    fxlora.save_peft_adapter(one, folder)
-    readers = [fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])]
-    writer = fork(forever(lambda: fxlora.save_peft_adapter(two, folder), lambda: fxlora.save_peft_adapter(one, folder)))
-    loads = refused = 0
-    try:
-        deadline = Deadline(1.5)
-        while deadline:
-            for alpha, reader in enumerate(readers, start=1):
-                try:
-                    fxlora.load_peft_adapter(reader, folder)
-                except CheckpointError as e:  # the other version (its scale), or a folder switched under us twice
-                    assert "scale" in str(e) or "kept changing" in str(e), e
-                    refused += 1
-                    continue
-                assert version_of(reader) == float(alpha)  # one version's config and weights, never a mix
-                loads += 1
-    finally:
-        kill(writer)
+    # a refusal: the other version (its scale), or a folder switched under the reader twice
+    loads, refused = read_while_writing(lambda gm: fxlora.save_peft_adapter(gm, folder),
+                                        lambda gm: fxlora.load_peft_adapter(gm, folder), ("scale", "kept changing"))
     assert loads > 10 and refused > 10, (loads, refused)
     print(f"folder reader/writer: {loads} loads, {refused} refusals")
 

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import fxlora
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
-    TinyTransformer,
-    build_case,
-    randomize_lora,
-)
+from fxlora import Rule, RuleError
 from torch import nn
 
-import fxlora
-from fxlora import Rule, RuleError
+from helpers import TinyTransformer, build_case, randomize_lora
 
 
 def _snapshot(model):

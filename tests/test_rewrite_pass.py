@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
+import fxlora
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
-    CASES,
-    TinyTransformer,
-    build_case,
-    count_calls,
-    randomize_lora,
-)
 from torch import nn
 
-import fxlora
+from helpers import CASES, TinyTransformer, build_case, count_calls, randomize_lora
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

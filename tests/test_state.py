@@ -15,7 +15,7 @@ from fxlora import CheckpointError, Rule, files
 from torch import nn
 
 from helpers import TinyTransformer, randomize_lora
-from processes import Deadline, die_at, fork, forever, kill, kill_loop, two_versions, version_of, wait
+from processes import die_at, fork, kill_loop, read_while_writing, two_versions, version_of, wait
 
 RULES = [fxlora.Rule("blocks.*.qkv", r=4, alpha=8, enable_lora=[True, False, True]), fxlora.Rule("head", r=2, alpha=2)]
 
@@ -504,26 +504,10 @@ def test_killing_save_lora_at_random_moments_never_tears_the_file(tmp_path):
 
 
 def test_readers_during_saves_get_the_old_or_the_new_adapter(tmp_path):
-    model, (one, two) = two_versions()
     path = tmp_path / "adapter.safetensors"
-    fxlora.save_lora(one, path)
-    readers = [fxlora.rewrite(model, [Rule("*", r=64, alpha=1)]), fxlora.rewrite(model, [Rule("*", r=64, alpha=2)])]
-    writer = fork(forever(lambda: fxlora.save_lora(two, path), lambda: fxlora.save_lora(one, path)))
-    loads = refused = 0
-    try:
-        deadline = Deadline(1.5)
-        while deadline:
-            for alpha, reader in enumerate(readers, start=1):
-                try:
-                    fxlora.load_lora(reader, path)
-                except CheckpointError as e:  # the other version: its metadata says the other alpha
-                    assert "alpha" in str(e), e
-                    refused += 1
-                    continue
-                assert version_of(reader) == float(alpha)  # metadata and tensors of one version, never a mix
-                loads += 1
-    finally:
-        kill(writer)
+    # a refusal: the other version, whose metadata says the other alpha
+    loads, refused = read_while_writing(lambda gm: fxlora.save_lora(gm, path), lambda gm: fxlora.load_lora(gm, path),
+                                        ("alpha",))
     assert loads > 10 and refused > 10, (loads, refused)
     print(f"reader/writer: {loads} loads, {refused} refusals")
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import fxlora
 import pytest
 import torch
-from helpers import (
-    build_case,
-    randomize_lora,
-)
+from fxlora import FxLoraError, Rule, TraceError
 from torch import nn
 
-import fxlora
-from fxlora import FxLoraError, Rule, TraceError
+from helpers import build_case, randomize_lora
 
 
 def test_untraceable_model_names_the_construct():
