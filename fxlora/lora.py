@@ -549,6 +549,24 @@ def slice_blocks(B_stack: torch.Tensor, slices: torch.Tensor, *, out_major: bool
     return torch.einsum("ig,bgpq->bipgq", slices, B_stack.reshape(n1, k, o, r)).reshape(n1, n * o, k * r)
 
 
+def _accumulate(base: torch.Tensor, h: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
+    """``base + h @ B_t`` as one GEMM that reads ``base`` as its accumulator (``h`` ``(..., k)``, ``B_t``
+    ``(k, out)``, or batched: ``h`` ``(samples, rows, k)``, ``B_t`` ``(samples, k, out)``).  When no
+    gradient is recorded and the dtypes agree, in place into ``base``, a site's output that this call is
+    the one consumer of (a linear layer's result, or a view of its 2-D result that nothing else holds):
+    no output-sized temporary.  Otherwise (training, autocast's mixed dtypes) out of place, still in one
+    GEMM that adds ``base``."""
+    batched = B_t.dim() == 3
+    acc = base.reshape(h.shape[0], h.shape[1], -1) if batched else base.reshape(-1, base.shape[-1])
+    lhs = h if batched else h.reshape(-1, h.shape[-1])
+    in_place = base.dtype == h.dtype == B_t.dtype and not (base.requires_grad and torch.is_grad_enabled())
+    if in_place:
+        out = acc.baddbmm_(lhs, B_t) if batched else acc.addmm_(lhs, B_t)
+    else:
+        out = torch.baddbmm(acc, lhs, B_t) if batched else torch.addmm(acc, lhs, B_t)
+    return out.view(base.shape)
+
+
 def mixed_linear(
     base: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
     A_stack: torch.Tensor, B_stack: torch.Tensor, slices: torch.Tensor | None = None, *, site: str = "?",
@@ -566,14 +584,11 @@ def mixed_linear(
             h.reshape(samples, -1, n1 * R) * dense).reshape(h.shape)
         B_all = B_stack.transpose(0, 1).reshape(fan_out, n1 * R) if slices is None else slice_blocks(
             B_stack, slices, out_major=True)
-        if base.dim() == 2 and h.dim() == 2:
-            return torch.addmm(base, h, B_all.T)
-        y = F.linear(h, B_all)
-        return base + (y if y.shape == base.shape else y.reshape(base.shape))
+        return _accumulate(base, h, B_all.T)
     rows = x.reshape(samples, per_sample, fan_in)
     h = torch.bmm(rows, A_stack[slots].mT) * weights[1]
     B = B_stack if slices is None else slice_blocks(B_stack, slices, out_major=False)
-    return torch.baddbmm(base.reshape(samples, per_sample, fan_out), h, B[slots].mT).reshape(base.shape)
+    return _accumulate(base, h, B[slots].mT)
 
 
 def mixed_embedding(

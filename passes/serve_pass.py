@@ -21,6 +21,8 @@ served module is not recompiled.
 
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass, field
 
 import torch
@@ -69,8 +71,40 @@ class ServedSite:
     block_of: dict[str, tuple[int, ...]] = field(default_factory=dict)  # adapter -> the block of each of its slices
 
 
+_CHECKED: dict[int, tuple[weakref.ref, int, int]] = {}
+"""id(adapter_ids) -> (a weak reference to it, its version counter, the adapter count) for the last few
+id tensors found in range: a tensor passed again unchanged (each step of a generation loop) is not checked
+again, so those calls make no device sync."""
+
+_CHECKED_MAX = 16
+
+
+def _already_checked(adapter_ids: torch.Tensor, num_adapters: int) -> bool:
+    entry = _CHECKED.get(id(adapter_ids))
+    if entry is None or entry[0]() is not adapter_ids or entry[2] != num_adapters:
+        return False
+    try:
+        return entry[1] == adapter_ids._version
+    except RuntimeError:  # inference tensors have no version counter
+        return False
+
+
+def _remember(adapter_ids: torch.Tensor, num_adapters: int) -> None:
+    try:
+        version = adapter_ids._version
+    except RuntimeError:  # an inference tensor could change in place unnoticed: checked on every call
+        return
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[id(adapter_ids)] = (weakref.ref(adapter_ids), version, num_adapters)
+
+
 def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
-    """``adapter_ids`` checked and mapped to stack slots (``-1`` -> ``num_adapters``, the base slot)."""
+    """``adapter_ids`` checked and mapped to stack slots (``-1`` -> ``num_adapters``, the base slot).
+
+    Eagerly the range check reads the ids on the host (one device sync), once per id tensor: the same
+    tensor, unchanged since (its version counter), is not read again.  Under ``torch.compile`` the check
+    is a device-side assert instead."""
     if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dim() != 1 or adapter_ids.dtype not in (
         torch.int64, torch.int32
     ):
@@ -80,18 +114,19 @@ def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
             f"adapter_ids must be a 1-D integer tensor with one entry per sample (an index into the served "
             f"adapters, -1 for the base model), got {got} {shape}."
         )
-    if not torch.compiler.is_compiling() and adapter_ids.numel():
-        low, high = torch.stack(torch.aminmax(adapter_ids)).tolist()  # one device sync
-    if not torch.compiler.is_compiling() and adapter_ids.numel() and (low < -1 or high >= num_adapters):
-        raise ArgumentError(
-            f"adapter_ids holds {low}..{high}, but this module serves "
-            f"{num_adapters} adapters: use 0..{num_adapters - 1}, or -1 for the base model."
-        )
     if torch.compiler.is_compiling():  # no host sync under compile: a device-side assert instead
         torch._assert_async(
             ((adapter_ids >= -1) & (adapter_ids < num_adapters)).all(),
             f"adapter_ids out of range: use 0..{num_adapters - 1}, or -1 for the base model",
         )
+    elif adapter_ids.numel() and not _already_checked(adapter_ids, num_adapters):
+        low, high = torch.stack(torch.aminmax(adapter_ids)).tolist()  # one device sync
+        if low < -1 or high >= num_adapters:
+            raise ArgumentError(
+                f"adapter_ids holds {low}..{high}, but this module serves "
+                f"{num_adapters} adapters: use 0..{num_adapters - 1}, or -1 for the base model."
+            )
+        _remember(adapter_ids, num_adapters)
     return torch.where(adapter_ids == -1, num_adapters, adapter_ids).long()
 
 

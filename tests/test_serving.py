@@ -55,6 +55,8 @@ def test_each_sample_gets_its_own_adapter(dtype, tol, length):
         torch.testing.assert_close(out[i], expected, atol=tol, rtol=tol)
     assert torch.equal(server(x, torch.full((6,), -1))[2], model(x)[2])  # the base slot is the base, exactly
     assert out.dtype == dtype
+    with torch.no_grad():  # inference adds the branches into the sites' outputs in place
+        torch.testing.assert_close(server(x, ids), out, atol=tol, rtol=tol)
 
 
 def test_one_graph_whatever_the_ids_no_loop_over_adapters_no_retrace(monkeypatch):
@@ -135,6 +137,45 @@ def test_bad_adapter_ids_are_refused():
         fxlora.serve(gm, ["a", "z"])
     with pytest.raises(fxlora.ArgumentError, match="already serves"):
         fxlora.serve(server)
+
+
+def test_ids_are_read_once_per_unchanged_tensor_and_again_after_any_change(monkeypatch):
+    """The range check reads the ids on the host (a device sync on a GPU) once per id tensor: a generation
+    loop passing the same tensor each step syncs once; changed in place (or a new tensor, or an inference
+    tensor, which has no version counter) it is read, and refused, again."""
+    _, gm = _adapters()
+    server = fxlora.serve(gm)
+    x = torch.randint(0, 40, (4, 5))
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or aminmax(t))
+    ids = torch.tensor([0, 1, 2, -1])
+    first = server(x, ids)
+    for _ in range(3):
+        torch.testing.assert_close(server(x, ids), first)
+    assert len(reads) == 1
+    ids[2] = 3
+    with pytest.raises(fxlora.ArgumentError, match="holds -1..3"):
+        server(x, ids)
+    with pytest.raises(fxlora.ArgumentError, match="holds -1..3"):
+        server(x, ids)
+    with pytest.raises(fxlora.ArgumentError, match="holds 0..3"):
+        server(x, torch.tensor([0, 1, 3, 0]))
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 1, 2, -1])
+        server(x, frozen), server(x, frozen)
+    assert len(reads) == 3 + 3
+
+
+def test_autocast_mixed_dtypes_serve_as_the_alone_branch_does():
+    _, gm = _adapters()
+    x = torch.randint(0, 40, (3, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        alone = _alone(gm, x)
+        out = fxlora.serve(gm)(x, torch.tensor([1, -1, 0]))
+    names = fxlora.adapters(gm)
+    for i, name in enumerate([names[1], None, names[0]]):
+        torch.testing.assert_close(out[i].float(), alone[name][i].float(), atol=3e-2, rtol=3e-2)
 
 
 def test_a_hugging_face_decoder_captured_with_torch_export():
