@@ -100,11 +100,18 @@ def sync(device: str | torch.device) -> None:
 
 def timed(fn: Callable[[], Any], device: str | torch.device) -> float:
     """Seconds of one call of ``fn``, CUDA synchronised before and after."""
+    return _timed(fn, device)[0]
+
+
+def _timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[float, float]:
+    """Seconds of one call of ``fn``, CUDA synchronised before and after, and seconds until it returned
+    (the host's share: on a GPU, close to the whole when the call is bound by launching kernels)."""
     sync(device)
     t0 = time.perf_counter()
     fn()
+    t1 = time.perf_counter()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, t1 - t0
 
 
 def interleave(
@@ -115,11 +122,13 @@ def interleave(
     *,
     warmup: int = 1,
     label: str = "",
+    host: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Median milliseconds of each function, timed in interleaved rounds after ``warmup`` untimed calls
     each.  Each round starts one function later (a b c, b c a, c a b, ...), so that no function always
     runs after the same one (a slow neighbour's allocator or clock state would otherwise be charged to
-    it).  A function that raises is reported and left out."""
+    it).  A function that raises is reported and left out.  ``host``, when given, receives each
+    function's median milliseconds until it returned, before the device finished."""
     live = dict(fns)
     for name, fn in list(live.items()):
         with errors.guard(f"{label}{name} (warm-up)") as ok:
@@ -128,15 +137,20 @@ def interleave(
         if not ok["ok"]:
             del live[name]
     times: dict[str, list[float]] = {k: [] for k in live}
+    issued: dict[str, list[float]] = {k: [] for k in live}
     for round_ in range(repeats):
         order = list(live.items())
         shift = round_ % max(len(order), 1)
         for name, fn in order[shift:] + order[:shift]:
             with errors.guard(f"{label}{name}") as ok:
-                times[name].append(timed(fn, device))
+                total, returned = _timed(fn, device)
+                times[name].append(total)
+                issued[name].append(returned)
             if not ok["ok"]:
                 del live[name]
                 times.pop(name)
+    if host is not None:
+        host.update({k: statistics.median(issued[k]) * 1e3 for k, v in times.items() if v})
     return {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
 
 
