@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -296,6 +297,11 @@ def run_model(name: str, a: argparse.Namespace, log: Log, errors: Errors, budget
             if k in res["prefill_ms"]:
                 with errors.guard(f"{name} prefill peak memory {k}"):
                     res["prefill_peak_bytes"][k] = peak_bytes(fn, dev)
+        if a.profile:
+            for k in ("fxlora mixed", "fxlora single"):
+                if k in res["prefill_ms"]:
+                    log(f"  prefill: where the host's time goes, {k} (cProfile, 3 calls, top functions)")
+                    profile_host(fns[k], calls=3)
     pf = res["prefill_ms"]
     res["prefill_ratios"] = {"fxlora mixed / fxlora single": ratio(pf.get("fxlora mixed"), pf.get("fxlora single")),
                              "PEFT mixed / fxlora mixed": ratio(pf.get("PEFT mixed"), pf.get("fxlora mixed"))}
@@ -443,6 +449,20 @@ def tables(all_res: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def profile_host(fn: Callable[[], Any], calls: int) -> None:
+    """Print the functions that take the host's time in ``calls`` calls of ``fn`` (cProfile, by own time)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(14)
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="tiny configs, float32, CPU: a smoke test")
@@ -461,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="PEFT's adapters in the model's dtype, as fxlora's (default; autocast_adapter_dtype=False), "
                         "or in float32 (PEFT's own default for bf16 models: 2x the bytes, the branch in float32)")
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="after the prefill timing, print where the host's time goes in the fxlora rows (cProfile)")
     p.add_argument("--layers", type=int, default=None, help="override the models' depth (for quick tests)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip sections that would start after this many seconds (default 200; none with --small)")
