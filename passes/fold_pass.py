@@ -136,7 +136,7 @@ def merged_weights(
         W = full(gm.get_parameter(weight))
         what = f"the weight '{weight}' of site '{spec.name}'"
         w = merged_weight(dense(W, what), terms, dtype=dtype)
-        if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+        if not _all_finite(w):
             raise FoldError(
                 f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its lora_A/lora_B or base "
                 "weight hold NaN or Inf (diverged training?). Nothing was folded; reload a good checkpoint."
@@ -145,6 +145,19 @@ def merged_weights(
             w = requantized(w, requantize, what)
         merged[weight] = w
     return merged
+
+
+def _all_finite(w: torch.Tensor) -> bool:
+    """Whether every element of ``w`` is finite (True on ``meta``, where there are no values).  The smallest
+    and largest elements, which ``aminmax`` finds in one read (NaN propagates to both): ``isfinite(w).all()``
+    writes a mask of ``w``'s size and made up a third of a CPU fold."""
+    if w.device.type == "meta" or w.numel() == 0:
+        return True
+    try:
+        lo, hi = torch.aminmax(w)
+    except (RuntimeError, NotImplementedError):  # dtypes aminmax does not support (complex, some float8)
+        return bool(torch.isfinite(w).all())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def fold(

@@ -98,3 +98,14 @@ def test_non_finite_adapter_is_refused_at_fold():
         gm.get_parameter("blocks.1.qkv.lora_B")[0, 0] = float("nan")
     with pytest.raises(FoldError, match="blocks.1.qkv"):
         fxlora.fold(gm)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_non_finite_merged_weight_is_refused(value, dtype):
+    # the check reads the smallest and largest merged elements (aminmax): +inf, -inf and NaN anywhere are seen
+    gm = _gm().to(dtype)
+    with torch.no_grad():
+        gm.get_parameter("blocks.0.qkv.weight")[3, 5] = value  # a base weight: the merged one holds it too
+    with pytest.raises(FoldError, match="blocks.0.qkv"):
+        fxlora.fold(gm)
