@@ -549,22 +549,21 @@ def slice_blocks(B_stack: torch.Tensor, slices: torch.Tensor, *, out_major: bool
     return torch.einsum("ig,bgpq->bipgq", slices, B_stack.reshape(n1, k, o, r)).reshape(n1, n * o, k * r)
 
 
-def _accumulate(base: torch.Tensor, h: torch.Tensor, B_t: torch.Tensor) -> torch.Tensor:
+def _accumulate(base: torch.Tensor, h: torch.Tensor, B_t: torch.Tensor, in_place: bool) -> torch.Tensor:
     """``base + h @ B_t`` as one GEMM that reads ``base`` as its accumulator (``h`` ``(..., k)``, ``B_t``
-    ``(k, out)``, or batched: ``h`` ``(samples, rows, k)``, ``B_t`` ``(samples, k, out)``).  When no
-    gradient is recorded and the dtypes agree, in place into ``base``, a site's output that this call is
-    the one consumer of (a linear layer's result, or a view of its 2-D result that nothing else holds):
-    no output-sized temporary.  Otherwise (training, autocast's mixed dtypes) out of place, still in one
-    GEMM that adds ``base``."""
-    batched = B_t.dim() == 3
-    acc = base.reshape(h.shape[0], h.shape[1], -1) if batched else base.reshape(-1, base.shape[-1])
-    lhs = h if batched else h.reshape(-1, h.shape[-1])
-    in_place = base.dtype == h.dtype == B_t.dtype and not (base.requires_grad and torch.is_grad_enabled())
-    if in_place:
-        out = acc.baddbmm_(lhs, B_t) if batched else acc.addmm_(lhs, B_t)
+    ``(k, out)``, or batched: ``h`` ``(samples, rows, k)``, ``B_t`` ``(samples, k, out)``): no separate add
+    kernel.  With ``in_place`` into ``base``, a site's output that this call is the one consumer of (a
+    linear layer's result, or a view of its 2-D result that nothing else holds): no output-sized
+    temporary either."""
+    if B_t.dim() == 2 and base.dim() == 2 and h.dim() == 2:
+        return base.addmm_(h, B_t) if in_place else torch.addmm(base, h, B_t)
+    if B_t.dim() == 3:
+        acc = base.reshape(h.shape[0], h.shape[1], -1)
+        out = acc.baddbmm_(h, B_t) if in_place else torch.baddbmm(acc, h, B_t)
     else:
-        out = torch.baddbmm(acc, lhs, B_t) if batched else torch.addmm(acc, lhs, B_t)
-    return out.view(base.shape)
+        acc, lhs = base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1])
+        out = acc.addmm_(lhs, B_t) if in_place else torch.addmm(acc, lhs, B_t)
+    return base if in_place and base.is_contiguous() else out.view(base.shape)
 
 
 def mixed_linear(
@@ -572,23 +571,35 @@ def mixed_linear(
     A_stack: torch.Tensor, B_stack: torch.Tensor, slices: torch.Tensor | None = None, *, site: str = "?",
 ) -> torch.Tensor:
     """``base`` plus each sample's linear branch ``(x_s A_s^T) * scale_s B_s^T``, in the dense or the
-    gather form (see the comment above); ``weights`` from :func:`mixed_weights`."""
+    gather form (see the comment above); ``weights`` from :func:`mixed_weights`.
+
+    When no gradient is recorded and the dtypes agree (not under autocast's mixed dtypes), the products are
+    scaled and added in place into fresh tensors: the fewest kernels and Python calls per site, which is
+    what bounds a served forward that the host cannot launch fast enough (small batches, decoding)."""
     per_sample = _rows(x, slots, site)
     samples = slots.shape[0]
     n1, R, fan_in = A_stack.shape
     fan_out = base.shape[-1]
+    in_place = base.dtype == x.dtype == A_stack.dtype and not (
+        torch.is_grad_enabled() and (base.requires_grad or x.requires_grad or A_stack.requires_grad)
+    )
     if use_dense(per_sample, n1, R, fan_in, fan_out, x.is_cuda):
         h = F.linear(x, A_stack.view(n1 * R, fan_in))
         dense = weights[0]
-        h = h * dense if h.dim() == 3 and h.shape[0] == samples else (
-            h.reshape(samples, -1, n1 * R) * dense).reshape(h.shape)
-        B_all = B_stack.transpose(0, 1).reshape(fan_out, n1 * R) if slices is None else slice_blocks(
-            B_stack, slices, out_major=True)
-        return _accumulate(base, h, B_all.T)
+        if h.dim() == 3 and h.shape[0] == samples:
+            h = h.mul_(dense) if in_place else h * dense
+        elif in_place:
+            h.view(samples, -1, n1 * R).mul_(dense)  # h is F.linear's fresh, contiguous output
+        else:
+            h = (h.reshape(samples, -1, n1 * R) * dense).reshape(h.shape)
+        # (n1*R, out): the out-major B stacks' slots side by side, a view
+        B_t = B_stack.mT.flatten(0, 1) if slices is None else slice_blocks(B_stack, slices, out_major=True).T
+        return _accumulate(base, h, B_t, in_place and h.dtype == base.dtype)
     rows = x.reshape(samples, per_sample, fan_in)
-    h = torch.bmm(rows, A_stack[slots].mT) * weights[1]
+    h = torch.bmm(rows, A_stack[slots].mT)
+    h = h.mul_(weights[1]) if in_place else h * weights[1]
     B = B_stack if slices is None else slice_blocks(B_stack, slices, out_major=False)
-    return _accumulate(base, h, B[slots].mT)
+    return _accumulate(base, h, B[slots].mT, in_place and h.dtype == base.dtype)
 
 
 def mixed_embedding(

@@ -59,6 +59,38 @@ def test_each_sample_gets_its_own_adapter(dtype, tol, length):
         torch.testing.assert_close(server(x, ids), out, atol=tol, rtol=tol)
 
 
+class _Flat(torch.nn.Module):
+    """Sites whose activations are 2-D (samples x rows flattened), as GPT-2's Conv1D computes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 12)
+        self.fc1, self.fc2 = torch.nn.Linear(12, 20), torch.nn.Linear(20, 12)
+
+    def forward(self, x):
+        b, s = x.shape
+        h = self.emb(x).view(b * s, 12)
+        return self.fc2(torch.relu(self.fc1(h))).view(b, s, 12)
+
+
+@pytest.mark.parametrize("length", [1, fxlora.lora.DENSE_ROWS // 3 + 1])  # dense, gather (2 adapters + base)
+@pytest.mark.parametrize("grad", [False, True])
+def test_flattened_2d_activations_in_and_out_of_place(length, grad):
+    torch.manual_seed(0)
+    rules = {"a": [Rule("fc1", r=2, alpha=4), Rule("fc2", r=3, alpha=3)], "b": [Rule("fc*", r=4, alpha=2)]}
+    gm = fxlora.rewrite(_Flat(), rules["a"], adapter="a")
+    fxlora.add_adapter(gm, rules["b"], "b")
+    randomize_lora(gm, std=0.3)
+    x = torch.randint(0, 40, (5, length))
+    alone = _alone(gm, x)
+    ids = torch.tensor([1, -1, 0, 0, 1])
+    with torch.set_grad_enabled(grad):
+        out = fxlora.serve(gm)(x, ids)
+    for i, name in enumerate(["b", None, "a", "a", "b"]):
+        torch.testing.assert_close(out[i], alone[name][i], atol=1e-5, rtol=1e-5)
+    assert out.requires_grad == grad
+
+
 def test_one_graph_whatever_the_ids_no_loop_over_adapters_no_retrace(monkeypatch):
     _, gm = _adapters()
     server = fxlora.serve(gm)
