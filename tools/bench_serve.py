@@ -2,7 +2,7 @@
 adapter, the base model, and PEFT's per-sample ``adapter_names=`` path; prefill and decode.
 
     python -m fxlora.tools.bench_serve [--small] [--device cuda] [--out FILE.json]
-                                       [--models gpt2-medium,llama-1.2b] [--targets all|qv]
+                                       [--models gpt2-medium,llama-1.2b] [--targets all|qv] [--profile]
 
 Models (transformers, built from configs, random weights, the same weights for every row):
 ``gpt2-medium`` (GPT2LMHeadModel: 1024 wide, 24 layers, 16 heads) and ``llama-1.2b`` (LlamaForCausalLM:
@@ -36,6 +36,8 @@ prefill forward of the whole batch (``use_cache=False``, full logits):
   ``PEFT mixed``        ``PeftModel(..., adapter_names=[...])``
 ``prefill_host_ms`` in the results: each row's median time until the call returned, before the GPU
 finished; close to the row's total, the row is bound by the host launching kernels, not by the GPU.
+``prefill_device_allocs``: the CUDA caching allocator's ``cudaMalloc``/``cudaFree`` calls and retries
+during each row's timed calls (0 when every call reuses cached memory).
 decode (greedy, KV cache), ms per generated token = (time(1 + N tokens) - time(1 token)) / N, N =
 ``--new-tokens`` (16), so the prefill is not counted:
   ``fxlora mixed``      ``generation.with_static_cache`` + ``capture_options`` + ``serve`` + ``greedy_generate``
@@ -289,9 +291,9 @@ def run_model(name: str, a: argparse.Namespace, log: Log, errors: Errors, budget
         fns["PEFT mixed"] = lambda: pm(input_ids=ids, use_cache=False, adapter_names=per_sample)
     with torch.no_grad():
         log(f"  prefill: timing {len(fns)} rows x {a.repeats} interleaved repeats")
-        res["prefill_host_ms"] = {}
+        res["prefill_host_ms"], res["prefill_device_allocs"] = {}, {}
         res["prefill_ms"] = interleave(fns, a.repeats, dev, errors, label=f"{name} prefill ",
-                                       host=res["prefill_host_ms"])
+                                       host=res["prefill_host_ms"], allocs=res["prefill_device_allocs"])
         res["prefill_peak_bytes"] = {}
         for k, fn in fns.items():
             if k in res["prefill_ms"]:
@@ -308,6 +310,8 @@ def run_model(name: str, a: argparse.Namespace, log: Log, errors: Errors, budget
     log("  prefill ms: " + ", ".join(f"{k} {v:.2f}" for k, v in pf.items()))
     log("  prefill ms until the call returned (host): "
         + ", ".join(f"{k} {v:.2f}" for k, v in res["prefill_host_ms"].items()))
+    if any(any(v.values()) for v in res["prefill_device_allocs"].values()):
+        log(f"  prefill device allocations during timing: {res['prefill_device_allocs']}")
     checkpoint(res)
     fns.clear()
     gc.collect()

@@ -103,6 +103,15 @@ def timed(fn: Callable[[], Any], device: str | torch.device) -> float:
     return _timed(fn, device)[0]
 
 
+def _alloc_counts(device: str | torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's device allocations, frees and retries so far (zeros off CUDA)."""
+    keys = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+    if torch.device(device).type != "cuda":
+        return dict.fromkeys(keys, 0)
+    stats = torch.cuda.memory_stats(device)
+    return {k: int(stats.get(k, 0)) for k in keys}
+
+
 def _timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[float, float]:
     """Seconds of one call of ``fn``, CUDA synchronised before and after, and seconds until it returned
     (the host's share: on a GPU, close to the whole when the call is bound by launching kernels)."""
@@ -123,12 +132,16 @@ def interleave(
     warmup: int = 1,
     label: str = "",
     host: dict[str, float] | None = None,
+    allocs: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, float]:
     """Median milliseconds of each function, timed in interleaved rounds after ``warmup`` untimed calls
     each.  Each round starts one function later (a b c, b c a, c a b, ...), so that no function always
     runs after the same one (a slow neighbour's allocator or clock state would otherwise be charged to
     it).  A function that raises is reported and left out.  ``host``, when given, receives each
-    function's median milliseconds until it returned, before the device finished."""
+    function's median milliseconds until it returned, before the device finished; ``allocs`` (CUDA)
+    the caching allocator's device allocations, frees and retries during each function's timed calls
+    (read outside the timed region; a function that allocates device memory on every call pays a
+    ``cudaMalloc`` each time)."""
     live = dict(fns)
     for name, fn in list(live.items()):
         with errors.guard(f"{label}{name} (warm-up)") as ok:
@@ -143,9 +156,15 @@ def interleave(
         shift = round_ % max(len(order), 1)
         for name, fn in order[shift:] + order[:shift]:
             with errors.guard(f"{label}{name}") as ok:
+                before = _alloc_counts(device) if allocs is not None else None
                 total, returned = _timed(fn, device)
                 times[name].append(total)
                 issued[name].append(returned)
+                if before is not None:
+                    after = _alloc_counts(device)
+                    row = allocs.setdefault(name, dict.fromkeys(before, 0))
+                    for key in before:
+                        row[key] += after[key] - before[key]
             if not ok["ok"]:
                 del live[name]
                 times.pop(name)
