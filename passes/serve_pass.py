@@ -73,10 +73,13 @@ class ServedSite:
 
 _CHECKED: dict[int, tuple[weakref.ref, int, int]] = {}
 """id(adapter_ids) -> (a weak reference to it, its version counter, the adapter count) for the last few
-id tensors found in range: a tensor passed again unchanged (each step of a generation loop) is not checked
-again, so those calls make no device sync."""
+device id tensors found in range: one passed again unchanged (each step of a generation loop) is not
+read on the host again, so those calls make no device sync."""
 
 _CHECKED_MAX = 16
+
+READ_EVERY_CALL = frozenset({"cpu"})
+"""Device types whose id tensors are read on the host on every call (reading them costs no device sync)."""
 
 
 def _already_checked(adapter_ids: torch.Tensor, num_adapters: int) -> bool:
@@ -92,19 +95,28 @@ def _already_checked(adapter_ids: torch.Tensor, num_adapters: int) -> bool:
 def _remember(adapter_ids: torch.Tensor, num_adapters: int) -> None:
     try:
         version = adapter_ids._version
-    except RuntimeError:  # an inference tensor could change in place unnoticed: checked on every call
+    except RuntimeError:  # an inference tensor could change in place unnoticed: read on every call
         return
     if len(_CHECKED) >= _CHECKED_MAX:
         _CHECKED.pop(next(iter(_CHECKED)))
     _CHECKED[id(adapter_ids)] = (weakref.ref(adapter_ids), version, num_adapters)
 
 
+def _assert_in_range(adapter_ids: torch.Tensor, num_adapters: int) -> None:
+    torch._assert_async(
+        ((adapter_ids >= -1) & (adapter_ids < num_adapters)).all(),
+        f"adapter_ids out of range: use 0..{num_adapters - 1}, or -1 for the base model",
+    )
+
+
 def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
     """``adapter_ids`` checked and mapped to stack slots (``-1`` -> ``num_adapters``, the base slot).
 
-    Eagerly the range check reads the ids on the host (one device sync), once per id tensor: the same
-    tensor, unchanged since (its version counter), is not read again.  Under ``torch.compile`` the check
-    is a device-side assert instead."""
+    Eagerly the range check reads the ids on the host: on every call for CPU tensors; for tensors on a
+    device, where reading waits for it, once per tensor, and a tensor passed again with the same version
+    counter is checked by a device-side assert instead (a write that bypasses the version counter, such
+    as through ``.data``, then fails loudly rather than picking another adapter).  Under
+    ``torch.compile`` the check is always the device-side assert."""
     if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dim() != 1 or adapter_ids.dtype not in (
         torch.int64, torch.int32
     ):
@@ -114,19 +126,21 @@ def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
             f"adapter_ids must be a 1-D integer tensor with one entry per sample (an index into the served "
             f"adapters, -1 for the base model), got {got} {shape}."
         )
-    if torch.compiler.is_compiling():  # no host sync under compile: a device-side assert instead
-        torch._assert_async(
-            ((adapter_ids >= -1) & (adapter_ids < num_adapters)).all(),
-            f"adapter_ids out of range: use 0..{num_adapters - 1}, or -1 for the base model",
-        )
-    elif adapter_ids.numel() and not _already_checked(adapter_ids, num_adapters):
-        low, high = torch.stack(torch.aminmax(adapter_ids)).tolist()  # one device sync
-        if low < -1 or high >= num_adapters:
-            raise ArgumentError(
-                f"adapter_ids holds {low}..{high}, but this module serves "
-                f"{num_adapters} adapters: use 0..{num_adapters - 1}, or -1 for the base model."
-            )
-        _remember(adapter_ids, num_adapters)
+    if torch.compiler.is_compiling():  # no host sync under compile
+        _assert_in_range(adapter_ids, num_adapters)
+    elif adapter_ids.numel():
+        every_call = adapter_ids.device.type in READ_EVERY_CALL
+        if every_call or not _already_checked(adapter_ids, num_adapters):
+            low, high = torch.stack(torch.aminmax(adapter_ids)).tolist()  # a device sync off the CPU
+            if low < -1 or high >= num_adapters:
+                raise ArgumentError(
+                    f"adapter_ids holds {low}..{high}, but this module serves "
+                    f"{num_adapters} adapters: use 0..{num_adapters - 1}, or -1 for the base model."
+                )
+            if not every_call:
+                _remember(adapter_ids, num_adapters)
+        else:
+            _assert_in_range(adapter_ids, num_adapters)
     return torch.where(adapter_ids == -1, num_adapters, adapter_ids).long()
 
 

@@ -63,3 +63,31 @@ def test_merge_on_eval_on_cuda():
         gm.train()
     assert torch.equal(out, fxlora.fold(gm).eval()(x))
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+@pytest.mark.parametrize("rows", [1, 40])  # the dense form (decoding) and the one each device picks for prompts
+def test_serving_on_cuda_reads_the_ids_once_and_asserts_on_the_device(monkeypatch, rows):
+    torch.manual_seed(0)
+    model = zoo.gpt2_tiny().to("cuda").eval()
+    gm = fxlora.rewrite(model, RULES, adapter="a")
+    fxlora.add_adapter(gm, [Rule("transformer.h.*.mlp.c_proj", r=4, alpha=4)], "b")
+    for name in fxlora.lora_parameter_names(gm):
+        torch.nn.init.normal_(gm.get_parameter(name), std=0.2)
+    gm.eval()
+    server = fxlora.serve(gm).eval()
+    x = torch.randint(0, 256, (4, rows), device="cuda")
+    ids = torch.tensor([1, -1, 0, 1], device="cuda")
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or aminmax(t))
+    with torch.no_grad():
+        out = server(x, ids)
+        for _ in range(3):
+            torch.testing.assert_close(server(x, ids), out)
+        assert len(reads) == 1
+        for i, name in enumerate(["b", None, "a", "b"]):
+            fxlora.set_adapter(gm, name)
+            torch.testing.assert_close(out[i], gm(x)[i], atol=1e-4, rtol=1e-4)
+        ids[1] = 2
+        with pytest.raises(fxlora.ArgumentError, match="holds 0..2"):
+            server(x, ids)

@@ -171,10 +171,30 @@ def test_bad_adapter_ids_are_refused():
         fxlora.serve(server)
 
 
-def test_ids_are_read_once_per_unchanged_tensor_and_again_after_any_change(monkeypatch):
-    """The range check reads the ids on the host (a device sync on a GPU) once per id tensor: a generation
-    loop passing the same tensor each step syncs once; changed in place (or a new tensor, or an inference
-    tensor, which has no version counter) it is read, and refused, again."""
+def test_cpu_ids_are_read_on_every_call(monkeypatch):
+    _, gm = _adapters()
+    server = fxlora.serve(gm)
+    x = torch.randint(0, 40, (4, 5))
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or aminmax(t))
+    ids = torch.tensor([0, 1, 2, -1])
+    for _ in range(3):
+        server(x, ids)
+    assert len(reads) == 3
+    ids.data[2] = -2  # no version bump: still refused, because CPU ids are read every time
+    with pytest.raises(fxlora.ArgumentError, match="holds -2..1"):
+        server(x, ids)
+
+
+def test_device_ids_are_read_once_per_unchanged_tensor_and_asserted_on_the_device_after(monkeypatch):
+    """On a GPU reading the ids waits for the device: the same tensor, passed again unchanged (a generation
+    loop), is read once; changed in place (its version counter), a new tensor, or an inference tensor
+    (no version counter) is read, and refused, again; a write that bypasses the version counter fails the
+    device-side assert.  Run here on CPU with CPU tensors treated as device tensors."""
+    from fxlora.passes import serve_pass
+
+    monkeypatch.setattr(serve_pass, "READ_EVERY_CALL", frozenset())
     _, gm = _adapters()
     server = fxlora.serve(gm)
     x = torch.randint(0, 40, (4, 5))
@@ -197,6 +217,11 @@ def test_ids_are_read_once_per_unchanged_tensor_and_again_after_any_change(monke
         frozen = torch.tensor([0, 1, 2, -1])
         server(x, frozen), server(x, frozen)
     assert len(reads) == 3 + 3
+    ids = torch.tensor([0, 1, 2, -1])
+    server(x, ids)
+    ids.data[2] = -2  # bypasses the version counter: caught on the device, not served as adapter 1
+    with pytest.raises(RuntimeError, match="adapter_ids out of range"):
+        server(x, ids)
 
 
 def test_autocast_mixed_dtypes_serve_as_the_alone_branch_does():
