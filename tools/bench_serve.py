@@ -37,7 +37,8 @@ prefill forward of the whole batch (``use_cache=False``, full logits):
 ``prefill_host_ms`` in the results: each row's median time until the call returned, before the GPU
 finished; close to the row's total, the row is bound by the host launching kernels, not by the GPU.
 ``prefill_device_allocs``: the CUDA caching allocator's ``cudaMalloc``/``cudaFree`` calls and retries
-during each row's timed calls (0 when every call reuses cached memory).
+(0 when every call reuses cached memory), and Python's garbage collections, during each row's timed
+calls.
 decode (greedy, KV cache), ms per generated token = (time(1 + N tokens) - time(1 token)) / N, N =
 ``--new-tokens`` (16), so the prefill is not counted:
   ``fxlora mixed``      ``generation.with_static_cache`` + ``capture_options`` + ``serve`` + ``greedy_generate``
@@ -311,7 +312,7 @@ def run_model(name: str, a: argparse.Namespace, log: Log, errors: Errors, budget
     log("  prefill ms until the call returned (host): "
         + ", ".join(f"{k} {v:.2f}" for k, v in res["prefill_host_ms"].items()))
     if any(any(v.values()) for v in res["prefill_device_allocs"].values()):
-        log(f"  prefill device allocations during timing: {res['prefill_device_allocs']}")
+        log(f"  prefill allocations and collections during timing: {res['prefill_device_allocs']}")
     checkpoint(res)
     fns.clear()
     gc.collect()

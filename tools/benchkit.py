@@ -104,12 +104,17 @@ def timed(fn: Callable[[], Any], device: str | torch.device) -> float:
 
 
 def _alloc_counts(device: str | torch.device) -> dict[str, int]:
-    """The CUDA caching allocator's device allocations, frees and retries so far (zeros off CUDA)."""
+    """The CUDA caching allocator's device allocations, frees and retries so far (zeros off CUDA), and
+    Python's garbage collections so far."""
+    import gc
+
     keys = ("num_device_alloc", "num_device_free", "num_alloc_retries")
-    if torch.device(device).type != "cuda":
-        return dict.fromkeys(keys, 0)
-    stats = torch.cuda.memory_stats(device)
-    return {k: int(stats.get(k, 0)) for k in keys}
+    out = dict.fromkeys(keys, 0)
+    if torch.device(device).type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        out = {k: int(stats.get(k, 0)) for k in keys}
+    out["gc_collections"] = sum(g["collections"] for g in gc.get_stats())
+    return out
 
 
 def _timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[float, float]:
@@ -138,10 +143,10 @@ def interleave(
     each.  Each round starts one function later (a b c, b c a, c a b, ...), so that no function always
     runs after the same one (a slow neighbour's allocator or clock state would otherwise be charged to
     it).  A function that raises is reported and left out.  ``host``, when given, receives each
-    function's median milliseconds until it returned, before the device finished; ``allocs`` (CUDA)
-    the caching allocator's device allocations, frees and retries during each function's timed calls
-    (read outside the timed region; a function that allocates device memory on every call pays a
-    ``cudaMalloc`` each time)."""
+    function's median milliseconds until it returned, before the device finished; ``allocs`` the CUDA
+    caching allocator's device allocations, frees and retries, and Python's garbage collections, during
+    each function's timed calls (read outside the timed region; a function that allocates device memory
+    on every call pays a ``cudaMalloc`` each time)."""
     live = dict(fns)
     for name, fn in list(live.items()):
         with errors.guard(f"{label}{name} (warm-up)") as ok:
