@@ -381,3 +381,42 @@ def test_conv_transpose_called_with_output_size_under_export():
         assert expected.shape == (2, 6, 10, 10) and not torch.allclose(expected, model(x), atol=1e-3)
         torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fxlora.fold(gm)(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def _activation_ops(module, x, rows: int, width: int) -> list[str]:
+    """The ATen ops of a forward (and backward) whose result has at least ``rows * width`` elements."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= rows * width:
+                    seen.append(func.overloadpacket.__name__)
+            return out
+
+    x = x.detach().requires_grad_()
+    with Record():
+        module(x).sum().backward()
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("mask", [[True, False, True], [False, True, False], [True, True, True]])
+def test_split_lora_costs_what_a_plain_branch_of_rank_r_times_k_costs(mask):
+    """enable_lora with k of n slices enabled: the forward and backward make no activation-sized zeros,
+    slices or concatenations: on activation-sized tensors they run exactly the ops of a plain branch of
+    rank r*k (its B block-structured, built from the k blocks: out x r*k elements)."""
+    d, r, rows = 24, 4, 64
+    torch.manual_seed(0)
+    qkv = nn.Linear(d, 3 * d)
+    split = fxlora.rewrite(nn.Sequential(copy.deepcopy(qkv)), [fxlora.Rule("0", r=r, alpha=8, enable_lora=mask)])
+    plain = fxlora.rewrite(nn.Sequential(copy.deepcopy(qkv)), [fxlora.Rule("0", r=r * sum(mask), alpha=8)])
+    x = torch.randn(rows, d)
+    for gm in (split, plain):
+        randomize_lora(gm)
+    # a slice of the output is the smallest activation-sized tensor either could make
+    assert _activation_ops(split, x, rows, d) == _activation_ops(plain, x, rows, d)
+    B = split.get_parameter("0.lora_B")
+    assert tuple(B.shape) == (d * sum(mask), r)  # compact: the k enabled slices' blocks
