@@ -34,7 +34,7 @@ from .provenance import (
     require_unserved,
 )
 from .quantized import is_quantized
-from .tracing import copy_graph_module
+from .tracing import copy_graph_module, ensure_code
 
 __all__ = ["fold", "load_folded"]
 
@@ -129,9 +129,10 @@ def _template(gm: GraphModule) -> GraphModule:
     cached = gm.__dict__.get(_TEMPLATE)
     if cached is not None and cached[0] == key:
         return cached[1]
-    template = copy_graph_module(gm)
+    template = copy_graph_module(gm, code=False)  # its code is generated once, from the folded graph
     InlineUnits()(template)  # the folded model is the flat base graph
     FoldPass(weights={})(template)
+    ensure_code(template)
     gm.__dict__[_TEMPLATE] = (key, template)
     return template
 

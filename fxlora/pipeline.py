@@ -34,7 +34,7 @@ from .resolution import (
 from .rules import Rule, as_rules
 from .state import BIAS_MODES, mark_only_lora_as_trainable
 from .ties import check_tied_mode
-from .tracing import copy_graph_module, export_capture, keep_state_keys, trace
+from .tracing import build_graph_module, copy_graph_module, ensure_code, export_capture, keep_state_keys, trace
 
 __all__ = ["capture", "plan", "rewrite"]
 
@@ -54,15 +54,16 @@ def _capture(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, n
 
 
 def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, nn.Module]:
+    # built without code: a rewrite recompiles it right away, and capture() and plan() generate it (ensure_code)
     if isinstance(model, GraphModule):
         root, graph = trace(model)
-        gm = LoraGraphModule(root, graph, type(model).__name__)
+        gm = build_graph_module(LoraGraphModule, root, graph, type(model).__name__, code=False)
         gm.meta[CAPTURE_META] = model.meta.get(CAPTURE_META, "graph_module")
         return gm, root
     if opts.method in ("auto", "symbolic"):
         try:
             root, graph = trace(model, concrete_args=opts.concrete_args, leaf_modules=opts.leaf_modules)
-            gm = LoraGraphModule(root, graph, type(model).__name__)
+            gm = build_graph_module(LoraGraphModule, root, graph, type(model).__name__, code=False)
             gm.meta[CAPTURE_META] = "symbolic_trace"
             return gm, root
         except TraceError as e:
@@ -77,7 +78,7 @@ def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphMod
     root, exported = export_capture(
         model, tuple(opts.example_inputs or ()), dict(opts.example_kwargs or {}), dynamic_shapes=opts.dynamic_shapes
     )
-    gm = LoraGraphModule(exported, exported.graph, type(model).__name__)
+    gm = build_graph_module(LoraGraphModule, exported, exported.graph, type(model).__name__, code=False)
     gm.meta[CAPTURE_META] = "torch.export"
     gm.train(model.training)  # captured in training mode; hand it back in the caller's mode
     return gm, root
@@ -122,7 +123,7 @@ def capture(model: nn.Module, *positional: Any, capture: CaptureOptions | str | 
     """
     no_positional(positional, "capture")
     _check_model(model, "fxlora.capture")
-    return _capture(model, capture_options(capture, capture_kwargs, "capture"))[0]
+    return ensure_code(_capture(model, capture_options(capture, capture_kwargs, "capture"))[0])
 
 
 def plan(
@@ -145,9 +146,11 @@ def plan(
     no_positional(positional, "plan")
     _check_model(model, "fxlora.plan")
     opts = capture_options(capture, capture_kwargs, "plan")
-    return _plan(
+    the_plan = _plan(
         model, [] if rules is None else as_rules(rules), opts, check_adapter_name(adapter), train_modules, check_tied_mode(tied)
     )
+    ensure_code(the_plan.graph_module)
+    return the_plan
 
 
 def rewrite(
@@ -213,7 +216,7 @@ def rewrite(
                 "plan with fxlora.plan(model, rules, ...) instead)."
             )
         the_plan = model
-        gm = copy_graph_module(the_plan.graph_module, LoraGraphModule)
+        gm = copy_graph_module(the_plan.graph_module, LoraGraphModule, code=False)
     else:
         _check_model(model, "fxlora.rewrite")
         if rules is None:
@@ -231,4 +234,4 @@ def rewrite(
         SplitUnits(resolve_units(gm, units))(gm)
     gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
     mark_only_lora_as_trainable(gm, bias)
-    return gm
+    return ensure_code(gm)  # the rewrite pass generated it

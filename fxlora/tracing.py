@@ -9,11 +9,12 @@ them in place during training, which must not leak into the caller's model).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import os
 import traceback
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +28,10 @@ from .errors import TraceError
 from .passes import make_mode_aware
 from .sites import normalize_method_calls
 
-__all__ = ["shadow_copy", "trace", "copy_graph_module", "export_capture", "keep_state_keys", "NON_PERSISTENT_META"]
+__all__ = [
+    "shadow_copy", "trace", "copy_graph_module", "build_graph_module", "code_later", "ensure_code", "export_capture",
+    "keep_state_keys", "NON_PERSISTENT_META",
+]
 
 #: ``gm.meta`` key: the buffers of a captured graph module that are not in the model's state dict
 #: (non-persistent buffers, torch.export's lifted constants), kept out of ``gm.state_dict()`` in every copy.
@@ -409,11 +413,63 @@ def _apply_non_persistent(gm: GraphModule) -> None:
             mod._non_persistent_buffers_set.add(attr)
 
 
-def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, **kwargs: Any) -> GraphModule:
+# --------------------------------------------------------------------------------------------- #
+# Graph modules whose code is generated once
+# --------------------------------------------------------------------------------------------- #
+#
+# GraphModule generates and compiles Python code from its graph when it is built and at every recompile();
+# for a large graph that costs as much as the rest of a rewrite.  A module that a pass edits and recompiles
+# before anyone runs it (a capture about to be rewritten, the copy a fold template is made from) is built
+# *without code*: no ``code`` and no ``forward`` until :func:`ensure_code` or ``recompile()`` generates
+# them, once, from the final graph.
+
+
+def _without_code(gm: GraphModule) -> None:
+    gm.__dict__.pop("_code", None)
+    if "forward" in vars(type(gm)):  # each graph module has a class of its own, which holds its forward
+        delattr(type(gm), "forward")
+
+
+@contextlib.contextmanager
+def code_later(gm: GraphModule) -> Iterator[GraphModule]:
+    """Within the block ``gm.recompile()`` generates nothing; a module recompiled in the block leaves it
+    without code (see above)."""
+    asked: list[bool] = []
+    gm.__dict__["recompile"] = lambda *args, **kwargs: asked.append(True)  # hides the class's method
+    try:
+        yield gm
+    finally:
+        del gm.__dict__["recompile"]
+        if asked:
+            _without_code(gm)
+
+
+def build_graph_module(
+    cls: type[GraphModule], root: Any, graph: Graph, class_name: str = "GraphModule", *, code: bool = True, **kwargs: Any
+) -> GraphModule:
+    """``cls(root, graph, class_name, **kwargs)``; with ``code=False`` built without code (see above): the
+    caller recompiles it, or calls :func:`ensure_code`, before it is used."""
+    if code:
+        return cls(root, graph, class_name, **kwargs)
+    out = cls.__new__(cls, root, graph, class_name, **kwargs)
+    with code_later(out):
+        out.__init__(root, graph, class_name, **kwargs)  # type: ignore[misc]
+    return out
+
+
+def ensure_code(gm: GraphModule) -> GraphModule:
+    """``gm``, with its code generated if it has none (see above)."""
+    if "_code" not in gm.__dict__:
+        gm.recompile()
+    return gm
+
+
+def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, *, code: bool = True, **kwargs: Any) -> GraphModule:
     """A new ``cls`` over a shadow copy of ``gm``'s modules and a copy of its graph and ``meta`` (the
-    nodes' and the module's: fxlora's records travel with the copy)."""
+    nodes' and the module's: fxlora's records travel with the copy); ``code=False``: without code, for a
+    pass to edit (see :func:`build_graph_module`)."""
     root = _shadow_graph_module_root(gm)
-    out = cls(root, copy.deepcopy(gm.graph), type(gm).__name__, **kwargs)
+    out = build_graph_module(cls, root, copy.deepcopy(gm.graph), type(gm).__name__, code=code, **kwargs)
     _carry_unreferenced(out, root)
     out.meta = copy.deepcopy(getattr(gm, "meta", {}))
     _apply_non_persistent(out)
@@ -461,6 +517,8 @@ def export_capture(
 ) -> tuple[nn.Module, GraphModule]:
     """Capture a shadow copy of ``model`` with ``torch.export`` (non-strict), in training mode, and
     return ``(root, graph_module)`` with mode-dependent ops made live (``fxlora.passes.make_mode_aware``).
+    The graph module is returned without code (see :func:`build_graph_module`) when fxlora changed its graph:
+    build a graph module of its graph, or call :func:`ensure_code`.
 
     ``dynamic_shapes="auto"`` marks every dimension of every tensor input ``Dim.AUTO``; pass ``None`` for
     a graph specialised to the example shapes, or torch.export's own ``dynamic_shapes`` spec.
@@ -506,8 +564,9 @@ def export_capture(
         ) from error
     _check_state_unchanged(model, before, during or _module_state(root), "export")
     gm = ep.module()
-    calling.install(gm, root.forward, args, kwargs, type(model).__name__)
-    make_mode_aware(gm)
+    with code_later(gm):  # the caller builds its own module from this graph, which generates the code once
+        calling.install(gm, root.forward, args, kwargs, type(model).__name__)
+        make_mode_aware(gm)
     return root, gm
 
 

@@ -97,6 +97,72 @@ def test_a_rewritten_deep_model_folds_to_its_base_graph():
     assert not torch.allclose(folded(x), model(x), atol=1e-3)
 
 
+def _count_code_generation(monkeypatch):
+    calls = {"n": 0}
+    original = torch.fx.Graph.python_code
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.Graph, "python_code", counting)
+    return calls
+
+
+def test_rewrite_and_fold_generate_code_once(monkeypatch):
+    # GraphModule generates code when it is built and at each recompile: a rewrite builds its module without
+    # code and generates it once, from the rewritten graph; a first fold once, from the folded graph
+    model = zoo.gpt2_tiny().eval()
+    rules = [fxlora.Rule("transformer.h.*.attn.c_attn", r=2, alpha=4)]
+    calls = _count_code_generation(monkeypatch)
+    gm = fxlora.rewrite(model, rules)
+    assert calls["n"] == 1
+    folded = fxlora.fold(gm)
+    assert calls["n"] == 2
+    fxlora.fold(gm)
+    assert calls["n"] == 2  # the folded structure is cached: no code is generated
+    x = torch.randint(0, 256, (2, 8))
+    torch.testing.assert_close(folded(x), gm.eval()(x))
+    # rewrite(plan) too; capture and plan hand back modules that run
+    the_plan = fxlora.plan(model, rules)
+    calls["n"] = 0
+    fxlora.rewrite(the_plan)
+    assert calls["n"] == 1
+    torch.testing.assert_close(the_plan.graph_module(x), model(x))
+    torch.testing.assert_close(fxlora.capture(model)(x), model(x))
+    assert "def forward" in fxlora.capture(model).code
+
+
+def test_an_export_capture_is_given_code_once(monkeypatch):
+    pytest.importorskip("transformers")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.drop = nn.Dropout(0.1)  # made mode-aware: the capture changes the exported graph
+
+        def forward(self, x):
+            return self.drop(self.fc(x))
+
+    model, x = Net().eval(), torch.randn(2, 4)
+    calls = _count_code_generation(monkeypatch)
+    module = torch.export.ExportedProgram.module
+
+    def counted_module(self, *args, **kwargs):  # torch.export and ep.module() generate code of their own
+        out = module(self, *args, **kwargs)
+        calls["n"] = 0
+        return out
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "module", counted_module)
+    gm = fxlora.rewrite(model, [fxlora.Rule("fc", r=2, alpha=2)], capture="export", example_inputs=(x,))
+    # then fxlora's calling convention, the mode-aware dropout and the rewrite change the graph: code once
+    assert calls["n"] == 1
+    torch.testing.assert_close(gm(x), model(x))
+    captured = fxlora.capture(model, capture="export", example_inputs=(x,))
+    torch.testing.assert_close(captured(x), model(x))
+
+
 LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                 intermediate_size=11008, vocab_size=32000)
 
