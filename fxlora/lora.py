@@ -569,13 +569,16 @@ def _accumulate(base: torch.Tensor, h: torch.Tensor, B_t: torch.Tensor, in_place
 def mixed_linear(
     base: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
     A_stack: torch.Tensor, B_stack: torch.Tensor, slices: torch.Tensor | None = None, *, site: str = "?",
+    add_in_place: bool = False,
 ) -> torch.Tensor:
     """``base`` plus each sample's linear branch ``(x_s A_s^T) * scale_s B_s^T``, in the dense or the
     gather form (see the comment above); ``weights`` from :func:`mixed_weights`.
 
     When no gradient is recorded and the dtypes agree (not under autocast's mixed dtypes), the products are
-    scaled and added in place into fresh tensors: the fewest kernels and Python calls per site, which is
-    what bounds a served forward that the host cannot launch fast enough (small batches, decoding)."""
+    scaled in place, and with ``add_in_place`` (``base`` is a fresh result that nothing but this call can
+    see: a linear function's, not a module's, whose forward hooks may keep it) added in place into
+    ``base``: the fewest kernels and Python calls per site, which is what bounds a served forward that the
+    host cannot launch fast enough (small batches, decoding)."""
     per_sample = _rows(x, slots, site)
     samples = slots.shape[0]
     n1, R, fan_in = A_stack.shape
@@ -594,12 +597,12 @@ def mixed_linear(
             h = (h.reshape(samples, -1, n1 * R) * dense).reshape(h.shape)
         # (n1*R, out): the out-major B stacks' slots side by side, a view
         B_t = B_stack.mT.flatten(0, 1) if slices is None else slice_blocks(B_stack, slices, out_major=True).T
-        return _accumulate(base, h, B_t, in_place and h.dtype == base.dtype)
+        return _accumulate(base, h, B_t, add_in_place and in_place and h.dtype == base.dtype)
     rows = x.reshape(samples, per_sample, fan_in)
     h = torch.bmm(rows, A_stack[slots].mT)
     h = h.mul_(weights[1]) if in_place else h * weights[1]
     B = B_stack if slices is None else slice_blocks(B_stack, slices, out_major=False)
-    return _accumulate(base, h, B[slots].mT, in_place and h.dtype == base.dtype)
+    return _accumulate(base, h, B[slots].mT, add_in_place and in_place and h.dtype == base.dtype)
 
 
 def mixed_embedding(

@@ -123,8 +123,14 @@ def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
         got = adapter_ids.dtype if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__
         shape = tuple(adapter_ids.shape) if isinstance(adapter_ids, torch.Tensor) else ""
         raise ArgumentError(
-            f"adapter_ids must be a 1-D integer tensor with one entry per sample (an index into the served "
-            f"adapters, -1 for the base model), got {got} {shape}."
+            f"adapter_ids must be a 1-D int64 or int32 tensor with one entry per sample (an index into the "
+            f"served adapters, -1 for the base model), got {got} {shape}."
+        )
+    if torch.jit.is_tracing():
+        raise ArgumentError(
+            "torch.jit.trace cannot keep a served module's adapter_ids check (a trace drops a check whose result "
+            "it does not use, so out-of-range ids would run unchecked): use torch.compile or torch.export, "
+            "which keep it, or fold each adapter (fxlora.fold) and trace the folded modules."
         )
     if torch.compiler.is_compiling():  # no host sync under compile
         _assert_in_range(adapter_ids, num_adapters)
@@ -355,7 +361,11 @@ def _add_mixed_branch(gm, layout: ServedSite, node: Node, x: Node, slots: Node, 
     with graph.inserting_before(node.next):
         if layout.kind == "linear":
             new = [graph.get_attr(q) for q in (layout.A, layout.B) + ((layout.slices,) if layout.slices else ())]
-            out = graph.call_function(mixed_linear, (node, x, slots, weights, *new), {"site": layout.name})
+            # a module's output may be kept by its forward hooks: only a function's is added into in place
+            fresh = node.op in ("call_function", "call_method")
+            out = graph.call_function(
+                mixed_linear, (node, x, slots, weights, *new), {"site": layout.name, "add_in_place": fresh}
+            )
         else:
             new = [graph.get_attr(q) for q in (layout.A, layout.B, layout.scale)]
             out = graph.call_function(

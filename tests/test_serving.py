@@ -161,7 +161,7 @@ def test_bad_adapter_ids_are_refused():
         server(x, torch.tensor([0, 1, -2, 0]))
     with pytest.raises(fxlora.ArgumentError, match="holds 0..3"):
         server(x, torch.tensor([0, 1, 3, 0]))
-    with pytest.raises(fxlora.ArgumentError, match="1-D integer tensor"):
+    with pytest.raises(fxlora.ArgumentError, match="1-D int64 or int32 tensor"):
         server(x, torch.tensor([0.0, 1.0, 0.0, 1.0]))
     with pytest.raises(fxlora.ArgumentError, match="adapter_ids has 3 entries, but the input of site"):
         server(x, torch.tensor([0, 1, 2]))
@@ -222,6 +222,49 @@ def test_device_ids_are_read_once_per_unchanged_tensor_and_asserted_on_the_devic
     ids.data[2] = -2  # bypasses the version counter: caught on the device, not served as adapter 1
     with pytest.raises(RuntimeError, match="adapter_ids out of range"):
         server(x, ids)
+
+
+def test_a_module_sites_output_that_its_hooks_keep_is_never_written():
+    """Inference adds each branch in place only into a linear function's fresh result: a module's output
+    may be kept by its forward hooks (recorded, or patched in from a stored activation)."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = M()
+    gm = fxlora.rewrite(model, [Rule("fc", r=2, alpha=4)], adapter="a")
+    fxlora.add_adapter(gm, [Rule("fc", r=2, alpha=4)], "b")
+    randomize_lora(gm, std=0.3)
+    server = fxlora.serve(gm).eval()
+    x, ids = torch.randn(3, 5, 8), torch.tensor([0, 1, -1])
+    base_out = torch.nn.functional.linear(x, model.fc.weight, model.fc.bias)
+    seen = []
+    hook = server.fc.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        expected = server(x, ids)
+    hook.remove()
+    assert torch.equal(seen[0], base_out)
+    stored = base_out.clone()
+    server.fc.register_forward_hook(lambda m, i, o: stored)
+    with torch.no_grad():
+        runs = [server(x, ids) for _ in range(3)]
+    assert torch.equal(stored, base_out)
+    for run in runs:
+        torch.testing.assert_close(run, expected)
+
+
+def test_jit_trace_which_would_drop_the_id_check_is_refused():
+    _, gm = _adapters()
+    server = fxlora.serve(gm).eval()
+    x = torch.randint(0, 40, (4, 5))
+    with pytest.raises(fxlora.ArgumentError, match="torch.jit.trace cannot keep a served module's adapter_ids check"):
+        torch.jit.trace(server, (x, torch.tensor([0, 1, 2, -1])), check_trace=False)
 
 
 def test_autocast_mixed_dtypes_serve_as_the_alone_branch_does():
