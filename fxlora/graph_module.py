@@ -23,8 +23,10 @@ optimizer and wraps in DDP/FSDP) with two additions.
     the snapshot) plus one of the LoRA factors; and per forward, one pass that reads the adapted
     weights twice (live and snapshot) and the LoRA factors and buffers.  That is negligible next to a
     forward over a batch of hundreds of tokens, but comparable to a single-token forward, so serve with
-    :func:`fxlora.fold` (no checks, no copies).  Gradients do not reach the LoRA parameters through an
-    eval-mode forward.
+    :func:`fxlora.fold` (no checks, no copies).  A rebuild (after an optimizer step, say) is a fold plus
+    a snapshot of each changed tensor; a snapshot that still holds its tensor's bits (an adapted weight the
+    step did not change) is compared and kept, not copied again.  Gradients do not reach the LoRA
+    parameters through an eval-mode forward.
 
 Pickling
     ``torch.save(gm)`` / ``torch.load(..., weights_only=False)``, ``pickle`` and ``copy.deepcopy`` give
@@ -93,24 +95,35 @@ def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class _FoldCache:
-    """A folded module and how to tell it is still the fold of the live tensors."""
+    """A folded module and how to tell it is still the fold of the live tensors.  ``previous``: the
+    snapshots (tensor name -> copy) of the fold this one replaces, kept where they still hold the live bits
+    (an optimizer step changes the LoRA factors, not the adapted base weights: their snapshots are
+    compared, not copied again)."""
 
-    def __init__(self, owner: LoraGraphModule, stamp: tuple[Any, ...]) -> None:
+    def __init__(self, owner: LoraGraphModule, stamp: tuple[Any, ...], previous: dict[str, torch.Tensor] | None = None) -> None:
         self.stamp = stamp
         self.module = fold(owner)
         self.module.train(False)
-        folded = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        parameters, buffers = dict(self.module.named_parameters()), dict(self.module.named_buffers())
+        previous = previous or {}
         self.watch: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.snapshots: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, live in (*owner.named_parameters(), *owner.named_buffers()):
-                live = live.detach()
-                mine = folded.get(name)
-                if mine is not None and _shares(live, mine):
-                    continue  # the folded module reads this very memory: never stale
-                if mine is not None and _same_bits(live, mine.detach()):
-                    self.watch.append((live, mine.detach()))  # the fold's own copy (a buffer) is the snapshot
-                else:
-                    self.watch.append((live, live.clone()))  # a LoRA factor or an adapted weight
+            for kind, named in (("parameter", owner.named_parameters()), ("buffer", owner.named_buffers())):
+                for name, live in named:
+                    live = live.detach()
+                    mine = (parameters if kind == "parameter" else buffers).get(name)
+                    if mine is not None and _shares(live, mine):
+                        continue  # the folded module reads this very memory: never stale
+                    if kind == "buffer" and mine is not None and _same_bits(live, mine.detach()):
+                        self.watch.append((live, mine.detach()))  # the fold's own copy of a buffer is the snapshot
+                        continue
+                    # a LoRA factor, or an adapted weight (the fold holds the merged one)
+                    snapshot = previous.get(name)
+                    if snapshot is None or not _same_bits(live, snapshot):
+                        snapshot = live.clone()
+                    self.snapshots[name] = snapshot
+                    self.watch.append((live, snapshot))
 
     def fresh(self, stamp: tuple[Any, ...]) -> bool:
         if stamp != self.stamp:
@@ -179,7 +192,9 @@ class LoraGraphModule(GraphModule):
         stamp = self._stamp()
         cache = self.__dict__.get("_fxlora_cache")
         if cache is None or not cache.fresh(stamp):
+            previous = cache.snapshots if cache is not None else None
             self.__dict__["_fxlora_cache"] = None  # free the old fold before building the new one
+            cache = None
             # a module built under torch.inference_mode() holds inference tensors, which can be made into
             # parameters only in that mode; its fold then holds inference tensors too, and runs wherever the
             # module itself does (under torch.no_grad() or torch.inference_mode()); any other module's fold is
@@ -187,7 +202,8 @@ class LoraGraphModule(GraphModule):
             # with gradients on can use it
             frozen = any(t.is_inference() for t in (*self.parameters(), *self.buffers()))
             with torch.inference_mode() if frozen else torch.inference_mode(False):
-                cache = _FoldCache(self, stamp)
+                cache = _FoldCache(self, stamp, previous)
+            del previous  # the snapshots the new fold does not keep
             self.__dict__["_fxlora_cache"] = cache
         return cache.module
 

@@ -194,6 +194,25 @@ def test_an_unchanged_module_reuses_its_fold():
     assert gm.merged_module() is merged
 
 
+def test_a_refresh_after_a_step_compares_the_unchanged_weights_instead_of_copying_them():
+    _, gm = _normed_gm()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    gm.eval()
+    first = gm(x)
+    before = dict(gm.__dict__["_fxlora_cache"].snapshots)
+    weight, factor = gm.get_parameter("fc.weight"), gm.get_parameter("fc.lora_B")
+    with torch.no_grad():
+        factor.add_(0.1)  # what an optimizer step changes
+    second = gm(x)
+    assert not torch.equal(first, second) and torch.equal(second, fxlora.fold(gm).eval()(x))
+    after = gm.__dict__["_fxlora_cache"].snapshots
+    assert after["fc.weight"] is before["fc.weight"]  # the adapted weight's snapshot still holds its bits: kept
+    assert after["fc.lora_B"] is not before["fc.lora_B"] and torch.equal(after["fc.lora_B"], factor)
+    weight.data.neg_()  # and a change no version counter sees is still noticed
+    third = gm(x)
+    assert not torch.equal(second, third) and torch.equal(third, fxlora.fold(gm).eval()(x))
+
+
 # -- pickling, torch.save, deepcopy ---------------------------------------------------------------
 
 
