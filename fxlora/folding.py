@@ -34,13 +34,14 @@ from .provenance import (
     require_unserved,
 )
 from .quantized import is_quantized
-from .tracing import copy_graph_module, ensure_code
+from .tracing import copy_graph_module, ensure_code, gc_paused
 
 __all__ = ["fold", "load_folded"]
 
 _TEMPLATE = "_fxlora_fold_template"
 
 
+@gc_paused()
 def fold(
     gm: GraphModule,
     *,

@@ -34,7 +34,7 @@ from .resolution import (
 from .rules import Rule, as_rules
 from .state import BIAS_MODES, mark_only_lora_as_trainable
 from .ties import check_tied_mode
-from .tracing import build_graph_module, copy_graph_module, ensure_code, export_capture, keep_state_keys, trace
+from .tracing import build_graph_module, copy_graph_module, ensure_code, export_capture, gc_paused, keep_state_keys, trace
 
 __all__ = ["capture", "plan", "rewrite"]
 
@@ -112,6 +112,7 @@ def _check_model(model: Any, where: str) -> None:
         raise TraceError(f"{where} expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}.")
 
 
+@gc_paused()
 def capture(model: nn.Module, *positional: Any, capture: CaptureOptions | str | None = None, **capture_kwargs: Any) -> LoraGraphModule:
     """Capture ``model`` as a graph module without modifying it.
 
@@ -126,6 +127,7 @@ def capture(model: nn.Module, *positional: Any, capture: CaptureOptions | str | 
     return ensure_code(_capture(model, capture_options(capture, capture_kwargs, "capture"))[0])
 
 
+@gc_paused()
 def plan(
     model: nn.Module,
     rules: Rule | Sequence[Rule] | None = None,
@@ -153,6 +155,7 @@ def plan(
     return the_plan
 
 
+@gc_paused()
 def rewrite(
     model: nn.Module | Plan,
     rules: Rule | Sequence[Rule] | None = None,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import operator
 import os
+import threading
 import traceback
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -29,8 +31,8 @@ from .passes import make_mode_aware
 from .sites import normalize_method_calls
 
 __all__ = [
-    "shadow_copy", "trace", "copy_graph_module", "build_graph_module", "code_later", "ensure_code", "export_capture",
-    "keep_state_keys", "NON_PERSISTENT_META",
+    "shadow_copy", "trace", "copy_graph_module", "build_graph_module", "code_later", "ensure_code", "gc_paused",
+    "gc_as_before", "export_capture", "keep_state_keys", "NON_PERSISTENT_META",
 ]
 
 #: ``gm.meta`` key: the buffers of a captured graph module that are not in the model's state dict
@@ -414,6 +416,52 @@ def _apply_non_persistent(gm: GraphModule) -> None:
 
 
 # --------------------------------------------------------------------------------------------- #
+# The garbage collector, while fxlora builds graphs
+# --------------------------------------------------------------------------------------------- #
+#
+# Tracing, copying and rewriting a graph allocates many objects (nodes, their arguments and metadata)
+# and frees few; each full collection that these allocations trigger walks every object of the process,
+# the model and every graph in it.  That was a quarter of the rewrite and of the first fold of a deep
+# model.  fxlora's entry points pause the collector while they build graphs, as
+# ``torch.distributed.checkpoint``'s ``get_state_dict`` does, and give it back as it was for the work that
+# is not theirs (torch.export runs the model's code).
+
+_gc_lock = threading.Lock()
+_gc_state = {"pauses": 0, "was_enabled": False}
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused in the block (nested blocks: until the outermost ends),
+    then as it was.  Also a decorator."""
+    with _gc_lock:
+        if _gc_state["pauses"] == 0:
+            _gc_state["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _gc_state["pauses"] += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_state["pauses"] -= 1
+            if _gc_state["pauses"] == 0 and _gc_state["was_enabled"]:
+                gc.enable()
+
+
+@contextlib.contextmanager
+def gc_as_before() -> Iterator[None]:
+    """Inside :func:`gc_paused`, the collector as it was before the pause, for the block."""
+    resume = _gc_state["pauses"] > 0 and _gc_state["was_enabled"] and not gc.isenabled()
+    if resume:
+        gc.enable()
+    try:
+        yield
+    finally:
+        if resume and _gc_state["pauses"] > 0:
+            gc.disable()
+
+
+# --------------------------------------------------------------------------------------------- #
 # Graph modules whose code is generated once
 # --------------------------------------------------------------------------------------------- #
 #
@@ -548,7 +596,8 @@ def export_capture(
         ep = None
         for spec in attempts:
             try:
-                ep = torch.export.export(root, args, kwargs, dynamic_shapes=spec, strict=False)
+                with gc_as_before():  # torch's work, not fxlora's graph building
+                    ep = torch.export.export(root, args, kwargs, dynamic_shapes=spec, strict=False)
                 break
             except Exception as e:  # noqa: BLE001 - reported below
                 error = e

@@ -187,3 +187,33 @@ def test_llama_7b_on_meta_is_rewritten_and_reported():
     assert rep.base_params == 2 * vocab * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h == 6_738_415_616
     assert all(p.device.type == "meta" for p in gm.parameters())  # no weight memory, LoRA factors included
     assert seconds < 120, seconds  # the 5 s target is measured by fxlora.tools.bench_scale; this catches a blow-up
+
+
+def test_the_garbage_collector_is_paused_while_graphs_are_built_and_given_back_as_it_was(monkeypatch):
+    import gc
+
+    states = []
+    export = torch.export.export
+
+    def export_watching_gc(*args, **kwargs):  # torch's own work runs with the collector as the user set it
+        states.append(("export", gc.isenabled()))
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", export_watching_gc)
+    rewrite_pass = fxlora.passes.RewritePass.call
+
+    def call_watching_gc(self, gm):
+        states.append(("rewrite pass", gc.isenabled()))
+        return rewrite_pass(self, gm)
+
+    monkeypatch.setattr(fxlora.passes.RewritePass, "call", call_watching_gc)
+    model, x = nn.Sequential(nn.Linear(4, 4)), torch.randn(2, 4)
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            gm = fxlora.rewrite(model, [fxlora.Rule("0", r=2, alpha=2)], capture="export", example_inputs=(x,))
+            fxlora.fold(gm)
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+    assert states == [("export", True), ("rewrite pass", False), ("export", False), ("rewrite pass", False)]
