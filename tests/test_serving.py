@@ -171,13 +171,17 @@ def test_bad_adapter_ids_are_refused():
         fxlora.serve(server)
 
 
-def test_cpu_ids_are_read_on_every_call(monkeypatch):
+def _counting_id_reads(monkeypatch):
+    """A served module, an input, and the list that grows by one each time the ids are read on the host."""
     _, gm = _adapters()
-    server = fxlora.serve(gm)
-    x = torch.randint(0, 40, (4, 5))
     reads = []
     aminmax = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or aminmax(t))
+    return fxlora.serve(gm), torch.randint(0, 40, (4, 5)), reads
+
+
+def test_cpu_ids_are_read_on_every_call(monkeypatch):
+    server, x, reads = _counting_id_reads(monkeypatch)
     ids = torch.tensor([0, 1, 2, -1])
     for _ in range(3):
         server(x, ids)
@@ -195,12 +199,7 @@ def test_device_ids_are_read_once_per_unchanged_tensor_and_asserted_on_the_devic
     from fxlora.passes import serve_pass
 
     monkeypatch.setattr(serve_pass, "READ_EVERY_CALL", frozenset())
-    _, gm = _adapters()
-    server = fxlora.serve(gm)
-    x = torch.randint(0, 40, (4, 5))
-    reads = []
-    aminmax = torch.aminmax
-    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or aminmax(t))
+    server, x, reads = _counting_id_reads(monkeypatch)
     ids = torch.tensor([0, 1, 2, -1])
     first = server(x, ids)
     for _ in range(3):
