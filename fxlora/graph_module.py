@@ -60,6 +60,7 @@ from . import provenance
 from .errors import CheckpointError
 from .folding import fold
 from .pickling import refuse_unpicklable_modules
+from .tracing import gc_paused
 
 __all__ = ["LoraGraphModule"]
 
@@ -201,7 +202,7 @@ class LoraGraphModule(GraphModule):
             # built outside inference mode, whatever mode the first eval call came in, so that a later call
             # with gradients on can use it
             frozen = any(t.is_inference() for t in (*self.parameters(), *self.buffers()))
-            with torch.inference_mode() if frozen else torch.inference_mode(False):
+            with gc_paused(), torch.inference_mode() if frozen else torch.inference_mode(False):
                 cache = _FoldCache(self, stamp, previous)
             del previous  # the snapshots the new fold does not keep
             self.__dict__["_fxlora_cache"] = cache
