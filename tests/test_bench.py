@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from fxlora.tools import bench, bench_fsdp, bench_serve  # noqa: E402
+from fxlora.tools import bench, bench_fsdp, bench_scale, bench_serve  # noqa: E402
 
 
 def test_bench_serve_small(tmp_path):
@@ -76,3 +76,33 @@ def test_bench_fsdp_small_runs_both_from_the_same_model(tmp_path):
         assert d["loss_last"] != d["loss_first"]  # the adapters train
     # the same model and batches: the first timed step's loss is the same for both
     assert abs(data["fxlora"]["loss_first"] - data["peft"]["loss_first"]) < 1e-3
+
+
+def test_bench_scale_small(tmp_path):
+    out = tmp_path / "scale.json"
+    argv = ["--small", "--depths", "2,3", "--export-depths", "1", "--out", str(out)]
+    assert bench_scale.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert not data["failures"] and data["environment"]["command"] == "python -m fxlora.tools.bench_scale " + " ".join(argv)
+    rows = ("rewrite", "first fold", "fold", "refresh")
+    for kind, depths, per_layer in (("symbolic", [2, 3], 4), ("export", [1], 7)):
+        section = data["depth"][kind]
+        assert [r["layers"] for r in section["rows"]] == depths
+        for r in section["rows"]:
+            assert r["sites"] == per_layer * r["layers"] and set(r["ms"]) == set(rows)
+            assert r["check"]["folded_vs_unmerged"] < 1e-4 and r["check"]["lora_effect"] > 1e-3
+            assert all(r["ms_per_layer"][k] == r["ms"][k] / r["layers"] for k in rows)
+        if len(depths) > 1:  # one export depth keeps the test short (each capture takes a second)
+            assert set(section["linearity"]) == set(rows)
+            assert all(0 < v["per_layer_ratio"] and v["r2"] <= 1 for v in section["linearity"].values())
+        assert ("capture_s" in section["rows"][0]) == (kind == "export")
+    (peers,) = data["peers"]
+    assert peers["sites"] == 4 * 2 and peers["checks"]["folded_vs_merged"] < 1e-4
+    assert set(peers["ratios"]) == {"fold / merge", "first fold / merge", "refresh / merge", "rewrite / get_peft_model",
+                                    "capture + rewrite / torch.export"}
+    assert all(v > 0 for v in peers["ratios"].values())
+    llama = data["llama7b"]  # two layers of Llama-7B's width on meta: the counts come from the architecture
+    assert llama["layers"] == 2 and llama["sites"] == 14 and llama["lora_params"] == 2 * 16 * (4 * 8192 + 3 * 15104)
+    assert llama["median_s"]["rewrite_report_s"] < 60 and llama["static_shapes_median_s"]["rewrite_report_s"] < 60
+    assert {t["target"].split(" (")[0] for t in data["targets"]} >= {"fold / merge <= 1.5", "Llama-7B on meta: rewrite + report < 5 s"}
+    assert "| layers |" in data["markdown"]
