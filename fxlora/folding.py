@@ -24,7 +24,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from .distributed import full, plain_class
 from .errors import ArgumentError, CheckpointError
-from .passes import FoldPass, InlineUnits, merged_weights
+from .passes import FoldPass, InlineUnits, merged_weights, unit_paths
 from .pickling import reduce_folded
 from .provenance import (
     active_adapters,
@@ -131,7 +131,8 @@ def _template(gm: GraphModule) -> GraphModule:
     if cached is not None and cached[0] == key:
         return cached[1]
     template = copy_graph_module(gm, code=False)  # its code is generated once, from the folded graph
-    InlineUnits()(template)  # the folded model is the flat base graph
+    if unit_paths(template):  # the folded model is the flat base graph
+        InlineUnits()(template)
     FoldPass(weights={})(template)
     ensure_code(template)
     gm.__dict__[_TEMPLATE] = (key, template)
