@@ -45,22 +45,29 @@ Sections (CPU, float32, random weights, no downloads):
   11008, vocabulary 32000) built under ``torch.device("meta")`` (no weight memory), rewritten with r=16 on
   every projection of every block (``capture="export"``, input 1 x 16 on meta, the default dynamic shapes)
   and reported (``fxlora.report(gm)``); the LoRA and base parameter counts are checked against the ones
-  the architecture gives.  Timed: building the model, the rewrite, the report; the target (under 5 s) is
-  the rewrite plus the report.  Also timed with ``dynamic_shapes=None`` (shapes specialised to the
+  the architecture gives.  Timed: building the model, the rewrite, the report, and ``torch.export`` of the
+  model alone with the same shapes (what the capture inside the rewrite costs by itself); the target (under
+  5 s) is the rewrite plus the report.  Also timed with ``dynamic_shapes=None`` (shapes specialised to the
   example: nothing runs on meta, so nothing is lost).
 
 Every timing is the median of ``--repeats`` interleaved rounds after one untimed round (each round runs
 the rows in a rotated order; a ``gc.collect()`` before each call, not timed).  Ratios are of medians measured in this one run.
 ``--small``: depths 2, 4, 8, a 2-layer GPT-2 for the peers and a 2-layer Llama-7B-wide model on meta, one
 round and no warm-up: a smoke test of every code path (its times mean little).  Writes JSON (``--out``, through
-``fxlora.tools.results.write``) and prints markdown tables.  Exit status 1 if a check failed.
+``fxlora.tools.results.write``; ``"partial": true`` until the run ends, written after each section, which run
+in the order peers, llama7b, depth) and prints markdown tables; the JSON also records the 1-minute load
+average before and after each section (other work on the machine shows there).  Exit status 1 if a check
+failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
+import io
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -381,6 +388,7 @@ def llama7b_section(small: bool, repeats: int, log: Callable[[str], None]) -> di
     r = 16
     rules = [fxlora.Rule("model.layers.*.self_attn.*_proj", r=r, alpha=2 * r), fxlora.Rule("model.layers.*.mlp.*_proj", r=r, alpha=2 * r)]
     ids = torch.zeros((1, 16), dtype=torch.long, device="meta")
+    dims = {"input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}, "use_cache": None}  # fxlora's default
     h, i, layers, vocab = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
     expected_lora = layers * r * (4 * (h + h) + 2 * (h + i) + (i + h))
     expected_base = 2 * vocab * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
@@ -399,11 +407,18 @@ def llama7b_section(small: bool, repeats: int, log: Callable[[str], None]) -> di
             t2 = time.perf_counter()
             rep = fxlora.report(gm)
             t3 = time.perf_counter()
-            runs[variant].append({"build_s": t1 - t0, "rewrite_s": t2 - t1, "report_s": t3 - t2,
-                                  "rewrite_report_s": t3 - t1, "end_to_end_s": t3 - t0})
             lora_params, base_params, sites = rep.lora_params, rep.base_params, len(rep.rows)
             check(all(p.device.type == "meta" for p in gm.parameters()), "a parameter left the meta device")
-            del gm, model, rep
+            del gm, rep
+            gc.collect()
+            model.train()  # what the rewrite's capture costs in torch.export alone, with the same shapes
+            t4 = time.perf_counter()
+            torch.export.export(model, (ids,), {"use_cache": False}, strict=False,
+                                dynamic_shapes=None if variant == "static" else dims)
+            t5 = time.perf_counter()
+            runs[variant].append({"build_s": t1 - t0, "rewrite_s": t2 - t1, "report_s": t3 - t2,
+                                  "rewrite_report_s": t3 - t1, "end_to_end_s": t3 - t0, "torch_export_s": t5 - t4})
+            del model
     check(lora_params == expected_lora, f"Llama-7B: {lora_params} LoRA parameters, the architecture gives {expected_lora}")
     check(base_params == expected_base, f"Llama-7B: {base_params} base parameters, the architecture gives {expected_base}")
     check(sites == 7 * layers, f"Llama-7B: {sites} sites")
@@ -434,9 +449,10 @@ def tables(res: dict[str, Any]) -> str:
         parts.append(markdown(["model", *names], [[p["model"], *(p["ratios"][n] for n in names)] for p in res["peers"]]))
     if res.get("llama7b"):
         m, s = res["llama7b"]["median_s"], res["llama7b"]["static_shapes_median_s"]
-        parts.append(markdown(["Llama-7B on meta", "build s", "rewrite s", "report s", "rewrite + report s", "end to end s"],
-                              [["default dynamic shapes", m["build_s"], m["rewrite_s"], m["report_s"], m["rewrite_report_s"], m["end_to_end_s"]],
-                               ["dynamic_shapes=None", s["build_s"], s["rewrite_s"], s["report_s"], s["rewrite_report_s"], s["end_to_end_s"]]]))
+        parts.append(markdown(["Llama-7B on meta", "build s", "rewrite s", "report s", "rewrite + report s", "end to end s",
+                               "torch.export alone s"],
+                              [[name, v["build_s"], v["rewrite_s"], v["report_s"], v["rewrite_report_s"], v["end_to_end_s"],
+                                v["torch_export_s"]] for name, v in (("default dynamic shapes", m), ("dynamic_shapes=None", s))]))
     return "\n\n".join(parts)
 
 
@@ -479,25 +495,33 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    log(f"bench_scale on CPU ({torch.get_num_threads()} threads); {versions()}")
+    log(f"bench_scale on CPU ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}); {versions()}")
     res: dict[str, Any] = {}
     failures: list[str] = []
 
+    load: dict[str, list[float]] = {}  # the 1-minute load average before and after each section: others' work
+
     def guarded(what: str, fn: Callable[[], Any]) -> Any:
+        load[what] = [os.getloadavg()[0]]
         try:
             return fn()
         except _CheckFailed as e:
             log(f"CHECK FAILED {what}: {e}")
             failures.append(f"{what}: {e}")
             return None
+        finally:
+            load[what].append(os.getloadavg()[0])
 
-    if "depth" in sections:
-        res["depth"] = {}
-        for kind, ds in (("symbolic", depths), ("export", export_depths)):
-            log(f"depth, {kind} capture: {ds}")
-            sec = guarded(f"depth {kind}", lambda: depth_section(kind, ds, repeats, warmup, log))
-            if sec is not None:
-                res["depth"][kind] = sec
+    def write(partial: bool) -> None:
+        text = tables(res)
+        results.write(a.out, {"benchmark": "bench_scale", "small": a.small, "partial": partial, "versions": versions(),
+                              "threads": torch.get_num_threads(),
+                              "settings": {"depths": depths, "export_depths": export_depths, "repeats": repeats,
+                                           "peer_repeats": peer_repeats, "warmup": warmup, "sections": sections},
+                              **res, "targets": targets(res), "failures": failures, "load_average_1min": load,
+                              "seconds": time.perf_counter() - t_start, "markdown": text}, script=__file__, argv=argv)
+
+    # the short sections first: a run that other work on the machine disturbs late still has them
     if "peers" in sections:
         res["peers"] = []
         for layers, width in ([(2, 16)] if a.small else [(12, 768), (12, 16)]):
@@ -505,25 +529,31 @@ def main(argv: list[str] | None = None) -> int:
             sec = guarded(f"peers {layers}x{width}", lambda: peers_section(layers, width, peer_repeats, warmup, log))
             if sec is not None:
                 res["peers"].append(sec)
+        with contextlib.redirect_stdout(io.StringIO()):
+            write(partial=True)
     if "llama7b" in sections:
         log("Llama-7B on the meta device" + (" (2 layers: --small)" if a.small else ""))
         sec = guarded("llama7b", lambda: llama7b_section(a.small, repeats, log))
         if sec is not None:
             res["llama7b"] = sec
+        with contextlib.redirect_stdout(io.StringIO()):
+            write(partial=True)
+    if "depth" in sections:
+        res["depth"] = {}
+        for kind, ds in (("symbolic", depths), ("export", export_depths)):
+            log(f"depth, {kind} capture: {ds}")
+            sec = guarded(f"depth {kind}", lambda: depth_section(kind, ds, repeats, warmup, log))
+            if sec is not None:
+                res["depth"][kind] = sec
+            with contextlib.redirect_stdout(io.StringIO()):
+                write(partial=True)
 
-    text = tables(res)
-    met = targets(res)
-    print(text, flush=True)
-    for t in met:
+    print(tables(res), flush=True)
+    for t in targets(res):
         print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.3g}", flush=True)
     if failures:
         print("\nfailed checks:\n" + "\n".join(f"- {f}" for f in failures), flush=True)
-    results.write(a.out, {"benchmark": "bench_scale", "small": a.small, "versions": versions(),
-                          "threads": torch.get_num_threads(),
-                          "settings": {"depths": depths, "export_depths": export_depths, "repeats": repeats,
-                                       "peer_repeats": peer_repeats, "warmup": warmup, "sections": sections},
-                          **res, "targets": met, "failures": failures, "seconds": time.perf_counter() - t_start,
-                          "markdown": text}, script=__file__, argv=argv)
+    write(partial=False)
     return 1 if failures else 0
 
 
