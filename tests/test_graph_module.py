@@ -420,3 +420,33 @@ def test_merge_on_eval_follows_set_adapter_in_eval_mode():
     for name in ("a", "b", None, "a"):  # switched in eval mode: the fold follows, never the previous adapter's
         fxlora.set_adapter(gm, name)
         torch.testing.assert_close(gm(x), expected[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults with getrusage")
+def test_the_forward_costs_the_same_at_every_stack_depth():
+    """A generated forward's frame has a slot per node; called where the caller's CPython stack chunk
+    has just room for it, each of the thousands of calls it makes used to map and unmap a chunk of its
+    own (thousands of page faults, 2-6x the host time, by the caller's depth alone)."""
+    import resource
+
+    from fxlora.zoo import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=12, n_head=2, dropout=0.0)).eval()
+    gm = fxlora.rewrite(model, [fxlora.Rule("transformer.h.*.attn.c_attn", r=2, alpha=2),
+                                fxlora.Rule("transformer.h.*.mlp.c_fc", r=2, alpha=2)]).eval()
+    x = torch.randint(0, 64, (1, 4))
+
+    def at_depth(depth: int) -> None:
+        if depth:
+            return at_depth(depth - 1)
+        gm(x)
+
+    with torch.no_grad():
+        gm(x)
+        faults = []
+        for depth in range(160):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            at_depth(depth)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert max(faults) < 100, sorted(range(160), key=faults.__getitem__)[-3:]
