@@ -116,7 +116,8 @@ def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
     device, where reading waits for it, once per tensor, and a tensor passed again with the same version
     counter is checked by a device-side assert instead (a write that bypasses the version counter, such
     as through ``.data``, then fails loudly rather than picking another adapter).  Under
-    ``torch.compile`` the check is always the device-side assert."""
+    ``torch.compile``, and while a CUDA graph is captured, the check is always the device-side assert (so a
+    graph's replays check the ids then in its input buffer)."""
     if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dim() != 1 or adapter_ids.dtype not in (
         torch.int64, torch.int32
     ):
@@ -132,7 +133,8 @@ def adapter_slots(adapter_ids: torch.Tensor, num_adapters: int) -> torch.Tensor:
             "it does not use, so out-of-range ids would run unchecked): use torch.compile or torch.export, "
             "which keep it, or fold each adapter (fxlora.fold) and trace the folded modules."
         )
-    if torch.compiler.is_compiling():  # no host sync under compile
+    if torch.compiler.is_compiling() or (adapter_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # no host sync under compile or while a CUDA graph is captured (each replay checks on the device)
         _assert_in_range(adapter_ids, num_adapters)
     elif adapter_ids.numel():
         every_call = adapter_ids.device.type in READ_EVERY_CALL

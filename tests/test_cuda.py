@@ -91,3 +91,35 @@ def test_serving_on_cuda_reads_the_ids_once_and_asserts_on_the_device(monkeypatc
         ids[1] = 2
         with pytest.raises(fxlora.ArgumentError, match="holds 0..2"):
             server(x, ids)
+
+
+def test_a_served_module_captured_in_a_cuda_graph_replays_each_samples_adapter():
+    """Serving engines replay CUDA graphs; a captured served forward checks the ids on the device (no host
+    read while capturing) and follows new ids written into its input buffer."""
+    torch.manual_seed(0)
+    model = zoo.gpt2_tiny().to("cuda").eval()
+    gm = fxlora.rewrite(model, RULES, adapter="a")
+    fxlora.add_adapter(gm, [Rule("transformer.h.*.mlp.c_proj", r=4, alpha=4)], "b")
+    for name in fxlora.lora_parameter_names(gm):
+        torch.nn.init.normal_(gm.get_parameter(name), std=0.2)
+    gm.eval()
+    server = fxlora.serve(gm).eval()
+    x = torch.randint(0, 256, (4, 16), device="cuda")
+    ids = torch.tensor([1, -1, 0, 1], device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        fresh = torch.tensor([0, 1, 0, -1], device="cuda")  # never read on the host before the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            server(x, ids)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            out = server(x, fresh)
+        for new in ([1, -1, 0, 1], [0, 0, -1, 1]):
+            fresh.copy_(torch.tensor(new, device="cuda"))
+            graph.replay()
+            torch.testing.assert_close(out, server(x, torch.tensor(new, device="cuda")))
+            for i, slot in enumerate(new):
+                fxlora.set_adapter(gm, None if slot < 0 else ["a", "b"][slot])
+                torch.testing.assert_close(out[i], gm(x)[i], atol=1e-4, rtol=1e-4)

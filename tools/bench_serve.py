@@ -34,6 +34,11 @@ prefill forward of the whole batch (``use_cache=False``, full logits):
   ``base HF``           the transformers model, eager
   ``PEFT single``       ``PeftModel`` with one adapter active
   ``PEFT mixed``        ``PeftModel(..., adapter_names=[...])``
+  ``..., CUDA graph``   on CUDA, the three fxlora rows captured in a CUDA graph (``torch.cuda.graph``) and
+                        replayed (checked against the eager call first): the device's time, with the
+                        host's launching taken out.  An eager 128-token prefill of GPT-2 Medium is bound by
+                        the host (hundreds of small kernels), where the same calls' time varies by up to 2x
+                        from one process to the next; the replayed graphs compare the work itself.
 ``prefill_host_ms`` in the results: each row's median time until the call returned, before the GPU
 finished; close to the row's total, the row is bound by the host launching kernels, not by the GPU.
 ``prefill_device_allocs``: the CUDA caching allocator's ``cudaMalloc``/``cudaFree`` calls and retries
@@ -78,6 +83,7 @@ from fxlora.tools.benchkit import (
     Log,
     allowed,
     build_model,
+    cuda_graphed,
     finish,
     interleave,
     markdown,
@@ -91,7 +97,9 @@ from fxlora.tools.benchkit import (
 
 import fxlora
 
-PREFILL_ROWS = ("fxlora mixed", "fxlora single", "base graph", "base HF", "PEFT single", "PEFT mixed")
+PREFILL_ROWS = ("fxlora mixed", "fxlora single", "base graph", "base HF", "PEFT single", "PEFT mixed",
+                "fxlora mixed, CUDA graph", "fxlora single, CUDA graph", "base graph, CUDA graph")
+GRAPHED = ("fxlora mixed", "fxlora single", "base graph")
 DECODE_ROWS = ("fxlora mixed", "fxlora single", "base graph", "PEFT mixed", "base HF")
 OWN = "adapters' own factors"
 
@@ -290,6 +298,19 @@ def run_model(name: str, a: argparse.Namespace, log: Log, errors: Errors, budget
     if pm is not None:
         fns["PEFT single"] = lambda: pm(input_ids=ids, use_cache=False)
         fns["PEFT mixed"] = lambda: pm(input_ids=ids, use_cache=False, adapter_names=per_sample)
+    if torch.device(dev).type == "cuda":
+        # the fxlora rows again, each captured in a CUDA graph and replayed: the device's time without the
+        # host's (PEFT's mixed path reads its adapter names on the host: it cannot be captured)
+        with torch.no_grad():
+            for k in GRAPHED:
+                with errors.guard(f"{name}: {k} in a CUDA graph") as ok:
+                    graphed = cuda_graphed(fns[k], dev)
+                    err = per_sample_max_err(graphed().logits, fns[k]().logits)
+                    res["checks"][f"{k}, CUDA graph vs eager"] = err
+                    if err > res["checks"].get("tolerance", 0.0):
+                        raise AssertionError(f"replayed CUDA graph differs from the eager call by {err:.2e}")
+                if ok["ok"]:
+                    fns[f"{k}, CUDA graph"] = graphed
     with torch.no_grad():
         log(f"  prefill: timing {len(fns)} rows x {a.repeats} interleaved repeats")
         res["prefill_host_ms"], res["prefill_device_allocs"] = {}, {}
@@ -305,8 +326,13 @@ def run_model(name: str, a: argparse.Namespace, log: Log, errors: Errors, budget
                 if k in res["prefill_ms"]:
                     log(f"  prefill: where the host's time goes, {k} (cProfile, 3 calls, top functions)")
                     profile_host(fns[k], calls=3)
+                    if torch.device(dev).type == "cuda":
+                        log(f"  prefill: where the device's time goes, {k} (torch.profiler, 3 calls, top kernels)")
+                        profile_device(fns[k], calls=3)
     pf = res["prefill_ms"]
     res["prefill_ratios"] = {"fxlora mixed / fxlora single": ratio(pf.get("fxlora mixed"), pf.get("fxlora single")),
+                             "fxlora mixed / fxlora single, CUDA graphs": ratio(pf.get("fxlora mixed, CUDA graph"),
+                                                                              pf.get("fxlora single, CUDA graph")),
                              "PEFT mixed / fxlora mixed": ratio(pf.get("PEFT mixed"), pf.get("fxlora mixed"))}
     log("  prefill ms: " + ", ".join(f"{k} {v:.2f}" for k, v in pf.items()))
     log("  prefill ms until the call returned (host): "
@@ -444,11 +470,13 @@ def tables(all_res: list[dict[str, Any]]) -> str:
         ab = res.get("adapter_bytes") or {}
         own = ab.get(OWN)
         rows.append([res["model"], ratio(p.get("fxlora mixed"), p.get("fxlora single")),
+                     ratio(p.get("fxlora mixed, CUDA graph"), p.get("fxlora single, CUDA graph")),
                      ratio(p.get("PEFT mixed"), p.get("fxlora mixed")),
                      ratio(d.get("fxlora mixed"), d.get("fxlora single")), ratio(d.get("PEFT mixed"), d.get("fxlora mixed")),
                      ratio(ab.get("fxlora served"), own), ratio(ab.get("PEFT"), own),
                      "ok" if res.get("checks", {}).get("ok") else "FAILED"])
-    out.append(markdown(["model", "prefill mixed / single (<= 1.2)", "prefill PEFT / fxlora mixed (>= 3)",
+    out.append(markdown(["model", "prefill mixed / single (<= 1.2)", "the same, CUDA graphs",
+                         "prefill PEFT / fxlora mixed (>= 3)",
                          "decode mixed / single (<= 1.2)", "decode PEFT / fxlora mixed (>= 3)",
                          "served bytes / own", "PEFT bytes / own", "checks"], rows))
     return "\n".join(out)
@@ -466,6 +494,20 @@ def profile_host(fn: Callable[[], Any], calls: int) -> None:
     prof.disable()
     pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(14)
     sys.stdout.flush()
+
+
+def profile_device(fn: Callable[[], Any], calls: int) -> None:
+    """Print the kernels that take the device's time in ``calls`` calls of ``fn`` (torch.profiler, by total
+    device time), and the device's busy time against the wall time of the calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=70)
+    print(table, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                         "or in float32 (PEFT's own default for bf16 models: 2x the bytes, the branch in float32)")
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--profile", action="store_true",
-                   help="after the prefill timing, print where the host's time goes in the fxlora rows (cProfile)")
+                   help="after the prefill timing, print where the host's time (cProfile) and on CUDA the device's "
+                        "time (torch.profiler's kernels) go in the fxlora rows")
     p.add_argument("--layers", type=int, default=None, help="override the models' depth (for quick tests)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip sections that would start after this many seconds (default 200; none with --small)")
