@@ -65,8 +65,8 @@ def test_merge_on_eval_on_cuda():
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
 
 
-@pytest.mark.parametrize("rows", [1, 40])  # the dense form (decoding) and the one each device picks for prompts
-def test_serving_on_cuda_reads_the_ids_once_and_asserts_on_the_device(monkeypatch, rows):
+def _served_gpt2_tiny():
+    """A CUDA GPT-2 with adapters "a" (RULES) and "b" (r=4 on mlp.c_proj), non-zero, and its server."""
     torch.manual_seed(0)
     model = zoo.gpt2_tiny().to("cuda").eval()
     gm = fxlora.rewrite(model, RULES, adapter="a")
@@ -75,6 +75,12 @@ def test_serving_on_cuda_reads_the_ids_once_and_asserts_on_the_device(monkeypatc
         torch.nn.init.normal_(gm.get_parameter(name), std=0.2)
     gm.eval()
     server = fxlora.serve(gm).eval()
+    return gm, server
+
+
+@pytest.mark.parametrize("rows", [1, 40])  # the dense form (decoding) and the one each device picks for prompts
+def test_serving_on_cuda_reads_the_ids_once_and_asserts_on_the_device(monkeypatch, rows):
+    gm, server = _served_gpt2_tiny()
     x = torch.randint(0, 256, (4, rows), device="cuda")
     ids = torch.tensor([1, -1, 0, 1], device="cuda")
     reads = []
@@ -96,14 +102,7 @@ def test_serving_on_cuda_reads_the_ids_once_and_asserts_on_the_device(monkeypatc
 def test_a_served_module_captured_in_a_cuda_graph_replays_each_samples_adapter():
     """Serving engines replay CUDA graphs; a captured served forward checks the ids on the device (no host
     read while capturing) and follows new ids written into its input buffer."""
-    torch.manual_seed(0)
-    model = zoo.gpt2_tiny().to("cuda").eval()
-    gm = fxlora.rewrite(model, RULES, adapter="a")
-    fxlora.add_adapter(gm, [Rule("transformer.h.*.mlp.c_proj", r=4, alpha=4)], "b")
-    for name in fxlora.lora_parameter_names(gm):
-        torch.nn.init.normal_(gm.get_parameter(name), std=0.2)
-    gm.eval()
-    server = fxlora.serve(gm).eval()
+    gm, server = _served_gpt2_tiny()
     x = torch.randint(0, 256, (4, 16), device="cuda")
     ids = torch.tensor([1, -1, 0, 1], device="cuda")
     graph = torch.cuda.CUDAGraph()
