@@ -9,6 +9,7 @@ so that a caller can tell how often it fired.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter, defaultdict
 
 from torch import nn
@@ -34,7 +35,8 @@ class FxLoraPass(PassBase):
         check_contract(isinstance(graph_module, GraphModule), f"{self.name} runs on a torch.fx.GraphModule")
 
     def ensures(self, graph_module: GraphModule) -> None:
-        graph_module.graph.lint()
+        if not _linted_by_finalize(graph_module):
+            graph_module.graph.lint()
 
 
 class RewiringPass(FxLoraPass):
@@ -60,12 +62,26 @@ def check_contract(condition: bool, what: str) -> None:
         raise PassContractError(what)
 
 
+#: graph -> the code that :func:`finalize` generated for it right after linting it
+_LINTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def finalize(gm: GraphModule) -> None:
     """Check the edited graph and regenerate ``gm``'s code (recompile last).  Passes erase the nodes they
     make obsolete themselves: no dead-code elimination here, which would also drop the *model's* unused
-    nodes and make the graph differ from the captured one."""
+    nodes and make the graph differ from the captured one.
+
+    The lint here is the one the pass's ``ensures`` would repeat right after: ``ensures`` skips its own
+    when the graph still has the code generated here (recompiled by nobody since)."""
     gm.graph.lint()
     gm.recompile()
+    _LINTED[gm.graph] = gm.__dict__.get("_code")
+
+
+def _linted_by_finalize(gm: GraphModule) -> bool:
+    """Whether :func:`finalize` linted ``gm``'s graph and nothing recompiled it since (used once)."""
+    code = _LINTED.pop(gm.graph, None)
+    return code is not None and code is gm.__dict__.get("_code")
 
 
 def module_at(gm: GraphModule, path: str) -> nn.Module:
