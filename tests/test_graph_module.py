@@ -450,3 +450,36 @@ def test_the_forward_costs_the_same_at_every_stack_depth():
             at_depth(depth)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert max(faults) < 100, sorted(range(160), key=faults.__getitem__)[-3:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults with getrusage")
+@pytest.mark.parametrize("slots", [300, 1000, 1700, 3000])
+def test_forwards_of_any_frame_size_get_room_for_their_calls(slots):
+    """The same at the edges of CPython's chunk sizes: forwards of 300 to 3000 local slots, each making
+    300 calls, cost no more than a few dozen page faults at any of 200 stack depths."""
+    import resource
+
+    from fxlora.graph_module import _forward_caller
+
+    def small(a):
+        return a
+
+    names = " = ".join(f"_{i}" for i in range(slots))
+    scope = {"small": small}
+    exec(f"def forward(self, x):\n    if x is None:\n        {names} = None\n" + "    small(x)\n" * 300
+         + "    return x\n", scope)
+    forward = scope["forward"]
+    call = _forward_caller(forward.__code__.co_nlocals + forward.__code__.co_stacksize)
+
+    def at_depth(depth: int) -> None:
+        if depth:
+            return at_depth(depth - 1)
+        call(forward, None, (1,), {})
+
+    faults = []
+    for depth in range(200):
+        at_depth(depth)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        at_depth(depth)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert max(faults) < 100, (max(faults), faults.index(max(faults)))
