@@ -59,6 +59,8 @@ __all__ = [
     "MATMUL_OPS",
     "SUPPORTED",
     "find_candidates",
+    "get_parameter",
+    "get_submodule",
     "op_arguments",
     "weight_source",
     "read_weight",
@@ -398,7 +400,7 @@ def read_weight(gm: GraphModule, value: Any) -> WeightRead | None:
     if not isinstance(cur, Node):
         return None
     try:
-        param = gm.get_parameter(cur.target)  # type: ignore[arg-type]
+        param = get_parameter(gm, cur.target)  # type: ignore[arg-type]
     except AttributeError:
         return None
     if not isinstance(param, nn.Parameter):
@@ -529,10 +531,48 @@ def _classify_module(cand: Candidate, mod: nn.Module) -> None:
     cand.bias = f"{cand.name}.bias" if isinstance(bias, nn.Parameter) else None
 
 
+def _registered_child(mod: nn.Module, item: str) -> nn.Module | None:
+    """``getattr(mod, item)`` when that is a submodule found the way ``nn.Module.__getattr__`` finds it
+    (registered, not shadowed by an instance or class attribute, nor by a parameter or buffer); else None,
+    and the caller asks torch."""
+    child = mod._modules.get(item)
+    if child is None or item in mod.__dict__ or item in mod._parameters or item in mod._buffers or hasattr(type(mod), item):
+        return None
+    return child
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)``: the same module or the same AttributeError, found through the module
+    registries directly (torch's walks ``hasattr`` then ``getattr`` per name, each through
+    ``nn.Module.__getattr__``; plans look modules and parameters up thousands of times)."""
+    mod = root
+    for item in path.split(".") if path else ():
+        child = _registered_child(mod, item)
+        if child is None:
+            return root.get_submodule(path)
+        mod = child
+    return mod
+
+
+def get_parameter(root: nn.Module, target: str) -> nn.Parameter:
+    """``root.get_parameter(target)``: the same parameter or the same AttributeError (see :func:`get_submodule`)."""
+    path, _, name = target.rpartition(".")
+    mod = root
+    for item in path.split(".") if path else ():
+        child = _registered_child(mod, item)
+        if child is None:
+            return root.get_parameter(target)
+        mod = child
+    param = mod._parameters.get(name)
+    if not isinstance(param, nn.Parameter) or name in mod.__dict__ or hasattr(type(mod), name):
+        return root.get_parameter(target)
+    return param
+
+
 def try_submodule(root: nn.Module, path: str) -> nn.Module | None:
     """``root.get_submodule(path)``, or None when there is no module there."""
     try:
-        return root.get_submodule(path)
+        return get_submodule(root, path)
     except AttributeError:
         return None
 
@@ -545,7 +585,7 @@ def _owner_of(gm: GraphModule, root: nn.Module, node: Node, wname: str) -> tuple
     after it, so the same rule text selects the same sites whichever way the model was captured.
     Otherwise the weight's own path decides (``blocks.0.fc.weight`` -> ``blocks.0.fc``).
     """
-    param = gm.get_parameter(wname)
+    param = get_parameter(gm, wname)
     stack = node.meta.get("nn_module_stack")
     if stack:
         for path, _ in reversed(list(stack.values())):  # innermost first
@@ -590,7 +630,7 @@ def _new_candidate(gm: GraphModule, node: Node, root: nn.Module, module_types: d
     cand = Candidate(name=name, kind=None, names=(name,), weight=wname, owner=owner, prefix=prefix, module=module if prefix == "" else None)
     # a type rule selects the sites whose weight belongs to a module of that type
     cand.module_type = module_types.get(owner, type(module) if module is not None else None) if owner else None
-    cand.weight_shape = tuple(gm.get_parameter(wname).shape)
+    cand.weight_shape = tuple(get_parameter(gm, wname).shape)
     cand.type_name = op_name(node.target)
     cand.nodes = [node]
     return cand
@@ -601,7 +641,7 @@ def _module_bias(gm: GraphModule, cand: Candidate) -> str | None:
     if cand.prefix or not cand.owner or cand.module is None or not isinstance(getattr(cand.module, "bias", None), nn.Parameter):
         return None
     try:
-        gm.get_parameter(f"{cand.owner}.bias")
+        get_parameter(gm, f"{cand.owner}.bias")
     except AttributeError:
         return None
     return f"{cand.owner}.bias"
@@ -616,7 +656,7 @@ def _functional_candidate(
     if source is None:
         return None
     wname, transposed, view = source
-    weight = gm.get_parameter(wname)
+    weight = get_parameter(gm, wname)
     cand = _new_candidate(gm, node, root, module_types, wname)
     cand.views = [view] if view is not None else []
     x = args.get(site_op.input)
@@ -815,7 +855,7 @@ def find_candidates(
         if node.op == "call_module":
             key: tuple[Any, ...] = ("module", node.target)
             if key not in by_key:
-                mod = gm.get_submodule(node.target)
+                mod = get_submodule(gm, node.target)
                 original = try_submodule(root, node.target) or mod
                 names = tuple(dict.fromkeys([node.target, *aliases.get(id(original), [])]))
                 cand = Candidate(name=node.target, kind=None, module=mod, names=names, owner=node.target)
@@ -881,7 +921,7 @@ def _add_holder_names(gm: GraphModule, root: nn.Module, candidates: list[Candida
         if not cand.weight:
             continue
         try:
-            param = gm.get_parameter(cand.weight)
+            param = get_parameter(gm, cand.weight)
         except AttributeError:
             continue
         cand.names = tuple(dict.fromkeys([*cand.names, *holders.get(id(param), ())]))

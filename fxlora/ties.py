@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import ArgumentError, RuleError
-from .sites import Candidate, op_name, view_step
+from .sites import Candidate, get_parameter, get_submodule, op_name, view_step
 
 __all__ = ["TIED_MODES", "weight_uses", "check_ties", "describe_use", "tie_groups", "check_tied_mode"]
 
@@ -79,7 +79,7 @@ def weight_uses(gm: GraphModule) -> nx.Graph:
     params = dict(gm.named_parameters(remove_duplicate=False))
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            for p in gm.get_submodule(node.target).parameters():
+            for p in get_submodule(gm, node.target).parameters():
                 g.add_edge(("param", id(p)), node)
         elif node.op == "get_attr" and node.target in params:
             p = params[node.target]
@@ -97,7 +97,7 @@ def describe_use(node: Node) -> str:
 
 
 def _others(gm: GraphModule, uses: nx.Graph, cand: Candidate) -> list[Node]:
-    key = ("param", id(gm.get_parameter(cand.weight)))
+    key = ("param", id(get_parameter(gm, cand.weight)))
     if key not in uses:
         return []
     return sorted(set(uses.neighbors(key)) - set(cand.nodes), key=lambda n: n.name)
@@ -138,7 +138,7 @@ def tie_groups(
     groups: list[list[Candidate]] = []
     seen: dict[int, int] = {}  # id(param) -> index in groups
     for cand, rule_text in selected:
-        param = gm.get_parameter(cand.weight)
+        param = get_parameter(gm, cand.weight)
         if id(param) in seen:
             continue
         others = _others(gm, uses, cand)
@@ -176,6 +176,6 @@ def tie_groups(
 
 def _same_param(gm: GraphModule, name: str, param: torch.Tensor) -> bool:
     try:
-        return gm.get_parameter(name) is param
+        return get_parameter(gm, name) is param
     except AttributeError:
         return False

@@ -31,7 +31,7 @@ from torch.fx.proxy import GraphAppendingTracer
 from fxlora import provenance
 from fxlora.lora import SiteSpec, init_factors, kind_of
 from fxlora.resolution import Plan
-from fxlora.sites import bind_call
+from fxlora.sites import bind_call, get_parameter
 
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize, module_at
 from .train_modules import register_copies, retarget, trained_by
@@ -115,7 +115,7 @@ def input_of(node: Node, where: int | str | tuple[int, int]) -> Node:
 
 
 def _add_parameters(gm: GraphModule, spec: SiteSpec) -> None:
-    weight = gm.get_parameter(spec.weight)
+    weight = get_parameter(gm, spec.weight)
     shape_a, shape_b = kind_of(spec).shapes(spec)
     factory = {"device": weight.device, "dtype": weight.dtype}
     A = nn.Parameter(torch.empty(shape_a, **factory))
