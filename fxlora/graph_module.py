@@ -58,6 +58,7 @@ from torch.fx.node import map_arg
 
 from . import provenance
 from .errors import CheckpointError
+from .stack_chunks import stack_safe
 from .folding import fold
 from .pickling import refuse_unpicklable_modules
 from .tracing import gc_paused
@@ -133,55 +134,6 @@ class _FoldCache:
             return all(_same_bits(live, snapshot) for live, snapshot in self.watch)
 
 
-_CHUNK_SLOTS = 2048
-"""Slots of one CPython (3.11+) frame-stack chunk (16 KiB), which CPython sizes up in powers of two for a
-frame that needs more, with 1000 slots to spare."""
-
-_DIRECT_BELOW = 256
-"""Generated forwards with fewer local slots are called directly (see :func:`_forward_caller`)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _caller_of_size(slots: int) -> Any:
-    names = " = ".join(f"_{i}" for i in range(slots))
-    src = ("def call(fn, self, args, kwargs):\n"
-           "    if fn is None:  # never: declares the locals that size the frame\n"
-           f"        {names} = None\n"
-           "    return fn(self, *args, **kwargs)\n")
-    scope: dict[str, Any] = {}
-    exec(compile(src, "<fxlora: a forward on a fresh stack chunk>", "exec"), scope)
-    return scope["call"]
-
-
-def _direct(fn: Any, self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return fn(self, *args, **kwargs)
-
-
-def _forward_caller(frame_slots: int) -> Any:
-    """``call(fn, self, args, kwargs)``: ``fn(self, *args, **kwargs)`` from where a generated forward of
-    ``frame_slots`` local slots has room to make its calls.
-
-    CPython (3.11+) keeps frames in chunks of a per-thread stack and frees a chunk as soon as its first
-    frame returns.  A graph module's generated ``forward`` has a slot per node (1621 for a 24-layer
-    served GPT-2).  Where the caller's chunk has room for that frame but less than a small frame to
-    spare, every call the forward makes (each operator's and each module attribute's Python function,
-    thousands per forward) maps a chunk and unmaps it on return: thousands of page faults, which
-    measured 2-6x the forward's host time (79 against 12.5 ms on CPU; 2.3x on an H200's host), set by
-    the caller's stack depth alone.  The call is therefore made from a frame larger than a chunk, so it
-    always starts a new chunk, sized so that the forward's frame and 1024 slots more fit behind it: a
-    dozen page faults per call (about 30 us), which a forward of a few hundred nodes does not notice.
-    Smaller forwards, where that would show, are called directly, and so are forwards too large for a
-    chunk, which always start their own."""
-    if frame_slots < _DIRECT_BELOW or frame_slots >= _CHUNK_SLOTS:
-        return _direct  # small; or too large for a chunk's room: CPython starts it a chunk with 1000 to spare
-    # more than a chunk: CPython gives the frame a chunk of 2 * (slots - 52), leaving about slots - 120
-    # behind it (chunk header and frame specials); doubled until the forward's frame and 1024 more fit
-    slots = _CHUNK_SLOTS + 52
-    while slots - 120 < frame_slots + 1024:
-        slots = 2 * (slots - 52) + 52
-    return _caller_of_size(slots)
-
-
 class LoraGraphModule(GraphModule):
     def __init__(
         self,
@@ -198,14 +150,13 @@ class LoraGraphModule(GraphModule):
     def recompile(self):  # type: ignore[override]
         code = super().recompile()
         cls = type(self)
-        graph_forward = cls.forward
-        call = _forward_caller(graph_forward.__code__.co_nlocals + graph_forward.__code__.co_stacksize)
+        graph_forward = stack_safe(cls.forward)
 
         @functools.wraps(graph_forward)
         def forward(self: LoraGraphModule, *args: Any, **kwargs: Any) -> Any:
             if not self.training and self.__dict__.get("merge_on_eval", False):
                 return self.merged_module()(*args, **kwargs)
-            return call(graph_forward, self, args, kwargs)
+            return graph_forward(self, *args, **kwargs)
 
         cls.forward = forward  # type: ignore[method-assign]
         return code

@@ -459,7 +459,7 @@ def test_forwards_of_any_frame_size_get_room_for_their_calls(slots):
     300 calls, cost no more than a few dozen page faults at any of 200 stack depths."""
     import resource
 
-    from fxlora.graph_module import _forward_caller
+    from fxlora.stack_chunks import _forward_caller
 
     def small(a):
         return a
