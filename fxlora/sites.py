@@ -541,29 +541,30 @@ def _registered_child(mod: nn.Module, item: str) -> nn.Module | None:
     return child
 
 
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    """``root.get_submodule(path)``: the same module or the same AttributeError, found through the module
-    registries directly (torch's walks ``hasattr`` then ``getattr`` per name, each through
-    ``nn.Module.__getattr__``; plans look modules and parameters up thousands of times)."""
+def _walk(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path`` found through the registries alone, or None where torch must be asked."""
     mod = root
     for item in path.split(".") if path else ():
         child = _registered_child(mod, item)
         if child is None:
-            return root.get_submodule(path)
+            return None
         mod = child
     return mod
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)``: the same module or the same AttributeError, found through the module
+    registries directly (torch's walks ``hasattr`` then ``getattr`` per name, each through
+    ``nn.Module.__getattr__``; plans look modules and parameters up thousands of times)."""
+    mod = _walk(root, path)
+    return root.get_submodule(path) if mod is None else mod
 
 
 def get_parameter(root: nn.Module, target: str) -> nn.Parameter:
     """``root.get_parameter(target)``: the same parameter or the same AttributeError (see :func:`get_submodule`)."""
     path, _, name = target.rpartition(".")
-    mod = root
-    for item in path.split(".") if path else ():
-        child = _registered_child(mod, item)
-        if child is None:
-            return root.get_parameter(target)
-        mod = child
-    param = mod._parameters.get(name)
+    mod = _walk(root, path)
+    param = None if mod is None else mod._parameters.get(name)
     if not isinstance(param, nn.Parameter) or name in mod.__dict__ or hasattr(type(mod), name):
         return root.get_parameter(target)
     return param
