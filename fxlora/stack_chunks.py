@@ -4,7 +4,8 @@ CPython (3.11+) keeps frames in chunks of a per-thread stack and frees a chunk a
 returns.  A generated forward has a frame slot per graph node; called where the caller's chunk has just
 room for that frame, each of the thousands of Python calls the forward makes (an operator's, a module
 attribute's) maps a fresh chunk and unmaps it on return.  :func:`stack_safe` wraps a forward so that this
-cannot happen, whatever the caller's stack depth.  fxlora's rewritten and served modules use it.
+cannot happen, whatever the caller's stack depth (see :func:`_forward_caller` for the one case it
+does not cover).  fxlora's rewritten and served modules use it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ _CHUNK_SLOTS = 2048
 """Slots of one CPython (3.11+) frame-stack chunk (16 KiB), which CPython sizes up in powers of two for a
 frame that needs more, with 1000 slots to spare."""
 
-_DIRECT_BELOW = 256
+_DIRECT_BELOW = 128
 """Generated forwards with fewer local slots are called directly (see :func:`_forward_caller`)."""
 
 
@@ -42,28 +43,34 @@ def _forward_caller(frame_slots: int) -> Any:
 
     CPython (3.11+) keeps frames in chunks of a per-thread stack and frees a chunk as soon as its first
     frame returns.  A graph module's generated ``forward`` has a slot per node (1621 for a 24-layer
-    served GPT-2).  Where the caller's chunk has room for that frame but less than a small frame to
-    spare, every call the forward makes (each operator's and each module attribute's Python function,
-    thousands per forward) maps a chunk and unmaps it on return: thousands of page faults, which
-    measured 2-6x the forward's host time (79 against 12.5 ms on CPU; 2.3x on an H200's host), set by
-    the caller's stack depth alone.  The call is therefore made from a frame larger than a chunk, so it
-    always starts a new chunk, sized so that the forward's frame and 1024 slots more fit behind it: a
-    dozen page faults per call (about 30 us), which a forward of a few hundred nodes does not notice.
-    Smaller forwards, where that would show, are called directly, and so are forwards too large for a
-    chunk, which always start their own."""
-    if frame_slots < _DIRECT_BELOW or frame_slots >= _CHUNK_SLOTS:
-        return _direct  # small; or too large for a chunk's room: CPython starts it a chunk with 1000 to spare
-    # more than a chunk: CPython gives the frame a chunk of 2 * (slots - 52), leaving about slots - 120
-    # behind it (chunk header and frame specials); doubled until the forward's frame and 1024 more fit
-    slots = _CHUNK_SLOTS + 52
-    while slots - 120 < frame_slots + 1024:
-        slots = 2 * (slots - 52) + 52
+    served GPT-2).  Where the caller's chunk has room for that frame but not for the calls it makes,
+    every call (each operator's and each module attribute's Python function, thousands per forward) maps
+    a chunk and unmaps it on return: a page fault or more per call, which measured 2-6x the forward's
+    host time (79 against 12.5 ms on CPU; 2.3x on an H200's host), set by the caller's stack depth alone.
+
+    The call is therefore made from a frame larger than a 16 KiB chunk and larger than the room its own
+    chunk leaves behind it, so that it starts a new chunk wherever it is called from a 16 KiB chunk or
+    from another such frame (a served module inside a rewritten one), with the forward's frame and 1024
+    slots more behind it.  Cost: a chunk mapped per call and about ten page faults (23-30 us on a 2-core
+    x86 VM).  Forwards of fewer than 128 slots (about 60 operations, a fraction of a millisecond) are called
+    directly: there that cost would be a tenth of the call or more, while the worst case it prevents, a
+    fault per operation, is a few hundred microseconds.  Not covered: a caller whose own
+    frame above the call is larger than about 1000 slots (its chunk may then have room for all of this at
+    some depths)."""
+    if frame_slots < _DIRECT_BELOW:
+        return _direct
+    # CPython gives a frame of s slots a chunk of 2 * (s - 56) slots (for s > 1048), leaving about
+    # s - 136 behind it (chunk header, frame specials): less than s, so a frame of this caller's size
+    # never fits behind another one; doubled until the forward's frame and 1024 slots fit
+    slots = 2 * _CHUNK_SLOTS + 56
+    while slots - 136 < frame_slots + 1024:
+        slots = 2 * (slots - 56) + 56
     return _caller_of_size(slots)
 
 
 def stack_safe(forward: Any) -> Any:
     """``forward`` (a generated ``GraphModule.forward``), called through :func:`_forward_caller`; itself
-    when its frame is too small or too large to be caught.  The wrapper keeps ``forward``'s name,
+    when its frame is too small for that to pay.  The wrapper keeps ``forward``'s name,
     signature and source (``__wrapped__``), which ``inspect`` reads; ``torch.jit.script`` cannot compile it
     (it resolves the source's names in the wrapper's globals), so folded modules, which fxlora scripts, do
     not use it."""

@@ -453,9 +453,9 @@ def test_the_forward_costs_the_same_at_every_stack_depth():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults with getrusage")
-@pytest.mark.parametrize("slots", [300, 1000, 1700, 3000])
+@pytest.mark.parametrize("slots", [150, 300, 1000, 1700, 3000])
 def test_forwards_of_any_frame_size_get_room_for_their_calls(slots):
-    """The same at the edges of CPython's chunk sizes: forwards of 300 to 3000 local slots, each making
+    """The same at the edges of CPython's chunk sizes: forwards of 150 to 3000 local slots, each making
     300 calls, cost no more than a few dozen page faults at any of 200 stack depths."""
     import resource
 
