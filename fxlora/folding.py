@@ -15,30 +15,38 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import _PyTreeCodeGen
+from torch.fx.node import map_arg
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .distributed import full, plain_class
 from .errors import ArgumentError, CheckpointError
-from .passes import FoldPass, InlineUnits, merged_weights, unit_paths
+from .passes import FoldPass, InlineUnits, fold_graph, fold_modules, merged_weights, unit_paths
+from .passes.infra import check_contract
 from .pickling import reduce_folded
 from .provenance import (
     active_adapters,
     adapter_state,
     adapters_of,
     graph_sites,
+    node_info,
     require_unserved,
 )
 from .quantized import is_quantized
-from .tracing import copy_graph_module, ensure_code, gc_paused
+from .tracing import GeneratedCode, copy_graph_module, ensure_code, gc_paused, graph_module_tree, keep_non_persistent
 
-__all__ = ["fold", "load_folded"]
+__all__ = ["fold", "load_folded", "FOLD_TEMPLATE", "BASE_CODE"]
 
-_TEMPLATE = "_fxlora_fold_template"
+#: ``gm.__dict__`` keys: the fold template, ``(key, template)``; and the code of the base graph, kept by the
+#: rewrite, ``(gm's code then, GeneratedCode)`` (see :func:`_base_code`)
+FOLD_TEMPLATE = "_fxlora_fold_template"
+BASE_CODE = "_fxlora_base_code"
 
 
 @gc_paused()
@@ -127,16 +135,94 @@ def _weights(gm: GraphModule, adapters: Mapping[str, float] | None) -> dict[str,
 def _template(gm: GraphModule) -> GraphModule:
     """The folded structure of ``gm`` (the base graph, no adapter), built once per graph version."""
     key = (id(gm.graph), hash(gm.code))
-    cached = gm.__dict__.get(_TEMPLATE)
+    cached = gm.__dict__.get(FOLD_TEMPLATE)
     if cached is not None and cached[0] == key:
         return cached[1]
-    template = copy_graph_module(gm, code=False)  # its code is generated once, from the folded graph
-    if unit_paths(template):  # the folded model is the flat base graph
-        InlineUnits()(template)
-    FoldPass(weights={})(template)
-    ensure_code(template)
-    gm.__dict__[_TEMPLATE] = (key, template)
+    base = _base_code(gm)
+    if base is not None:
+        template = _template_over(gm, base)
+    else:
+        template = copy_graph_module(gm, code=False)  # its code is generated once, from the folded graph
+        if unit_paths(template):  # the folded model is the flat base graph
+            InlineUnits()(template)
+        FoldPass(weights={})(template)
+        ensure_code(template)
+    gm.__dict__[FOLD_TEMPLATE] = (key, template)
     return template
+
+
+def _base_code(gm: GraphModule) -> GeneratedCode | None:
+    """The code of ``gm``'s base graph, when :func:`fxlora.rewrite` kept it (it rewrote a graph module whose
+    code fxlora had generated: a capture or a plan) and ``gm`` still has the code the rewrite gave it."""
+    entry = gm.__dict__.get(BASE_CODE)
+    if entry is None or entry[0] != gm.__dict__.get("_code"):
+        return None
+    return entry[1]
+
+
+def _template_over(gm: GraphModule, base: GeneratedCode) -> GraphModule:
+    """The template of ``gm`` over its base graph's code: what the template built by running ``FoldPass`` on
+    a copy of ``gm`` is (the same module tree, ``meta`` and attributes), except that its ``forward`` is the
+    base graph's, already compiled, and its graph is built from a record of ``gm``'s graph taken now, the
+    first time a folded module's graph is read (:func:`_template_graph`)."""
+    graph = gm.graph
+    cls = type(type(gm).__name__, (GraphModule,), {"forward": base.forward})
+    template = object.__new__(cls)
+    nn.Module.__init__(template)
+    graph_module_tree(template, gm)
+    tracer_cls = graph._tracer_cls  # as GraphModule(root, copy.deepcopy(graph)) sets it
+    template._tracer_cls = tracer_cls if tracer_cls and "<locals>" not in tracer_cls.__qualname__ else None
+    template._tracer_extras = {}
+    template._replace_hooks = []
+    template._create_node_hooks = []
+    template._erase_node_hooks = []
+    template._deepcopy_hooks = []
+    template.shape_env = None
+    template.meta = copy.deepcopy(getattr(gm, "meta", {}))
+    keep_non_persistent(template)
+    fold_modules(template, {}, adapters_of(template))
+    codegen = copy.deepcopy(graph._codegen)
+    if isinstance(codegen, _PyTreeCodeGen):  # as recompile() sets them
+        template._in_spec = codegen.pytree_info.in_spec
+        template._out_spec = codegen.pytree_info.out_spec
+    template._code = base.code
+    template._lineno_map = base.lineno_map
+    template._prologue_start = base.prologue_start
+    nodes = [(n, n.op, n.name, n.target, n.args, n.kwargs, n.type, n.meta.copy()) for n in graph.nodes]
+    _LATER[template] = (nodes, codegen, graph._tracer_cls)
+    return template
+
+
+#: template -> the record of the rewritten graph it folds, until its graph is built (:func:`_template_graph`)
+_LATER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _template_graph(template: GraphModule) -> Graph:
+    """The template's graph: the base graph, built the first time it is needed (a copy of the recorded
+    rewritten graph, as ``copy.deepcopy`` makes it, folded by the fold pass's graph edits)."""
+    graph = template.__dict__.get("_graph")
+    if graph is not None:
+        return graph
+    nodes, codegen, tracer_cls = _LATER.pop(template)
+    graph = Graph(tracer_cls=tracer_cls)
+    copies: dict[Node, Node] = {}
+    for node, op, name, target, args, kwargs, type_expr, meta in nodes:
+        if op == "output":
+            new = graph.output(map_arg(args[0], copies.__getitem__), type_expr=type_expr)
+            new.meta = meta
+            break
+        new = graph.create_node(
+            op, target, map_arg(args, copies.__getitem__), map_arg(kwargs, copies.__getitem__), name, type_expr
+        )
+        new.meta = meta
+        copies[node] = new
+    graph._codegen = codegen
+    fold_graph(graph)
+    graph.owning_module = template
+    graph.lint()
+    check_contract(not any(node_info(n) for n in graph.nodes), "fold left LoRA nodes in the graph")
+    template.__dict__["_graph"] = graph
+    return graph
 
 
 def _sources(gm: GraphModule, weights: Mapping[str, float]) -> dict[str, str]:
@@ -151,7 +237,16 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
     # generated forward; named as torch names per-instance classes, so that GraphModule.__new__ (deepcopy,
     # unpickling) builds its usual class from the code instead of subclassing this one.
     new_cls = type(
-        "GraphModuleImpl", (GraphModule,), {"forward": type(template).forward, "graph": _lazy_graph, "__reduce__": reduce_folded}
+        "GraphModuleImpl",
+        (GraphModule,),
+        {
+            "forward": type(template).forward,
+            "graph": _lazy_graph,
+            "_graph": _shared_graph(template),
+            "__jit_unused_properties__": [*GraphModule.__jit_unused_properties__, "_graph"],
+            "__reduce__": _reduce_folded,
+            "__deepcopy__": _deepcopy_folded,
+        },
     )
     out = object.__new__(new_cls)  # not GraphModule.__new__, which would make yet another class
     nn.Module.__init__(out)
@@ -210,10 +305,10 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
 def _lazy_graph_get(self: GraphModule) -> Any:
     """The folded module's own graph: the template's, copied the first time it is read."""
     if self.__dict__.pop("_fxlora_shared_graph", False):
-        graph = copy.deepcopy(self.__dict__["_graph"])
+        graph = copy.deepcopy(self._graph)
         graph.owning_module = self
         self.__dict__["_graph"] = graph
-    return self.__dict__["_graph"]
+    return self._graph
 
 
 def _lazy_graph_set(self: GraphModule, graph: Any) -> None:
@@ -222,6 +317,32 @@ def _lazy_graph_set(self: GraphModule, graph: Any) -> None:
 
 
 _lazy_graph = property(_lazy_graph_get, _lazy_graph_set)
+
+
+def _shared_graph(template: GraphModule) -> property:
+    """A folded module's ``_graph``: the one in its ``__dict__``; until there is one, the template's graph
+    (built then, see :func:`_template_graph`), which ``graph`` copies when it is first read."""
+
+    def get(self: GraphModule) -> Graph:
+        graph = self.__dict__.get("_graph")
+        if graph is None:
+            graph = self.__dict__["_graph"] = _template_graph(template)
+        return graph
+
+    def set_(self: GraphModule, graph: Graph) -> None:
+        self.__dict__["_graph"] = graph
+
+    return property(get, set_)
+
+
+def _reduce_folded(self: GraphModule) -> tuple[Any, ...]:
+    self._graph  # noqa: B018 - torch's __reduce__ reads the graph from __dict__
+    return reduce_folded(self)
+
+
+def _deepcopy_folded(self: GraphModule, memo: dict[int, Any]) -> GraphModule:
+    self._graph  # noqa: B018 - torch's __deepcopy__ reads the graph from __dict__
+    return GraphModule.__deepcopy__(self, memo)
 
 
 def load_folded(model: nn.Module, folded: GraphModule) -> _IncompatibleKeys:

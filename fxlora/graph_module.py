@@ -59,9 +59,9 @@ from torch.fx.node import map_arg
 from . import provenance
 from .errors import CheckpointError
 from .stack_chunks import stack_safe
-from .folding import fold
+from .folding import BASE_CODE, FOLD_TEMPLATE, fold
 from .pickling import refuse_unpicklable_modules
-from .tracing import gc_paused
+from .tracing import gc_paused, record_generated_code
 
 __all__ = ["LoraGraphModule"]
 
@@ -69,7 +69,8 @@ __all__ = ["LoraGraphModule"]
 _PICKLE_VERSION = 1
 # Node metadata that only describes a capture in progress (fake tensors, symbolic shapes).
 _CAPTURE_ONLY_META = frozenset({"val", "example_value", "unbacked_bindings", "tensor_meta"})
-_COMPILED = ("_graph", "_code", "_lineno_map", "_prologue_start", "_fxlora_cache")
+# what a copy or an unpickled module generates again, or rebuilds on demand (the fold caches)
+_COMPILED = ("_graph", "_code", "_lineno_map", "_prologue_start", "_fxlora_cache", FOLD_TEMPLATE, BASE_CODE)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -150,6 +151,7 @@ class LoraGraphModule(GraphModule):
     def recompile(self):  # type: ignore[override]
         code = super().recompile()
         cls = type(self)
+        record_generated_code(self, cls.forward)  # a rewrite of this graph folds back to it: fold reuses this code
         graph_forward = stack_safe(cls.forward)
 
         @functools.wraps(graph_forward)
@@ -219,11 +221,15 @@ class LoraGraphModule(GraphModule):
         return init
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LoraGraphModule:
-        cache = self.__dict__.pop("_fxlora_cache", None)  # rebuilt on demand; not worth copying
+        # the fold caches are rebuilt on demand: not worth copying (the template is keyed by this graph)
+        cache = self.__dict__.pop("_fxlora_cache", None)
+        template = self.__dict__.pop(FOLD_TEMPLATE, None)
         try:
             return super().__deepcopy__(memo)  # type: ignore[return-value]
         finally:
             self.__dict__["_fxlora_cache"] = cache
+            if template is not None:
+                self.__dict__[FOLD_TEMPLATE] = template
 
     def __copy__(self) -> LoraGraphModule:
         res = LoraGraphModule(self, self.graph, type(self).__name__, merge_on_eval=self.__dict__.get("merge_on_eval", False))

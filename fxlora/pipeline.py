@@ -22,7 +22,7 @@ from .graph_module import LoraGraphModule
 from .lora import DEFAULT_ADAPTER
 from .options import CaptureOptions, capture_options, no_positional
 from .passes import FuseSiblings, RewritePass, SplitUnits
-from .provenance import adapter_state
+from .provenance import adapter_state, adapters_of
 from .resolution import (
     MODULE_TYPES_META,
     Plan,
@@ -34,7 +34,19 @@ from .resolution import (
 from .rules import Rule, as_rules
 from .state import BIAS_MODES, mark_only_lora_as_trainable
 from .ties import check_tied_mode
-from .tracing import build_graph_module, copy_graph_module, ensure_code, export_capture, gc_paused, keep_state_keys, trace
+from .folding import BASE_CODE
+from .tracing import (
+    GeneratedCode,
+    build_graph_module,
+    copy_graph_module,
+    ensure_code,
+    export_capture,
+    gc_paused,
+    generated_code,
+    keep_state_keys,
+    trace,
+    trace_graph_module,
+)
 
 __all__ = ["capture", "plan", "rewrite"]
 
@@ -56,9 +68,12 @@ def _capture(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, n
 def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphModule, nn.Module]:
     # built without code: a rewrite recompiles it right away, and capture() and plan() generate it (ensure_code)
     if isinstance(model, GraphModule):
-        root, graph = trace(model)
+        base = _base_code_of(model)
+        root, graph, normalized = trace_graph_module(model)
         gm = build_graph_module(LoraGraphModule, root, graph, type(model).__name__, code=False)
         gm.meta[CAPTURE_META] = model.meta.get(CAPTURE_META, "graph_module")
+        if base is not None and not normalized:  # the graph is model's, node for node: so is its code
+            gm.__dict__[_CAPTURED_CODE] = base
         return gm, root
     if opts.method in ("auto", "symbolic"):
         try:
@@ -82,6 +97,16 @@ def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphMod
     gm.meta[CAPTURE_META] = "torch.export"
     gm.train(model.training)  # captured in training mode; hand it back in the caller's mode
     return gm, root
+
+
+#: ``gm.__dict__`` key of a capture of a graph module: the code of the graph it copied (see _base_code_of)
+_CAPTURED_CODE = "_fxlora_captured_code"
+
+
+def _base_code_of(model: GraphModule) -> GeneratedCode | None:
+    """The code fxlora generated for ``model``'s graph, when it is still current and the graph is a base graph
+    (no adapter in it): a rewrite of that graph folds back to it, so the fold reuses the code."""
+    return generated_code(model) if not adapters_of(model) else None
 
 
 def _plan(
@@ -151,6 +176,7 @@ def plan(
     the_plan = _plan(
         model, [] if rules is None else as_rules(rules), opts, check_adapter_name(adapter), train_modules, check_tied_mode(tied)
     )
+    the_plan.graph_module.__dict__.pop(_CAPTURED_CODE, None)  # the plan's module has code of its own
     ensure_code(the_plan.graph_module)
     return the_plan
 
@@ -219,6 +245,7 @@ def rewrite(
                 "plan with fxlora.plan(model, rules, ...) instead)."
             )
         the_plan = model
+        base = _base_code_of(the_plan.graph_module)
         gm = copy_graph_module(the_plan.graph_module, LoraGraphModule, code=False)
     else:
         _check_model(model, "fxlora.rewrite")
@@ -227,6 +254,7 @@ def rewrite(
         opts = capture_options(capture, capture_kwargs, "rewrite")
         the_plan = _plan(model, as_rules(rules), opts, check_adapter_name(adapter), train_modules, check_tied_mode(tied))
         gm = the_plan.graph_module
+        base = gm.__dict__.pop(_CAPTURED_CODE, None)
     if not the_plan.sites:
         raise RuleError("the plan selects no site: give rules that select at least one site.")
     RewritePass(the_plan)(gm)
@@ -237,4 +265,9 @@ def rewrite(
         SplitUnits(resolve_units(gm, units))(gm)
     gm.__dict__["merge_on_eval"] = bool(merge_on_eval)
     mark_only_lora_as_trainable(gm, bias)
-    return ensure_code(gm)  # the rewrite pass generated it
+    ensure_code(gm)  # the rewrite pass generated it
+    if base is not None and units is None:
+        # fold gives back the graph rewritten, node for node: its first fold reuses that graph's code
+        # (units are inlined by fold, which names nodes anew)
+        gm.__dict__[BASE_CODE] = (gm.__dict__["_code"], base)
+    return gm

@@ -18,11 +18,13 @@ import os
 import threading
 import traceback
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator, Sequence
+import weakref
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node, Tracer
+from torch.fx.graph_module import _copy_attr
 from torch.fx.operator_schemas import get_signature_for_torch_op
 from torch.fx.proxy import ParameterProxy
 from torch.utils import _pytree as pytree
@@ -33,8 +35,9 @@ from .passes import make_mode_aware
 from .sites import normalize_method_calls
 
 __all__ = [
-    "shadow_copy", "trace", "copy_graph_module", "build_graph_module", "code_later", "ensure_code", "gc_paused",
-    "gc_as_before", "export_capture", "keep_state_keys", "NON_PERSISTENT_META",
+    "shadow_copy", "trace", "trace_graph_module", "copy_graph_module", "build_graph_module", "code_later", "ensure_code",
+    "gc_paused", "gc_as_before", "export_capture", "keep_state_keys", "NON_PERSISTENT_META", "GeneratedCode",
+    "record_generated_code", "generated_code", "graph_module_tree", "keep_non_persistent",
 ]
 
 #: ``gm.meta`` key: the buffers of a captured graph module that are not in the model's state dict
@@ -204,9 +207,8 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}.")
     if isinstance(model, GraphModule):
-        graph = copy.deepcopy(model.graph)
-        normalize_method_calls(graph)
-        return _shadow_graph_module_root(model), graph
+        root, graph, _ = trace_graph_module(model)
+        return root, graph
     root = shadow_copy(model)
     tracer = _Tracer(leaf_modules)
     before = _module_state(root)
@@ -225,6 +227,15 @@ def trace(
     _check_no_state_writes(model, root, graph)
     normalize_method_calls(graph)  # x.matmul(W.T) is a site like torch.matmul(x, W.T)
     return root, graph
+
+
+def trace_graph_module(model: GraphModule) -> tuple[nn.Module, Graph, bool]:
+    """:func:`trace` of a ``GraphModule``: ``(root, graph, changed)``, ``changed`` saying whether the copied
+    graph was normalized (``normalize_method_calls`` rewrote some of its nodes), so that it no longer
+    is, node for node, the graph of ``model``."""
+    graph = copy.deepcopy(model.graph)
+    changed = normalize_method_calls(graph) > 0
+    return _shadow_graph_module_root(model), graph, changed
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -431,10 +442,11 @@ def keep_state_keys(gm: GraphModule, model: nn.Module) -> None:
     keys = set(model.state_dict().keys())
     names = sorted(n for n, _ in gm.named_buffers(remove_duplicate=False) if n not in keys)
     gm.meta[NON_PERSISTENT_META] = names
-    _apply_non_persistent(gm)
+    keep_non_persistent(gm)
 
 
-def _apply_non_persistent(gm: GraphModule) -> None:
+def keep_non_persistent(gm: GraphModule) -> None:
+    """Make the buffers ``gm.meta`` records as not in the model's state dict non-persistent in ``gm``."""
     for name in getattr(gm, "meta", {}).get(NON_PERSISTENT_META, ()):
         owner, _, attr = name.rpartition(".")
         try:
@@ -542,6 +554,55 @@ def ensure_code(gm: GraphModule) -> GraphModule:
     return gm
 
 
+class GeneratedCode(NamedTuple):
+    """What ``GraphModule.recompile()`` generated for a graph: its source, the compiled ``forward`` (the
+    function itself, before any wrapper), and the line map that goes with them."""
+
+    code: str
+    forward: Any
+    lineno_map: Any
+    prologue_start: int
+    nodes: int  # len(graph.nodes) when it was generated
+
+
+#: graph -> the code fxlora's graph modules generated from it, recorded by ``LoraGraphModule.recompile``
+_GENERATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def record_generated_code(gm: GraphModule, forward: Any) -> None:
+    """Record the code ``gm.recompile()`` has just generated from ``gm.graph`` (``forward``: the function
+    it compiled), so that a graph that is this one, node for node, can reuse it (:func:`generated_code`)."""
+    graph = gm.__dict__.get("_graph")
+    if graph is None:
+        return
+    _GENERATED[graph] = GeneratedCode(
+        gm.__dict__["_code"], forward, gm.__dict__.get("_lineno_map"), gm.__dict__.get("_prologue_start", 0), len(graph.nodes)
+    )
+
+
+def generated_code(gm: GraphModule) -> GeneratedCode | None:
+    """The code recorded for ``gm``'s graph by :func:`record_generated_code`, when it is still ``gm``'s code:
+    nothing recompiled ``gm`` since, and its graph has as many nodes as then (a graph edited after its
+    code was generated, and not recompiled, runs that old code in ``torch.fx`` too)."""
+    graph = gm.__dict__.get("_graph")
+    found = _GENERATED.get(graph) if graph is not None else None
+    if found is None or found.code is not gm.__dict__.get("_code") or found.nodes != len(graph.nodes):
+        return None
+    return found
+
+
+def graph_module_tree(out: GraphModule, gm: GraphModule) -> None:
+    """Give ``out`` (a new graph module without a graph) the module tree that
+    ``copy_graph_module(gm)`` gives its copy: what ``GraphModule(root, graph)`` copies from a shadow copy of
+    ``gm`` for the targets of ``gm``'s graph, then the rest (:func:`_carry_unreferenced`)."""
+    root = _shadow_graph_module_root(gm)
+    out.training = root.training
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            _copy_attr(root, out, node.target)
+    _carry_unreferenced(out, root)
+
+
 def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, *, code: bool = True, **kwargs: Any) -> GraphModule:
     """A new ``cls`` over a shadow copy of ``gm``'s modules and a copy of its graph and ``meta`` (the
     nodes' and the module's: fxlora's records travel with the copy); ``code=False``: without code, for a
@@ -550,7 +611,7 @@ def copy_graph_module(gm: GraphModule, cls: type[GraphModule] = GraphModule, *, 
     out = build_graph_module(cls, root, copy.deepcopy(gm.graph), type(gm).__name__, code=code, **kwargs)
     _carry_unreferenced(out, root)
     out.meta = copy.deepcopy(getattr(gm, "meta", {}))
-    _apply_non_persistent(out)
+    keep_non_persistent(out)
     return out
 
 

@@ -29,7 +29,7 @@ from .adapters_pass import (
     remove_adapter,
     set_active_adapters,
 )
-from .fold_pass import FoldPass, fold, merged_weights
+from .fold_pass import FoldPass, fold, fold_graph, fold_modules, merged_weights
 from .fuse_siblings_pass import FuseSiblings, fuse_siblings
 from .infra import FxLoraPass, PassContractError, counters
 from .lower_pass import LowerLinearBranches, lower_linear_branches
@@ -44,6 +44,8 @@ __all__ = [
     "fuse_siblings",
     "make_mode_aware",
     "merged_weights",
+    "fold_graph",
+    "fold_modules",
     "lower_linear_branches",
     "split_units",
     "inline_units",

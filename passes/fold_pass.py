@@ -18,18 +18,18 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 from fxlora import provenance
 from fxlora.distributed import full
 from fxlora.errors import FoldError
-from fxlora.lora import merged_weight
+from fxlora.lora import SiteSpec, merged_weight
 from fxlora.quantized import dense, is_quantized, requantized
 
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
-from .train_modules import adopt_copy, drop_copies, restore, trained_by
+from .train_modules import adopt_copy, drop_copies, restore_targets, trained_by
 
-__all__ = ["FoldPass", "fold", "merged_weights"]
+__all__ = ["FoldPass", "fold", "merged_weights", "fold_graph", "fold_modules"]
 
 
 class FoldPass(FxLoraPass):
@@ -75,33 +75,8 @@ class FoldPass(FxLoraPass):
                 owner, _, attr = name.rpartition(".")
                 setattr(gm.get_submodule(owner), attr, new)
 
-        graph = gm.graph
-        for node in list(graph.nodes):
-            info = provenance.node_info(node)
-            if info is not None and info["role"] == provenance.ADD:
-                node.replace_all_uses_with(node.args[0])
-        for node in reversed(list(graph.nodes)):
-            info = provenance.node_info(node)
-            if info is None:
-                continue
-            if info["role"] == provenance.BASE:
-                del node.meta[provenance.META_KEY]
-            else:
-                graph.erase_node(node)
-
-        restore(gm)  # fully trained modules: a folded adapter's copy becomes the module, the others go
-        for name in weights:
-            adopt_copy(gm, name)
-        for name in list(trained_by(gm)):
-            drop_copies(gm, name)
-        for specs in adapters.values():
-            for spec in specs.values():
-                for qualname in (spec.lora_A, spec.lora_B, spec.dropout_module):
-                    if qualname is None:
-                        continue
-                    owner, _, attr = qualname.rpartition(".")
-                    delattr(gm.get_submodule(owner), attr)
-        provenance.forget_sites(gm)
+        fold_graph(gm.graph)
+        fold_modules(gm, weights, adapters)
         counters[self.name]["weights"] += len(merged)
         finalize(gm)
         return PassResult(gm, True)
@@ -112,6 +87,43 @@ class FoldPass(FxLoraPass):
             not any(provenance.node_info(n) for n in gm.graph.nodes) and not provenance.adapters_of(gm),
             "fold left LoRA nodes or records in the graph",
         )
+
+
+def fold_graph(graph: Graph) -> None:
+    """The fold's edits of the graph: every branch's nodes erased (its ``add`` replaced by the site's own
+    call), fxlora's records dropped from the nodes, and the nodes that read a module trained in full
+    pointed back at the module.  What is left is the base graph, node for node."""
+    for node in list(graph.nodes):
+        info = provenance.node_info(node)
+        if info is not None and info["role"] == provenance.ADD:
+            node.replace_all_uses_with(node.args[0])
+    for node in reversed(list(graph.nodes)):
+        info = provenance.node_info(node)
+        if info is None:
+            continue
+        if info["role"] == provenance.BASE:
+            del node.meta[provenance.META_KEY]
+        else:
+            graph.erase_node(node)
+    restore_targets(graph)  # fully trained modules: the graph reads the module again
+
+
+def fold_modules(gm: GraphModule, weights: Mapping[str, float], adapters: Mapping[str, Mapping[str, SiteSpec]]) -> None:
+    """The fold's edits of the module tree: a folded adapter's copies of the modules it trains in full become
+    the modules, the other copies go, and so do every adapter's LoRA parameters and dropout modules and
+    fxlora's records (``adapters``: the adapters ``gm`` had)."""
+    for name in weights:
+        adopt_copy(gm, name)
+    for name in list(trained_by(gm)):
+        drop_copies(gm, name)
+    for specs in adapters.values():
+        for spec in specs.values():
+            for qualname in (spec.lora_A, spec.lora_B, spec.dropout_module):
+                if qualname is None:
+                    continue
+                owner, _, attr = qualname.rpartition(".")
+                delattr(gm.get_submodule(owner), attr)
+    provenance.forget_sites(gm)
 
 
 def merged_weights(

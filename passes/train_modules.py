@@ -14,14 +14,14 @@ import copy
 from collections.abc import Iterable
 
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 from fxlora import provenance
 from fxlora.resolution import train_module_copy
 
 from .infra import module_at
 
-__all__ = ["register_copies", "retarget", "restore", "trained_by", "drop_copies", "adopt_copy", "TRAIN_META"]
+__all__ = ["register_copies", "retarget", "restore", "restore_targets", "trained_by", "drop_copies", "adopt_copy", "TRAIN_META"]
 
 #: ``node.meta`` key holding a retargeted node's original target.
 TRAIN_META = "fxlora_train"
@@ -51,8 +51,13 @@ def _under(target: str, path: str) -> bool:
 
 def restore(gm: GraphModule) -> bool:
     """Point every retargeted node back at the original module; returns whether anything changed."""
+    return restore_targets(gm.graph)
+
+
+def restore_targets(graph: Graph) -> bool:
+    """:func:`restore` on a graph."""
     changed = False
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         original = node.meta.pop(TRAIN_META, None)
         if original is not None:
             node.target = original
