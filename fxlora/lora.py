@@ -156,22 +156,23 @@ class LinearKind(_Kind):
     def full_B(B: Any, spec: SiteSpec) -> Any:
         """``B`` as the ``(out, r*k)`` factor of a plain branch (``B`` itself without ``enable_lora``)."""
         mask = spec.enable_lora
-        if mask is None:
+        if mask is None or len(mask) == 1:
             return B
-        n, k = len(mask), sum(mask)
+        n = len(mask)
         o = spec.out_features // n
-        diag = torch.block_diag(*[B[g * o : (g + 1) * o] for g in range(k)]) if k > 1 else B  # (o*k, r*k)
-        if k == n:
-            return diag
-        zeros = B.new_zeros(o, spec.r * k)
-        rows, g = [], 0
+        if sum(mask) == 1:  # one slice: B with zero rows above and below it, one op (its backward a slice)
+            g = mask.index(True)
+            return F.pad(B, (0, 0, g * o, (n - 1 - g) * o))
+        # One block_diag: enabled slice g's block of B on its rows and rank columns; a disabled slice is an
+        # empty (o, 0) block, which places o zero rows and no columns.
+        blocks, g = [], 0
         for enabled in mask:
             if enabled:
-                rows.append(diag[g * o : (g + 1) * o])
+                blocks.append(B[g * o : (g + 1) * o])
                 g += 1
             else:
-                rows.append(zeros)
-        return torch.cat(rows, 0)
+                blocks.append(B.new_empty((o, 0)))
+        return torch.block_diag(*blocks)
 
     @staticmethod
     def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:

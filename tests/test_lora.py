@@ -403,6 +403,22 @@ def _activation_ops(module, x, rows: int, width: int) -> list[str]:
     return sorted(seen)
 
 
+def _aten_ops(module, x) -> list[str]:
+    """Every ATen op one call of ``module`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        module(x)
+    return seen
+
+
 @pytest.mark.parametrize("mask", [[True, False, True], [False, True, False], [True, True, True]])
 def test_split_lora_costs_what_a_plain_branch_of_rank_r_times_k_costs(mask):
     """enable_lora with k of n slices enabled: the forward and backward make no activation-sized zeros,
@@ -418,5 +434,10 @@ def test_split_lora_costs_what_a_plain_branch_of_rank_r_times_k_costs(mask):
         randomize_lora(gm)
     # a slice of the output is the smallest activation-sized tensor either could make
     assert _activation_ops(split, x, rows, d) == _activation_ops(plain, x, rows, d)
+    # building the block-structured B costs a few small ops, each launched from the host every forward:
+    # at most one per slice (its block, or an empty placeholder) and one to place them
+    with torch.no_grad():
+        extra = len(_aten_ops(split, x)) - len(_aten_ops(plain, x))
+    assert 0 <= extra <= len(mask) + 1, (extra, _aten_ops(split, x))
     B = split.get_parameter("0.lora_B")
     assert tuple(B.shape) == (d * sum(mask), r)  # compact: the k enabled slices' blocks
