@@ -39,7 +39,8 @@ from .provenance import (
     require_unserved,
 )
 from .quantized import is_quantized
-from .tracing import GeneratedCode, copy_graph_module, ensure_code, gc_paused, graph_module_tree, keep_non_persistent
+from .sites import get_buffer, get_parameter
+from .tracing import GeneratedCode, shallow_copy, copy_graph_module, ensure_code, gc_paused, graph_module_tree, keep_non_persistent
 
 __all__ = ["fold", "load_folded", "FOLD_TEMPLATE", "BASE_CODE"]
 
@@ -265,11 +266,11 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
         return name
 
     for name, value in merged.items():  # one new parameter per merged weight, under each of its names (ties)
-        old = gm.get_parameter(name)
+        old = get_parameter(gm, name)
         memo[id(old)] = nn.Parameter(value, requires_grad=old.requires_grad)
 
     def tensor(kind: str, name: str) -> torch.Tensor:
-        value = gm.get_parameter(source(name)) if kind == "parameter" else gm.get_buffer(source(name))
+        value = get_parameter(gm, source(name)) if kind == "parameter" else get_buffer(gm, source(name))
         if id(value) not in memo:
             data = full(value).detach()  # a sharded (FSDP2) tensor is gathered: the folded module is whole
             memo[id(value)] = (
@@ -285,7 +286,7 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
             if child is None:
                 children[k] = None
                 continue
-            new = copy.copy(child)
+            new = shallow_copy(child)
             for attr, value in list(new.__dict__.items()):
                 if attr == "_non_persistent_buffers_set":
                     new.__dict__[attr] = set(value)

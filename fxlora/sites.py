@@ -570,6 +570,16 @@ def get_parameter(root: nn.Module, target: str) -> nn.Parameter:
     return param
 
 
+def get_buffer(root: nn.Module, target: str) -> torch.Tensor:
+    """``root.get_buffer(target)``: the same buffer or the same AttributeError (see :func:`get_submodule`)."""
+    path, _, name = target.rpartition(".")
+    mod = _walk(root, path)
+    buf = None if mod is None else mod._buffers.get(name)
+    if not isinstance(buf, torch.Tensor) or name in mod.__dict__ or hasattr(type(mod), name):
+        return root.get_buffer(target)
+    return buf
+
+
 def try_submodule(root: nn.Module, path: str) -> nn.Module | None:
     """``root.get_submodule(path)``, or None when there is no module there."""
     try:

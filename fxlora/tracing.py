@@ -37,7 +37,7 @@ from .sites import normalize_method_calls
 __all__ = [
     "shadow_copy", "trace", "trace_graph_module", "copy_graph_module", "build_graph_module", "code_later", "ensure_code",
     "gc_paused", "gc_as_before", "export_capture", "keep_state_keys", "NON_PERSISTENT_META", "GeneratedCode",
-    "record_generated_code", "generated_code", "graph_module_tree", "keep_non_persistent",
+    "record_generated_code", "generated_code", "graph_module_tree", "keep_non_persistent", "shallow_copy",
 ]
 
 #: ``gm.meta`` key: the buffers of a captured graph module that are not in the model's state dict
@@ -56,7 +56,7 @@ def shadow_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
-    new = _shallow_copy(module)
+    new = shallow_copy(module)
     memo[id(module)] = new
     # copy.copy shares the attribute values; give the copy its own registries and hook tables.
     for key, value in list(new.__dict__.items()):
@@ -85,7 +85,7 @@ def _copies_like_module(cls: type) -> bool:
 _MODULE_LIKE: dict[type, bool] = {}
 
 
-def _shallow_copy(module: nn.Module) -> nn.Module:
+def shallow_copy(module: nn.Module) -> nn.Module:
     """``copy.copy(module)``, without ``copy``'s generic reduce protocol for the usual module classes
     (what ``copy.copy`` does for them, done directly: a tenth of the time)."""
     cls = type(module)

@@ -24,6 +24,7 @@ from fxlora import provenance
 from fxlora.distributed import full
 from fxlora.errors import FoldError
 from fxlora.lora import SiteSpec, merged_weight
+from fxlora.sites import get_parameter
 from fxlora.quantized import dense, is_quantized, requantized
 
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
@@ -140,12 +141,12 @@ def merged_weights(
     updates: dict[str, list] = defaultdict(list)  # weight name -> [(A, B, spec, coeff)]
     for name, coeff in weights.items():
         for spec in adapters[name].values():
-            A, B = full(gm.get_parameter(spec.lora_A)), full(gm.get_parameter(spec.lora_B))  # gathered under FSDP2
+            A, B = full(get_parameter(gm, spec.lora_A)), full(get_parameter(gm, spec.lora_B))  # gathered under FSDP2
             updates[spec.weight].append((A, B, spec, coeff))
     merged: dict[str, torch.Tensor] = {}
     for weight, terms in updates.items():
         spec = terms[0][2]
-        W = full(gm.get_parameter(weight))
+        W = full(get_parameter(gm, weight))
         what = f"the weight '{weight}' of site '{spec.name}'"
         w = merged_weight(dense(W, what), terms, dtype=dtype)
         if not _all_finite(w):
