@@ -383,8 +383,9 @@ def test_conv_transpose_called_with_output_size_under_export():
         torch.testing.assert_close(fxlora.fold(gm)(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def _activation_ops(module, x, rows: int, width: int) -> list[str]:
-    """The ATen ops of a forward (and backward) whose result has at least ``rows * width`` elements."""
+def _recorded_ops(module, x, *, backward: bool) -> list[tuple[str, int]]:
+    """Every ATen op one call of ``module`` (and its backward, when asked) runs, with the number of elements
+    of its largest result."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen = []
@@ -392,31 +393,23 @@ def _activation_ops(module, x, rows: int, width: int) -> list[str]:
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.numel() >= rows * width:
-                    seen.append(func.overloadpacket.__name__)
+            sizes = [t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+            seen.append((func.overloadpacket.__name__, max(sizes, default=0)))
             return out
 
-    x = x.detach().requires_grad_()
-    with Record():
-        module(x).sum().backward()
-    return sorted(seen)
-
-
-def _aten_ops(module, x) -> list[str]:
-    """Every ATen op one call of ``module`` runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        module(x)
+    if backward:
+        x = x.detach().requires_grad_()
+        with Record():
+            module(x).sum().backward()
+    else:
+        with Record(), torch.no_grad():
+            module(x)
     return seen
+
+
+def _activation_ops(module, x, rows: int, width: int) -> list[str]:
+    """The ATen ops of a forward (and backward) whose result has at least ``rows * width`` elements."""
+    return sorted(name for name, size in _recorded_ops(module, x, backward=True) if size >= rows * width)
 
 
 @pytest.mark.parametrize("mask", [[True, False, True], [False, True, False], [True, True, True]])
@@ -436,8 +429,7 @@ def test_split_lora_costs_what_a_plain_branch_of_rank_r_times_k_costs(mask):
     assert _activation_ops(split, x, rows, d) == _activation_ops(plain, x, rows, d)
     # building the block-structured B costs a few small ops, each launched from the host every forward:
     # at most one per slice (its block, or an empty placeholder) and one to place them
-    with torch.no_grad():
-        extra = len(_aten_ops(split, x)) - len(_aten_ops(plain, x))
-    assert 0 <= extra <= len(mask) + 1, (extra, _aten_ops(split, x))
+    extra = len(_recorded_ops(split, x, backward=False)) - len(_recorded_ops(plain, x, backward=False))
+    assert 0 <= extra <= len(mask) + 1, (extra, _recorded_ops(split, x, backward=False))
     B = split.get_parameter("0.lora_B")
     assert tuple(B.shape) == (d * sum(mask), r)  # compact: the k enabled slices' blocks
