@@ -34,7 +34,8 @@ Measured, medians of interleaved repeats (CUDA synchronised around every call):
   step on the trainable parameters), ratio to ``full FT`` (the same step training every parameter);
 * ``compiled forward`` / ``compiled train``: the same under ``torch.compile`` (default mode), ratios to
   the compiled base / compiled full FT; compiled for the models ``--compile`` names (default the Llama
-  configuration), the compile time reported; a variant whose compile fails is reported and left out;
+  configuration), on the last (largest) shape of each or the shapes ``--compile-shapes`` names, the compile
+  time reported; a variant whose compile fails is reported and left out;
 * ``peak train memory``: the implementation's parameters, buffers and optimizer state plus the peak
   CUDA memory of a train step above what was allocated before it (what it would need alone);
 * ``fold``: ``fxlora.fold(gm)``, PEFT's ``merge_and_unload()`` (on a fresh copy each time, the copy not
@@ -432,11 +433,13 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
         res["fold_ms"] = _time_folds(impls, a, log, errors, cfg.model)
         checkpoint(res)
 
-    # ---- compiled rows, on the last (largest) shape
+    # ---- compiled rows, on the shapes --compile-shapes names (the last, largest, by default)
     if cfg.model.split("-")[0] in a.compile or "all" in a.compile:
-        b, s = cfg.shapes[-1]
-        ids = torch.randint(0, vocab, (b, s), generator=g, device=dev)
-        _compiled(impls, ids, a, log, errors, budget, cfg.model, res, res["shapes"][f"b{b} x s{s}"], tol, checkpoint)
+        chosen = {"last": cfg.shapes[-1:], "first": cfg.shapes[:1], "all": cfg.shapes}[a.compile_shapes]
+        for b, s in chosen:
+            ids = torch.randint(0, vocab, (b, s), generator=g, device=dev)
+            label = cfg.model if len(cfg.shapes) == 1 else f"{cfg.model} b{b} x s{s}"
+            _compiled(impls, ids, a, log, errors, budget, label, res, res["shapes"][f"b{b} x s{s}"], tol, checkpoint)
     for impl in impls.values():
         impl.opt = None
 
@@ -710,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--models", default=",".join(c.model for c in configs(False)))
     p.add_argument("--compile", default="llama", help="models whose compiled rows run: llama, gpt2, all or none")
+    p.add_argument("--compile-shapes", choices=("last", "first", "all"), default="last",
+                   help="which of a model's shapes get the compiled rows: the last (largest; default), the first, or all")
     p.add_argument("--compile-backend", default=None, help="default inductor (aot_eager with --small)")
     p.add_argument("--compile-impls", default="fxlora,PEFT",
                    help="LoRA implementations with compiled rows (fxlora, PEFT), each timed with the compiled base / full FT")
@@ -756,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "bench", "small": a.small, "partial": partial, "device": dev_name, "dtype": a.dtype,
             "versions": versions(),
             "settings": {"repeats": a.repeats, "fold_repeats": a.fold_repeats, "compile": sorted(a.compile),
-                         "compile_impls": a.compile_impls,
+                         "compile_impls": a.compile_impls, "compile_shapes": a.compile_shapes,
                          "compile_backend": a.compile_backend, "check_len": a.check_len, "r": R, "alpha": ALPHA,
                          "budget_s": a.budget_s, "peft_adapter_dtype": a.peft_adapter_dtype},
             "models": models, "notes": notes, "errors": list(errors), "seconds": log.elapsed(), "markdown": text,
