@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import weakref
 from typing import Any, Callable, Mapping
 
@@ -39,15 +40,27 @@ from .provenance import (
     require_unserved,
 )
 from .quantized import is_quantized
-from .sites import get_buffer, get_parameter
-from .tracing import GeneratedCode, shallow_copy, copy_graph_module, ensure_code, gc_paused, graph_module_tree, keep_non_persistent
+from .sites import get_buffer, get_parameter, try_submodule
+from .tracing import (
+    GeneratedCode,
+    copy_graph_module,
+    ensure_code,
+    gc_paused,
+    generated_code,
+    graph_module_tree,
+    keep_non_persistent,
+    shallow_copy,
+)
 
-__all__ = ["fold", "load_folded", "FOLD_TEMPLATE", "BASE_CODE"]
+__all__ = ["fold", "load_folded", "FOLD_TEMPLATE", "BASE_CODE", "CAPTURED_CODE"]
 
 #: ``gm.__dict__`` keys: the fold template, ``(key, template)``; and the code of the base graph, kept by the
 #: rewrite, ``(gm's code then, GeneratedCode)`` (see :func:`_base_code`)
 FOLD_TEMPLATE = "_fxlora_fold_template"
 BASE_CODE = "_fxlora_base_code"
+#: ``gm.__dict__`` key of a capture of a graph module: the code of the graph it copied, which a rewrite of the
+#: capture hands on as its ``BASE_CODE`` (not pickled: it holds a compiled function)
+CAPTURED_CODE = "_fxlora_captured_code"
 
 
 @gc_paused()
@@ -158,6 +171,8 @@ def _base_code(gm: GraphModule) -> GeneratedCode | None:
     entry = gm.__dict__.get(BASE_CODE)
     if entry is None or entry[0] != gm.__dict__.get("_code"):
         return None
+    if generated_code(gm) is None:  # gm's graph was edited after its code was generated: follow the graph
+        return None
     return entry[1]
 
 
@@ -196,6 +211,7 @@ def _template_over(gm: GraphModule, base: GeneratedCode) -> GraphModule:
 
 #: template -> the record of the rewritten graph it folds, until its graph is built (:func:`_template_graph`)
 _LATER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LATER_LOCK = threading.Lock()
 
 
 def _template_graph(template: GraphModule) -> Graph:
@@ -204,6 +220,14 @@ def _template_graph(template: GraphModule) -> Graph:
     graph = template.__dict__.get("_graph")
     if graph is not None:
         return graph
+    with _LATER_LOCK:  # two folds of one template may read their graphs from two threads
+        graph = template.__dict__.get("_graph")
+        if graph is None:
+            graph = _build_template_graph(template)
+    return graph
+
+
+def _build_template_graph(template: GraphModule) -> Graph:
     nodes, codegen, tracer_cls = _LATER.pop(template)
     graph = Graph(tracer_cls=tracer_cls)
     copies: dict[Node, Node] = {}
@@ -300,6 +324,10 @@ def _instantiate(template: GraphModule, gm: GraphModule, merged: dict[str, torch
 
     clone(template, out, "")
     out._non_persistent_buffers_set = set(template._non_persistent_buffers_set)  # the model's state-dict keys
+    # the folded model runs in the mode gm is in now, module by module (the template keeps the modes of the
+    # fold it was built for)
+    for name, module in out.named_modules():
+        module.training = (try_submodule(gm, source(name)) or gm).training if name else gm.training
     return out
 
 

@@ -59,7 +59,7 @@ from torch.fx.node import map_arg
 from . import provenance
 from .errors import CheckpointError
 from .stack_chunks import stack_safe
-from .folding import BASE_CODE, FOLD_TEMPLATE, fold
+from .folding import BASE_CODE, CAPTURED_CODE, FOLD_TEMPLATE, fold
 from .pickling import refuse_unpicklable_modules
 from .tracing import gc_paused, record_generated_code
 
@@ -70,7 +70,7 @@ _PICKLE_VERSION = 1
 # Node metadata that only describes a capture in progress (fake tensors, symbolic shapes).
 _CAPTURE_ONLY_META = frozenset({"val", "example_value", "unbacked_bindings", "tensor_meta"})
 # what a copy or an unpickled module generates again, or rebuilds on demand (the fold caches)
-_COMPILED = ("_graph", "_code", "_lineno_map", "_prologue_start", "_fxlora_cache", FOLD_TEMPLATE, BASE_CODE)
+_COMPILED = ("_graph", "_code", "_lineno_map", "_prologue_start", "_fxlora_cache", FOLD_TEMPLATE, BASE_CODE, CAPTURED_CODE)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

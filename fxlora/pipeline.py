@@ -34,7 +34,7 @@ from .resolution import (
 from .rules import Rule, as_rules
 from .state import BIAS_MODES, mark_only_lora_as_trainable
 from .ties import check_tied_mode
-from .folding import BASE_CODE
+from .folding import BASE_CODE, CAPTURED_CODE
 from .tracing import (
     GeneratedCode,
     build_graph_module,
@@ -73,7 +73,7 @@ def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphMod
         gm = build_graph_module(LoraGraphModule, root, graph, type(model).__name__, code=False)
         gm.meta[CAPTURE_META] = model.meta.get(CAPTURE_META, "graph_module")
         if base is not None and not normalized:  # the graph is model's, node for node: so is its code
-            gm.__dict__[_CAPTURED_CODE] = base
+            gm.__dict__[CAPTURED_CODE] = base
         return gm, root
     if opts.method in ("auto", "symbolic"):
         try:
@@ -97,10 +97,6 @@ def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphMod
     gm.meta[CAPTURE_META] = "torch.export"
     gm.train(model.training)  # captured in training mode; hand it back in the caller's mode
     return gm, root
-
-
-#: ``gm.__dict__`` key of a capture of a graph module: the code of the graph it copied (see _base_code_of)
-_CAPTURED_CODE = "_fxlora_captured_code"
 
 
 def _base_code_of(model: GraphModule) -> GeneratedCode | None:
@@ -149,7 +145,9 @@ def capture(model: nn.Module, *positional: Any, capture: CaptureOptions | str | 
     """
     no_positional(positional, "capture")
     _check_model(model, "fxlora.capture")
-    return ensure_code(_capture(model, capture_options(capture, capture_kwargs, "capture"))[0])
+    gm = _capture(model, capture_options(capture, capture_kwargs, "capture"))[0]
+    gm.__dict__.pop(CAPTURED_CODE, None)  # the capture gets code of its own, which a rewrite of it reuses
+    return ensure_code(gm)
 
 
 @gc_paused()
@@ -176,7 +174,7 @@ def plan(
     the_plan = _plan(
         model, [] if rules is None else as_rules(rules), opts, check_adapter_name(adapter), train_modules, check_tied_mode(tied)
     )
-    the_plan.graph_module.__dict__.pop(_CAPTURED_CODE, None)  # the plan's module has code of its own
+    the_plan.graph_module.__dict__.pop(CAPTURED_CODE, None)  # the plan's module has code of its own
     ensure_code(the_plan.graph_module)
     return the_plan
 
@@ -254,7 +252,7 @@ def rewrite(
         opts = capture_options(capture, capture_kwargs, "rewrite")
         the_plan = _plan(model, as_rules(rules), opts, check_adapter_name(adapter), train_modules, check_tied_mode(tied))
         gm = the_plan.graph_module
-        base = gm.__dict__.pop(_CAPTURED_CODE, None)
+        base = gm.__dict__.pop(CAPTURED_CODE, None)
     if not the_plan.sites:
         raise RuleError("the plan selects no site: give rules that select at least one site.")
     RewritePass(the_plan)(gm)

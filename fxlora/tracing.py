@@ -562,7 +562,7 @@ class GeneratedCode(NamedTuple):
     forward: Any
     lineno_map: Any
     prologue_start: int
-    nodes: int  # len(graph.nodes) when it was generated
+    nodes: tuple[Any, ...]  # graph_fingerprint(graph) when it was generated
 
 
 #: graph -> the code fxlora's graph modules generated from it, recorded by ``LoraGraphModule.recompile``
@@ -576,17 +576,35 @@ def record_generated_code(gm: GraphModule, forward: Any) -> None:
     if graph is None:
         return
     _GENERATED[graph] = GeneratedCode(
-        gm.__dict__["_code"], forward, gm.__dict__.get("_lineno_map"), gm.__dict__.get("_prologue_start", 0), len(graph.nodes)
+        gm.__dict__["_code"], forward, gm.__dict__.get("_lineno_map"), gm.__dict__.get("_prologue_start", 0),
+        graph_fingerprint(graph),
     )
 
 
+def graph_fingerprint(graph: Graph) -> tuple[Any, ...]:
+    """What a graph's generated code depends on, node by node: op, name, target, args and kwargs (argument
+    nodes by identity).  Two fingerprints of one graph are equal only if no node was added, removed,
+    retargeted or rewired in between."""
+    return tuple((n.op, n.name, n.target, n.args, n.kwargs) for n in graph.nodes)
+
+
+def _same_fingerprint(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an argument whose == is not a bool (a tensor constant): not provably the same
+        return False
+
+
 def generated_code(gm: GraphModule) -> GeneratedCode | None:
-    """The code recorded for ``gm``'s graph by :func:`record_generated_code`, when it is still ``gm``'s code:
-    nothing recompiled ``gm`` since, and its graph has as many nodes as then (a graph edited after its
-    code was generated, and not recompiled, runs that old code in ``torch.fx`` too)."""
+    """The code recorded for ``gm``'s graph by :func:`record_generated_code`, when it is still the code of
+    ``gm`` and of its graph: nothing recompiled ``gm`` since, and no node of its graph was added, removed,
+    retargeted or rewired (a graph edited after its code was generated, and not recompiled, runs the old
+    code in ``torch.fx``; fxlora follows the graph)."""
     graph = gm.__dict__.get("_graph")
     found = _GENERATED.get(graph) if graph is not None else None
-    if found is None or found.code is not gm.__dict__.get("_code") or found.nodes != len(graph.nodes):
+    if found is None or found.code is not gm.__dict__.get("_code"):
+        return None
+    if not _same_fingerprint(found.nodes, graph_fingerprint(graph)):
         return None
     return found
 

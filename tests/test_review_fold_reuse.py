@@ -4,8 +4,10 @@ e9f1e43 (the split-LoRA B built by one block_diag or one pad).
 
 Every fold is compared with an independent reference: a deep copy of the base model whose weights get
 ``W + scale * B_full @ A`` added by hand (B_full placed block by block here, not by fxlora), or loralib's
-``MergedLinear``.  LoRA factors are made non-zero first.  Tests marked ``xfail(strict=True)`` are bugs
-found by the review; the reason says what is wrong.
+``MergedLinear``.  LoRA factors are made non-zero first.  The review found five bugs, each now a test
+here: a capture or rewrite whose graph was edited without ``recompile()`` (the reused code must follow the
+graph), a capture of a capture that could not be pickled, two threads reading the graphs of two folds of
+one template, and a fold in eval mode after one in training mode (the modes of the first fold were kept).
 """
 
 from __future__ import annotations
@@ -395,12 +397,6 @@ def _swap_relu(graph) -> None:
         node.target = torch.sigmoid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="8cc460e: a captured module whose graph was edited in place without recompile() and without changing its "
-    "node count keeps its stale code in _GENERATED (only the node count is compared); the rewrite follows the edited "
-    "graph but its fold reuses the stale code, so fold(gm) != gm (before 8cc460e they were equal)",
-)
 @pytest.mark.parametrize("entry", ["capture", "plan"])
 def test_a_capture_edited_without_recompile_folds_to_what_the_rewrite_runs(entry):
     torch.manual_seed(0)
@@ -421,12 +417,6 @@ def test_a_capture_edited_without_recompile_folds_to_what_the_rewrite_runs(entry
     torch.testing.assert_close(folded(x), gm(x), atol=ATOL, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="8cc460e: a rewritten module whose graph was edited in place without recompile() folds to a module whose "
-    "code (the reused base code) is not its graph (built from a record of the edited graph): deepcopy/pickle of the "
-    "fold regenerate code from the graph and compute something else (before 8cc460e code and graph agreed)",
-)
 def test_a_rewrite_edited_without_recompile_folds_to_a_module_whose_code_is_its_graph():
     torch.manual_seed(0)
     model, x = Two().eval(), torch.randn(3, 4)
@@ -439,12 +429,6 @@ def test_a_rewrite_edited_without_recompile_folds_to_a_module_whose_code_is_its_
     assert _code_is_graph(folded)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="8cc460e: fxlora.capture(a graph module fxlora captured) leaves '_fxlora_captured_code' (a GeneratedCode "
-    "holding the compiled forward function) in the result's __dict__, which LoraGraphModule.__reduce__ pickles: "
-    "pickle.dumps and torch.save raise PicklingError (they worked before 8cc460e)",
-)
 def test_a_capture_of_a_capture_pickles():
     torch.manual_seed(0)
     model, x = Two().eval(), torch.randn(3, 4)
@@ -452,12 +436,6 @@ def test_a_capture_of_a_capture_pickles():
     torch.testing.assert_close(pickle.loads(pickle.dumps(again))(x), model(x), atol=0, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="8cc460e: folds sharing one template build its graph lazily from a record popped from _LATER without a "
-    "lock; a second thread reading another fold's .graph while the first builds it gets KeyError (and the record "
-    "is lost); before 8cc460e the template graph existed when fold returned",
-)
 def test_graphs_of_two_folds_can_be_read_from_two_threads(monkeypatch):
     torch.manual_seed(0)
     gm = fxlora.rewrite(fxlora.capture(Two()), [fxlora.Rule("*", r=2, alpha=2)])
@@ -486,13 +464,6 @@ def test_graphs_of_two_folds_can_be_read_from_two_threads(monkeypatch):
     assert not errors, errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pre-existing (also before 8cc460e): the fold template is cached by (graph, code) and keeps the training "
-    "flags of the modules as they were at the first fold; a later fold of the module in eval mode runs batch norm "
-    "and dropout in training mode, so fold(gm.eval()) != gm.eval() (for torch.export captures the mode-aware "
-    "'_fxlora_training' module is affected the same way)",
-)
 def test_a_fold_after_train_then_eval_runs_in_eval_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
