@@ -47,6 +47,7 @@ Inference mode
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import pickle
@@ -57,7 +58,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
 from . import provenance
-from .errors import CheckpointError
+from .errors import ArgumentError, CheckpointError
 from .stack_chunks import stack_safe
 from .folding import BASE_CODE, CAPTURED_CODE, FOLD_TEMPLATE, fold
 from .pickling import refuse_unpicklable_modules
@@ -65,12 +66,20 @@ from .tracing import gc_paused, record_generated_code
 
 __all__ = ["LoraGraphModule"]
 
+#: ``gm.__dict__`` key of the eager forward of the lowered graph: ``(code it was built for, forward or None,
+#: the path of a LoRA factor it reads)``; built on demand (see :meth:`LoraGraphModule._lowered_forward`)
+_LOWERED = "_fxlora_lowered"
+#: ``gm.lower_branches``'s values
+LOWER_MODES = ("auto", True, False)
+_HALF = (torch.float16, torch.bfloat16)
+
 #: Version of the pickled form (see :meth:`LoraGraphModule.__reduce__`).
 _PICKLE_VERSION = 1
 # Node metadata that only describes a capture in progress (fake tensors, symbolic shapes).
 _CAPTURE_ONLY_META = frozenset({"val", "example_value", "unbacked_bindings", "tensor_meta"})
 # what a copy or an unpickled module generates again, or rebuilds on demand (the fold caches)
-_COMPILED = ("_graph", "_code", "_lineno_map", "_prologue_start", "_fxlora_cache", FOLD_TEMPLATE, BASE_CODE, CAPTURED_CODE)
+_COMPILED = ("_graph", "_code", "_lineno_map", "_prologue_start", "_fxlora_cache", FOLD_TEMPLATE, BASE_CODE, CAPTURED_CODE,
+             _LOWERED)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -146,6 +155,7 @@ class LoraGraphModule(GraphModule):
     ) -> None:
         super().__init__(root, graph, class_name)
         self.__dict__["merge_on_eval"] = bool(merge_on_eval)
+        self.__dict__["lower_branches"] = "auto"
         self.__dict__["_fxlora_cache"] = None
 
     def recompile(self):  # type: ignore[override]
@@ -158,6 +168,9 @@ class LoraGraphModule(GraphModule):
         def forward(self: LoraGraphModule, *args: Any, **kwargs: Any) -> Any:
             if not self.training and self.__dict__.get("merge_on_eval", False):
                 return self.merged_module()(*args, **kwargs)
+            lowered = _lowered_forward(self)
+            if lowered is not None:
+                return lowered(self, *args, **kwargs)
             return graph_forward(self, *args, **kwargs)
 
         cls.forward = forward  # type: ignore[method-assign]
@@ -214,9 +227,11 @@ class LoraGraphModule(GraphModule):
     # -- copies and pickles ------------------------------------------------------------------------
     def _deepcopy_init(self):  # type: ignore[override]
         merge_on_eval = self.__dict__.get("merge_on_eval", False)
+        lower_branches = self.__dict__.get("lower_branches", "auto")
 
         def init(res: LoraGraphModule, root: Any, graph: Graph) -> None:
             LoraGraphModule.__init__(res, root, graph, merge_on_eval=merge_on_eval)
+            res.__dict__["lower_branches"] = lower_branches
 
         return init
 
@@ -224,15 +239,18 @@ class LoraGraphModule(GraphModule):
         # the fold caches are rebuilt on demand: not worth copying (the template is keyed by this graph)
         cache = self.__dict__.pop("_fxlora_cache", None)
         template = self.__dict__.pop(FOLD_TEMPLATE, None)
+        lowered = self.__dict__.pop(_LOWERED, None)
         try:
             return super().__deepcopy__(memo)  # type: ignore[return-value]
         finally:
             self.__dict__["_fxlora_cache"] = cache
+            self.__dict__[_LOWERED] = lowered
             if template is not None:
                 self.__dict__[FOLD_TEMPLATE] = template
 
     def __copy__(self) -> LoraGraphModule:
         res = LoraGraphModule(self, self.graph, type(self).__name__, merge_on_eval=self.__dict__.get("merge_on_eval", False))
+        res.__dict__["lower_branches"] = self.__dict__.get("lower_branches", "auto")
         res.meta = getattr(self, "meta", {})
         return res
 
@@ -246,6 +264,76 @@ class LoraGraphModule(GraphModule):
             body["meta"] = _picklable_meta(body["meta"], keep=("fxlora",))
         state = {"version": _PICKLE_VERSION, "body": body, "graph": _graph_record(self.graph)}
         return (_unpickle_lora_graph_module, (state,))
+
+
+def _lowered_forward(self: Any) -> Any:
+    """The forward of this graph with each single-adapter linear branch lowered
+    (:class:`fxlora.passes.LowerLinearBranches`, run on a copy of the graph: the module's own graph,
+    state dict and every pass are unchanged), calling :func:`fxlora.ops.lora_linear_eager`, which merges
+    ``W + B A`` per call where that moves less memory than the branch; None where the module runs its
+    own graph.  ``gm.lower_branches``: ``"auto"`` (the default) lowers where the LoRA factors are CUDA
+    float16/bfloat16, ``True`` everywhere, ``False`` never.  Never under ``torch.compile``,
+    ``torch.export``, ``torch.jit.trace`` or ``torch.fx`` tracing: those see the graph itself."""
+    mode = self.__dict__.get("lower_branches", False)  # not a LoraGraphModule (an exporter's copy): its graph
+    if mode is False or _capturing():
+        return None
+    if not (mode is True or (isinstance(mode, str) and mode == "auto")):
+        raise ArgumentError(f"lower_branches must be 'auto', True or False, got {mode!r}.")
+    code = self.__dict__.get("_code")
+    cached = self.__dict__.get(_LOWERED)
+    if cached is None or cached[0] is not code:
+        cached = self.__dict__[_LOWERED] = (code, _a_lora_factor(self), None)
+    _, probe, built = cached
+    if probe is None:
+        return None
+    if mode is not True:
+        factor = self.get_parameter(probe)
+        if not (factor.is_cuda and factor.dtype in _HALF):
+            return None
+    if built is None:  # lowered the first time it runs
+        built = _lower_for_eager(self)
+        self.__dict__[_LOWERED] = (code, probe, built)
+    return built or None
+
+
+def _a_lora_factor(gm: LoraGraphModule) -> str | None:
+    """The name of a LoRA factor of ``gm`` (where the branches run, and in what dtype); None when it has none
+    of its own (a served module stacks them)."""
+    for spec in provenance.graph_sites(gm).values():
+        try:
+            gm.get_parameter(spec.lora_A)
+        except AttributeError:
+            return None
+        return spec.lora_A
+    return None
+
+
+def _capturing() -> bool:
+    """Whether a compiler or tracer is running the forward (it must see the graph, not the eager lowering)."""
+    compiler = torch.compiler
+    if compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)():
+        return True
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    return torch.fx._symbolic_trace.is_fx_tracing()
+
+
+def _lower_for_eager(gm: LoraGraphModule) -> Any:
+    """The forward of ``gm``'s graph with its linear branches lowered, each lowered call running
+    :mod:`fxlora.ops`'s eager functions; False when nothing lowers."""
+    from fxlora import ops
+    from fxlora.passes import lower_linear_branches
+
+    lowered = GraphModule(gm, copy.deepcopy(gm.graph))  # the same tensors, its own graph
+    if not provenance.is_rewritten(lowered) or not lower_linear_branches(lowered).modified:  # no branch runs
+        return False
+    eager = {torch.ops.fxlora.lora_linear.default: ops.lora_linear_eager,
+             torch.ops.fxlora.lora_linear_h.default: ops.lora_linear_h_eager}
+    for node in lowered.graph.nodes:
+        if node.op == "call_function" and node.target in eager:
+            node.target = eager[node.target]
+    lowered.recompile()
+    return stack_safe(type(lowered).forward)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -94,6 +94,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import LoraOpError
@@ -112,6 +113,9 @@ __all__ = [
     "get_path",
     "use_path",
     "choose_path",
+    "merge_pays",
+    "lora_linear_eager",
+    "lora_linear_h_eager",
     "LoraOpError",
 ]
 
@@ -544,3 +548,70 @@ for _name in ("lora_linear", "lora_linear_h", "lora_shrink", "lora_gemm"):
         _overload = getattr(torch.ops.fxlora, _name).default
         _lib.impl(_name, _autocast_kernel(_overload, _device_type, _key), _key, with_keyset=True)
 del _name, _device_type, _key, _overload
+
+
+# --------------------------------------------------------------------------------------------------
+# Eager: what a lowered graph runs outside torch.compile and torch.export
+# --------------------------------------------------------------------------------------------------
+#
+# A custom op costs its dispatch on every call (the op's Python wrapper, its autograd formula and
+# checks: ~0.15-0.25 ms more host time per call than the plain ops on an H200 host, ops-h200.json), which
+# is more than the kernels it saves.  Eagerly, a lowered graph calls these plain functions instead;
+# ``torch.compile`` and ``torch.export`` see the ops.
+
+
+def merge_pays(tokens: int, in_features: int, out_features: int) -> bool:
+    """Whether ``F.linear(x, W + B_s A, b)`` moves fewer elements than the branch ``F.linear(x, W, b) +
+    F.linear(F.linear(x, A), B_s)``: merging reads ``W`` and writes ``W + B_s A`` (``2*in*out``); the branch
+    reads ``x`` again and writes, reads back and adds a full output (``T*(in + 4*out)``)."""
+    return 2 * in_features * out_features < tokens * (in_features + 4 * out_features)
+
+
+class _MergedLinear(torch.autograd.Function):
+    """``F.linear(x, W + Bs @ A, b)`` whose backward never forms ``dy^T x`` for the merged weight: ``dx = dy
+    (W + Bs A)`` (the merged weight made again, not kept), ``dA = (dy Bs)^T x``, ``dBs = dy^T (x A^T)``; ``dW``
+    and ``db`` only where the base trains."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, Bs):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, A, Bs)
+        return F.linear(x, torch.addmm(weight, Bs, A), bias)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, A, Bs = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad
+        out_f, in_f = weight.shape
+        dy2, x2 = dy.reshape(-1, out_f), x.reshape(-1, in_f)
+        counters["linear.merged_backward"] += 1
+        dx = torch.mm(dy2, torch.addmm(weight, Bs, A)).view(x.shape) if need_x else None
+        dW = torch.mm(dy2.t(), x2) if need_w else None
+        db = dy2.sum(0) if need_b else None
+        dA = torch.mm(torch.mm(dy2, Bs).t(), x2) if need_A else None
+        dB = torch.mm(dy2.t(), torch.mm(x2, A.t())) if need_B else None
+        return dx, dW, db, dA, dB
+
+
+def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``fxlora::lora_linear``'s value, eagerly: where :func:`merge_pays` for this call (and ``scale`` is 1, as
+    the lower pass emits it), the base GEMM over ``W + B A`` made per call; otherwise the branch's plain
+    ops.  Numerically the merged form rounds ``W + B A`` once more than the base layer: within the op's
+    bound with ``c = 2`` (module docstring)."""
+    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+    if scale == 1.0 and merge_pays(tokens, weight.shape[1], weight.shape[0]):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
+            counters["linear.merged"] += 1
+            return _MergedLinear.apply(x, weight, bias, A, B)
+        counters["linear.merged"] += 1
+        return F.linear(x, torch.addmm(weight, B, A), bias)
+    counters["linear.branch"] += 1
+    expand = F.linear(F.linear(x, A), B)
+    return F.linear(x, weight, bias) + (expand if scale == 1.0 else expand * scale)
+
+
+def lora_linear_h_eager(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``fxlora::lora_linear_h``'s value, eagerly: the plain ops (a branch whose input is not ``x A^T``
+    cannot be merged)."""
+    counters["linear.branch"] += 1
+    expand = F.linear(h, B)
+    return F.linear(x, weight, bias) + (expand if scale == 1.0 else expand * scale)

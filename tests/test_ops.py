@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24, torch.float64: 2**-53}
-ROUNDINGS = {"triton": 2, "addmm": 3, "composite": 4}
+ROUNDINGS = {"triton": 2, "merged": 2, "addmm": 3, "composite": 4}
 SCALE = 0.7  # not a power of two: scaling rounds
 
 

@@ -1,0 +1,181 @@
+"""Eager lowering: a rewritten module runs its linear branches through ``fxlora.ops``'s eager functions
+(merged per call where that moves less memory) while its graph, state dict, fold and every compiler or
+tracer see the rewritten graph.  ``lower_branches="auto"`` lowers on CUDA half precision only; on CPU these
+tests switch it on, and compare with the same module running its own graph (float32: equal to rounding)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import fxlora
+import pytest
+import torch
+import transformers
+from fxlora import Rule, ops
+from fxlora.errors import ArgumentError
+
+from helpers import Functional, TinyTransformer, randomize_lora
+from test_ops import SCALE, assert_within_bound, make_inputs, reference_and_magnitude
+
+CASES = {
+    "masked_qkv_and_plain": (TinyTransformer, lambda: torch.randint(0, 40, (4, 24)),
+                             [Rule("blocks.*.qkv", r=2, alpha=4, enable_lora=[True, False, True]), Rule("head", r=3, alpha=3)], False),
+    "fused_siblings": (TinyTransformer, lambda: torch.randint(0, 40, (4, 24)),
+                       [Rule("blocks.*.qkv", r=2, alpha=4), Rule("blocks.*.proj", r=2, alpha=2)], True),
+    "functional_x_at_w_and_dropout": (Functional, lambda: torch.randn(4, 24, 8), [Rule("*", r=2, alpha=4, dropout=0.25)], False),
+}
+
+
+def _run(gm, x, mode):
+    """Output, gradients of every trainable parameter, and the eager calls counted, with ``lower_branches=mode``."""
+    gm.lower_branches = mode
+    for p in gm.parameters():
+        p.grad = None
+    ops.counters.clear()
+    torch.manual_seed(1)  # the same dropout masks in both runs
+    out = gm(x)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    return out.detach(), grads, dict(ops.counters)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_lowered_forward_computes_what_the_graph_computes(case):
+    factory, inputs, rules, fuse = CASES[case]
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(factory(), rules, fuse_siblings=fuse).train()
+    randomize_lora(gm)
+    x = inputs()
+    graph_out, graph_grads, graph_calls = _run(gm, x, False)
+    out, grads, calls = _run(gm, x, True)
+    assert not graph_calls and calls.get("linear.merged", 0) + calls.get("linear.branch", 0) > 0
+    torch.testing.assert_close(out, graph_out, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == graph_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], graph_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    code = gm.code
+    assert "lora_linear_eager" not in code and "lora_linear" not in code.replace("lora_linear_h", "")  # its own graph is unchanged
+
+
+def test_a_hugging_face_decoder_merges_per_call_in_forward_and_backward():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=128)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 128, (4, 64))
+    gm = fxlora.rewrite(model, [Rule("model.layers.*.self_attn.*_proj", r=4, alpha=8), Rule("model.layers.*.mlp.*_proj", r=4, alpha=8)],
+                        example_inputs=(ids[:2, :16].clone(),), example_kwargs={"use_cache": False}).train()
+    randomize_lora(gm)
+
+    class Logits(torch.nn.Module):
+        def forward(self, ids):
+            return gm(input_ids=ids, use_cache=False).logits
+
+    wrapped = Logits()
+    gm.lower_branches = False
+    expected = wrapped(ids)
+    expected.square().mean().backward()
+    expected_grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    for p in gm.parameters():
+        p.grad = None
+    gm.lower_branches = True
+    ops.counters.clear()
+    out = wrapped(ids)
+    out.square().mean().backward()
+    assert ops.counters["linear.merged"] == 14 and ops.counters["linear.merged_backward"] == 14  # 7 sites x 2 layers
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, p in gm.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert sorted(expected_grads) == sorted(n for n, p in gm.named_parameters() if p.grad is not None)
+
+
+def test_auto_lowers_only_cuda_half_precision():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.qkv", r=2, alpha=4)])
+    x = torch.randint(0, 40, (4, 24))
+    assert gm.lower_branches == "auto"
+    for module in (gm, gm.to(torch.bfloat16)):
+        ops.counters.clear()
+        with torch.no_grad():
+            module(x)
+        assert not ops.counters  # CPU: the graph itself
+    assert fxlora.ops.merge_pays(4096, 2048, 2048) and not fxlora.ops.merge_pays(32, 2048, 2048)
+
+
+def test_compilers_and_tracers_see_the_graph_not_the_lowering():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.qkv", r=2, alpha=4)]).eval()
+    randomize_lora(gm)
+    gm.lower_branches = True
+    x = torch.randint(0, 40, (4, 24))
+    with torch.no_grad():
+        expected = gm(x)
+        ops.counters.clear()
+        program = torch.export.export(gm, (x,))
+        traced = torch.jit.trace(gm, (x,), check_trace=False)
+        compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+    assert not ops.counters
+    targets = {str(n.target) for n in program.graph.nodes}
+    assert not any("lora_linear" in t for t in targets)
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_switching_adapters_lowers_the_new_graph():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.qkv", r=2, alpha=4)], adapter="a")
+    fxlora.add_adapter(gm, [Rule("blocks.*.proj", r=3, alpha=3)], "b")
+    randomize_lora(gm)
+    x = torch.randint(0, 40, (4, 24))
+    for active in ("a", "b", ["a", "b"], None):
+        fxlora.set_adapter(gm, active)
+        with torch.no_grad():
+            gm.lower_branches = False
+            expected = gm(x)
+            gm.lower_branches = True
+            torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-6, msg=str(active))
+
+
+def test_copies_pickles_and_bad_values():
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.qkv", r=2, alpha=4)])
+    randomize_lora(gm)
+    gm.lower_branches = True
+    x = torch.randint(0, 40, (4, 24))
+    with torch.no_grad():
+        expected = gm(x)  # builds the lowering
+        for other in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm)), copy.copy(gm)):
+            assert other.lower_branches is True
+            ops.counters.clear()
+            torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-6)
+            assert ops.counters["linear.merged"] + ops.counters["linear.branch"] == 2
+        before = {k: v.clone() for k, v in gm.state_dict().items()}
+        gm.lower_branches = "yes"
+        with pytest.raises(ArgumentError, match="lower_branches must be 'auto', True or False"):
+            gm(x)
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead", [(64,), (4, 16)], ids=str)
+def test_the_merged_call_is_within_the_ops_bound(dtype, lead):
+    """``lora_linear_eager`` merging ``W + B A`` per call (64 tokens, 24 -> 20, r=4: merging pays), against the
+    float64 reference, with the op's bound for two roundings (the merged weight and the output)."""
+    for bias, grad_weight in [(True, False), (False, True)]:
+        x, W, b, A, B = make_inputs(lead, 24, 20, 4, dtype, bias=bias, grad_weight=grad_weight)
+        Bs = (B.detach() * SCALE).requires_grad_()  # the lower pass hands the op the scaled B, scale 1
+        ops.counters.clear()
+        y = ops.lora_linear_eager(x, W, b, A, Bs, 1.0)
+        assert ops.counters["linear.merged"] == 1
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        tensors = [x, W, b, A, Bs]
+        wanted = [t for t in tensors if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(y, wanted, dy)
+        (y_ref, g_ref), (y_mag, g_mag) = reference_and_magnitude(tensors, dy, 1.0, False)
+        K = max(W.shape[1], W.shape[0], x.numel() // x.shape[-1])
+        assert_within_bound(y, y_ref, y_mag, dtype=dtype, path="merged", K=K, what="output")
+        for g, ref, mag in zip(grads, g_ref, g_mag):
+            assert_within_bound(g, ref, mag, dtype=dtype, path="merged", K=K, what="a gradient")
