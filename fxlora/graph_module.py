@@ -69,8 +69,6 @@ __all__ = ["LoraGraphModule"]
 #: ``gm.__dict__`` key of the eager forward of the lowered graph: ``(code it was built for, forward or None,
 #: the path of a LoRA factor it reads)``; built on demand (see :meth:`LoraGraphModule._lowered_forward`)
 _LOWERED = "_fxlora_lowered"
-#: ``gm.lower_branches``'s values
-LOWER_MODES = ("auto", True, False)
 _HALF = (torch.float16, torch.bfloat16)
 
 #: Version of the pickled form (see :meth:`LoraGraphModule.__reduce__`).
@@ -155,7 +153,7 @@ class LoraGraphModule(GraphModule):
     ) -> None:
         super().__init__(root, graph, class_name)
         self.__dict__["merge_on_eval"] = bool(merge_on_eval)
-        self.__dict__["lower_branches"] = "auto"
+        self.__dict__["lower_branches"] = False  # opt-in until measured on a quiet GPU host (docs/performance.md)
         self.__dict__["_fxlora_cache"] = None
 
     def recompile(self):  # type: ignore[override]
@@ -227,7 +225,7 @@ class LoraGraphModule(GraphModule):
     # -- copies and pickles ------------------------------------------------------------------------
     def _deepcopy_init(self):  # type: ignore[override]
         merge_on_eval = self.__dict__.get("merge_on_eval", False)
-        lower_branches = self.__dict__.get("lower_branches", "auto")
+        lower_branches = self.__dict__.get("lower_branches", False)
 
         def init(res: LoraGraphModule, root: Any, graph: Graph) -> None:
             LoraGraphModule.__init__(res, root, graph, merge_on_eval=merge_on_eval)
@@ -250,7 +248,7 @@ class LoraGraphModule(GraphModule):
 
     def __copy__(self) -> LoraGraphModule:
         res = LoraGraphModule(self, self.graph, type(self).__name__, merge_on_eval=self.__dict__.get("merge_on_eval", False))
-        res.__dict__["lower_branches"] = self.__dict__.get("lower_branches", "auto")
+        res.__dict__["lower_branches"] = self.__dict__.get("lower_branches", False)
         res.meta = getattr(self, "meta", {})
         return res
 
@@ -271,8 +269,8 @@ def _lowered_forward(self: Any) -> Any:
     (:class:`fxlora.passes.LowerLinearBranches`, run on a copy of the graph: the module's own graph,
     state dict and every pass are unchanged), calling :func:`fxlora.ops.lora_linear_eager`, which merges
     ``W + B A`` per call where that moves less memory than the branch; None where the module runs its
-    own graph.  ``gm.lower_branches``: ``"auto"`` (the default) lowers where the LoRA factors are CUDA
-    float16/bfloat16, ``True`` everywhere, ``False`` never.  Never under ``torch.compile``,
+    own graph.  ``gm.lower_branches``: ``False`` (the default) never, ``"auto"`` where the LoRA factors are
+    CUDA float16/bfloat16, ``True`` everywhere.  Never under ``torch.compile``,
     ``torch.export``, ``torch.jit.trace`` or ``torch.fx`` tracing: those see the graph itself."""
     mode = self.__dict__.get("lower_branches", False)  # not a LoraGraphModule (an exporter's copy): its graph
     if mode is False or _capturing():

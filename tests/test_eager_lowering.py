@@ -1,7 +1,8 @@
 """Eager lowering: a rewritten module runs its linear branches through ``fxlora.ops``'s eager functions
 (merged per call where that moves less memory) while its graph, state dict, fold and every compiler or
-tracer see the rewritten graph.  ``lower_branches="auto"`` lowers on CUDA half precision only; on CPU these
-tests switch it on, and compare with the same module running its own graph (float32: equal to rounding)."""
+tracer see the rewritten graph.  ``lower_branches`` is off by default; ``"auto"`` lowers on CUDA half precision
+only; on CPU these tests switch it on, and compare with the same module running its own graph (float32:
+equal to rounding)."""
 
 from __future__ import annotations
 
@@ -91,11 +92,12 @@ def test_a_hugging_face_decoder_merges_per_call_in_forward_and_backward():
     assert sorted(expected_grads) == sorted(n for n, p in gm.named_parameters() if p.grad is not None)
 
 
-def test_auto_lowers_only_cuda_half_precision():
+def test_off_by_default_and_auto_lowers_only_cuda_half_precision():
     torch.manual_seed(0)
     gm = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.qkv", r=2, alpha=4)])
     x = torch.randint(0, 40, (4, 24))
-    assert gm.lower_branches == "auto"
+    assert gm.lower_branches is False
+    gm.lower_branches = "auto"
     for module in (gm, gm.to(torch.bfloat16)):
         ops.counters.clear()
         with torch.no_grad():
