@@ -562,22 +562,23 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
 
 def get_parameter(root: nn.Module, target: str) -> nn.Parameter:
     """``root.get_parameter(target)``: the same parameter or the same AttributeError (see :func:`get_submodule`)."""
-    path, _, name = target.rpartition(".")
-    mod = _walk(root, path)
-    param = None if mod is None else mod._parameters.get(name)
-    if not isinstance(param, nn.Parameter) or name in mod.__dict__ or hasattr(type(mod), name):
-        return root.get_parameter(target)
-    return param
+    return _registered(root, target, "_parameters", nn.Parameter, root.get_parameter)
 
 
 def get_buffer(root: nn.Module, target: str) -> torch.Tensor:
     """``root.get_buffer(target)``: the same buffer or the same AttributeError (see :func:`get_submodule`)."""
+    return _registered(root, target, "_buffers", torch.Tensor, root.get_buffer)
+
+
+def _registered(root: nn.Module, target: str, registry: str, kind: type, lookup: Callable[[str], Any]) -> Any:
+    """The ``kind`` registered in ``registry`` at ``target``; torch's own ``lookup`` where an attribute of the
+    same name could shadow it, or there is none (its result or its error)."""
     path, _, name = target.rpartition(".")
     mod = _walk(root, path)
-    buf = None if mod is None else mod._buffers.get(name)
-    if not isinstance(buf, torch.Tensor) or name in mod.__dict__ or hasattr(type(mod), name):
-        return root.get_buffer(target)
-    return buf
+    value = None if mod is None else mod.__dict__[registry].get(name)
+    if not isinstance(value, kind) or name in mod.__dict__ or hasattr(type(mod), name):
+        return lookup(target)
+    return value
 
 
 def try_submodule(root: nn.Module, path: str) -> nn.Module | None:
