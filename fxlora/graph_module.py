@@ -66,8 +66,8 @@ from .tracing import gc_paused, record_generated_code
 
 __all__ = ["LoraGraphModule"]
 
-#: ``gm.__dict__`` key of the eager forward of the lowered graph: ``(code it was built for, forward or None,
-#: the path of a LoRA factor it reads)``; built on demand (see :meth:`LoraGraphModule._lowered_forward`)
+#: ``gm.__dict__`` key of the eager forward of the lowered graph: ``(the code it is for, the name of a LoRA
+#: factor or None, the forward: None until built, False when nothing lowers)`` (see :func:`_lowered_forward`)
 _LOWERED = "_fxlora_lowered"
 _HALF = (torch.float16, torch.bfloat16)
 
