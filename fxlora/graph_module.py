@@ -313,7 +313,11 @@ def _capturing() -> bool:
         return True
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
-    return torch.fx._symbolic_trace.is_fx_tracing()
+    return _fx_symbolic_tracing()
+
+
+# torch.fx.symbolic_trace in progress (newer torch warns on is_fx_tracing, which torch.export sets too)
+_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or torch.fx._symbolic_trace.is_fx_tracing
 
 
 def _lower_for_eager(gm: LoraGraphModule) -> Any:

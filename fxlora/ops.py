@@ -598,7 +598,10 @@ def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     ops.  Numerically the merged form rounds ``W + B A`` once more than the base layer: within the op's
     bound with ``c = 2`` (module docstring)."""
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-    if scale == 1.0 and merge_pays(tokens, weight.shape[1], weight.shape[0]):
+    # under autocast the branch's ops cast as F.linear does; the merged form would round W + B A in the
+    # autocast dtype and its backward would run outside the region: the plain ops there
+    autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+    if scale == 1.0 and not autocast and merge_pays(tokens, weight.shape[1], weight.shape[0]):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
             counters["linear.merged"] += 1
             return _MergedLinear.apply(x, weight, bias, A, B)

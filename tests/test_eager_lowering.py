@@ -181,3 +181,28 @@ def test_the_merged_call_is_within_the_ops_bound(dtype, lead):
         assert_within_bound(y, y_ref, y_mag, dtype=dtype, path="merged", K=K, what="output")
         for g, ref, mag in zip(grads, g_ref, g_mag):
             assert_within_bound(g, ref, mag, dtype=dtype, path="merged", K=K, what="a gradient")
+
+
+def test_under_autocast_the_lowered_branch_casts_as_the_graph_does():
+    """Mixed precision (float32 weights, bfloat16 autocast): the lowered call runs the branch's plain ops, which
+    autocast casts as it casts the graph's, so outputs and gradients are the graph's."""
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.qkv", r=2, alpha=4), Rule("head", r=3, alpha=3)]).train()
+    randomize_lora(gm)
+    x = torch.randint(0, 40, (4, 24))
+    results = []
+    for mode in (False, True):
+        gm.lower_branches = mode
+        for p in gm.parameters():
+            p.grad = None
+        ops.counters.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gm(x)
+        out.float().square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}, dict(ops.counters)))
+    (graph_out, graph_grads, _), (out, grads, calls) = results
+    assert out.dtype == graph_out.dtype == torch.bfloat16
+    assert calls == {"linear.branch": 3}
+    torch.testing.assert_close(out, graph_out, rtol=0, atol=0)
+    for name in graph_grads:
+        torch.testing.assert_close(grads[name], graph_grads[name], rtol=0, atol=0, msg=name)
