@@ -1,0 +1,415 @@
+"""Outside review of the opt-in eager lowering (``gm.lower_branches = True``, 488c241, b2b44cc, 6573728;
+HEAD also has 252bb62's autocast fix).
+
+Contract under review: on CPU, ``lower_branches = True`` gives the same outputs and gradients as
+``lower_branches = False`` (float32, to rounding) for every module fxlora can rewrite, and never changes
+the module's graph, state dict, fold, saved adapters, or what compilers and tracers see.
+
+The strict xfails are the bugs found; the other tests record what held.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import pickle
+
+import fxlora
+import pytest
+import torch
+import torch.nn.functional as F
+from fxlora import Rule, ops
+from torch import nn
+
+from helpers import TinyTransformer, randomize_lora
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------------------------- #
+
+
+def _run(gm, mode, call, inputs=()):
+    """Output, the gradients of every parameter (and of ``inputs``) and the eager counters, with
+    ``lower_branches = mode``."""
+    gm.lower_branches = mode
+    for t in (*gm.parameters(), *inputs):
+        t.grad = None
+    ops.counters.clear()
+    torch.manual_seed(1)  # the same dropout masks both times
+    out = call(gm)
+    if out.requires_grad:
+        out.float().square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    grads.update({f"input{i}": t.grad.clone() for i, t in enumerate(inputs) if t.grad is not None})
+    return out.detach(), grads, dict(ops.counters)
+
+
+def _assert_same(gm, call, inputs=(), rtol=1e-4, atol=1e-5, lowers=True):
+    out0, grads0, calls0 = _run(gm, False, call, inputs)
+    out1, grads1, calls1 = _run(gm, True, call, inputs)
+    assert not calls0
+    if lowers:
+        assert calls1.get("linear.merged", 0) + calls1.get("linear.branch", 0) > 0, calls1
+    torch.testing.assert_close(out1, out0, rtol=rtol, atol=atol)
+    assert grads1.keys() == grads0.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=rtol, atol=atol, msg=name)
+    return calls1
+
+
+class Small(nn.Module):
+    """A Linear site, an ``F.linear`` site, an ``x @ W`` site and an embedding-free float input."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8, bias=bias)
+        self.w1 = nn.Parameter(torch.randn(12, 8) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(12, 8) * 0.1)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return F.linear(h, self.w1) + operator.matmul(x, self.w2.t())
+
+
+def _small(bias: bool = True, **kw):
+    torch.manual_seed(0)
+    gm = fxlora.rewrite(Small(bias), [Rule("*", r=2, alpha=4)], **kw).train()
+    randomize_lora(gm)
+    return gm
+
+
+def _x(*lead, seed=0):
+    return torch.randn(*lead, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _tiny(adapter="default", **kw):
+    torch.manual_seed(0)
+    rules = [Rule("blocks.*.qkv", r=2, alpha=4, enable_lora=[True, False, True]), Rule("re:blocks\\.\\d+\\.proj", r=3, alpha=3),
+             Rule(nn.Embedding, r=4, alpha=8), Rule("head", r=2, alpha=2)]
+    gm = fxlora.rewrite(TinyTransformer(), rules, adapter=adapter, **kw).train()
+    randomize_lora(gm)
+    return gm
+
+
+IDS = torch.randint(0, 40, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------------------------- #
+# bugs (strict xfails)
+# --------------------------------------------------------------------------------------------- #
+
+
+@pytest.mark.xfail(strict=True, reason="the lowered copy replaces call_module of the base nn.Linear by get_attr weight + "
+                   "lora_linear_eager: forward hooks registered on the base Linear never run (outputs and grads differ)")
+def test_forward_hook_on_a_base_linear_runs_when_lowered():
+    gm = _small()
+    gm.fc.register_forward_hook(lambda module, args, out: out * 2)
+    _assert_same(gm, lambda g: g(_x(6, 20)))
+
+
+@pytest.mark.xfail(strict=True, reason="forward pre-hooks on the base nn.Linear are bypassed by the lowered code")
+def test_forward_pre_hook_on_a_base_linear_runs_when_lowered():
+    gm = _small()
+    gm.fc.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    _assert_same(gm, lambda g: g(_x(6, 20)))
+
+
+@pytest.mark.xfail(strict=True, reason="torch.nn.utils.weight_norm recomputes .weight in a forward pre-hook; lowered, the "
+                   "hook never runs: the weight is stale (a change of weight_g is ignored) and the second training step "
+                   "raises 'Trying to backward through the graph a second time'")
+def test_weight_norm_on_a_base_linear_trains_when_lowered():
+    gm = _small()
+    torch.nn.utils.weight_norm(gm.fc)
+    with torch.no_grad():
+        gm.fc.weight_g.mul_(3)
+    _assert_same(gm, lambda g: g(_x(6, 20)))
+
+
+@pytest.mark.xfail(strict=True, reason="the lowered forward is cached per generated code only, but the lower pass decided "
+                   "from the module (type(module) is nn.Linear): a base Linear swapped after the first lowered call "
+                   "keeps running as F.linear on its weight, ignoring the new module's forward")
+def test_a_base_module_swapped_after_a_lowered_call():
+    gm = _small()
+    x = _x(6, 20)
+    gm.lower_branches = True
+    with torch.no_grad():
+        gm(x)
+
+    class Scaled(nn.Linear):
+        def forward(self, inp):
+            return super().forward(inp) * 3
+
+    new = Scaled(8, 8)
+    new.load_state_dict({"weight": gm.fc.weight.detach(), "bias": gm.fc.bias.detach()})
+    new.lora_A, new.lora_B = gm.fc.lora_A, gm.fc.lora_B
+    gm.fc = new
+    _assert_same(gm, lambda g: g(x))
+
+
+@pytest.mark.xfail(strict=True, reason="the lowered code records whether the base Linear had a bias when it was built: a "
+                   "bias given afterwards is ignored when lowered (output off by the bias, no bias gradient)")
+def test_a_bias_given_after_a_lowered_call():
+    gm = _small(bias=False)
+    x = _x(6, 20)
+    gm.lower_branches = True
+    with torch.no_grad():
+        gm(x)
+    gm.fc.bias = nn.Parameter(torch.ones(8))
+    _assert_same(gm, lambda g: g(x))
+
+
+@pytest.mark.xfail(strict=True, reason="_MergedLinear is an autograd.Function without setup_context: torch.func.grad over "
+                   "functional_call(gm, ...) raises RuntimeError when lowered (works with the graph)")
+def test_torch_func_grad_when_lowered():
+    from torch.func import functional_call, grad
+
+    gm = _small()
+    x = _x(6, 20)
+    gm.lower_branches = True
+    with torch.no_grad():
+        gm(x)  # lowered once outside torch.func (see test_a_first_lowered_call_under_functional_call...)
+    params = {n: p.detach() for n, p in gm.named_parameters()}
+    results = []
+    for mode in (False, True):
+        gm.lower_branches = mode
+        results.append(grad(lambda p: functional_call(gm, p, (x,)).square().mean())(params))
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.xfail(strict=True, reason="torch.func.vmap over the lowered module raises (autograd.Function without "
+                   "setup_context / vmap rule), while the graph vmaps")
+def test_torch_func_vmap_when_lowered():
+    from torch.func import vmap
+
+    gm = _small()
+    x = _x(6, 20)
+    gm.lower_branches = True
+    with torch.no_grad():
+        gm(x)
+    outs = []
+    for mode in (False, True):
+        gm.lower_branches = mode
+        outs.append(vmap(gm)(x).detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="_lowered_forward caches the LoRA-factor probe per generated code: a first lowered "
+                   "call under torch.func.functional_call with plain tensors (get_parameter raises: not an nn.Parameter) "
+                   "caches probe None, and the module never lowers again (lower_branches=True silently off)")
+def test_a_first_lowered_call_under_functional_call_does_not_switch_lowering_off_for_good():
+    from torch.func import functional_call
+
+    gm = _small()
+    x = _x(6, 20)
+    gm.lower_branches = True
+    with torch.no_grad():
+        functional_call(gm, {k: v.detach().clone() for k, v in gm.named_parameters()}, (x,))
+        ops.counters.clear()
+        gm(x)
+    assert ops.counters.get("linear.merged", 0) == 3, dict(ops.counters)
+
+
+@pytest.mark.xfail(strict=True, reason="forward-mode AD: _MergedLinear has no jvp, so a dual input raises "
+                   "NotImplementedError when lowered (the graph's ops support forward AD)")
+def test_forward_mode_ad_when_lowered():
+    import torch.autograd.forward_ad as fwAD
+
+    gm = _small()
+    x = _x(6, 20)
+    tangents = []
+    for mode in (False, True):
+        gm.lower_branches = mode
+        with fwAD.dual_level():
+            out = gm(fwAD.make_dual(x, torch.ones_like(x)))
+            tangents.append(fwAD.unpack_dual(out).tangent.detach())
+    torch.testing.assert_close(tangents[1], tangents[0], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- #
+# what held
+# --------------------------------------------------------------------------------------------- #
+
+
+def test_hf_gpt2_conv1d_masks_dropout_bias_all_and_a_trainable_base_weight():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    gm = fxlora.rewrite(model, [Rule("transformer.h.*.attn.c_attn", r=4, alpha=8, enable_lora=[True, False, True], dropout=0.1),
+                                Rule("transformer.h.*.mlp.c_fc", r=2, alpha=4)],
+                        example_inputs=(ids[:, :8],), example_kwargs={"use_cache": False}, bias="all").train()
+    randomize_lora(gm)
+    gm.get_parameter("transformer.h.0.mlp.c_fc.weight").requires_grad_(True)
+    calls = _assert_same(gm, lambda g: g(ids, use_cache=False).logits)
+    assert calls.get("linear.merged_backward", 0) > 0
+    gm.eval()
+    _assert_same(gm, lambda g: g(ids, use_cache=False).logits)
+    with torch.no_grad():
+        _assert_same(gm, lambda g: g(ids[:1, :1], use_cache=False).logits)  # one token: the branch side of merge_pays
+
+
+@pytest.mark.parametrize("lead", [(6, 20), (), (0,), (0, 5), (1, 1)], ids=str)
+def test_input_shapes_and_input_gradients(lead):
+    """Many tokens (merged), one token or a 1-D input (the branch), zero-size batches."""
+    gm = _small()
+    x = _x(*lead, seed=1).requires_grad_()
+    _assert_same(gm, lambda g: g(x), inputs=(x,))
+
+
+def test_non_contiguous_inputs_double_precision_and_all_weights_trainable():
+    gm = _small()
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    x = torch.randn(8, 20, 6).transpose(0, 2).requires_grad_()  # (6, 20, 8), not contiguous
+    calls = _assert_same(gm, lambda g: g(x), inputs=(x,))
+    assert calls["linear.merged"] == 3
+    g64 = copy.deepcopy(gm).double()
+    x64 = x.detach().double()
+    _assert_same(g64, lambda g: g(x64), rtol=1e-10, atol=1e-12)
+
+
+def test_double_backward_through_the_merged_call():
+    gm = _small()
+    x0 = _x(6, 20)
+
+    def penalty(g):
+        x = x0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(g(x).square().sum(), x, create_graph=True)
+        return gx.square().sum().reshape(1)
+
+    calls = _assert_same(gm, penalty)
+    assert calls["linear.merged_backward"] >= 3
+
+
+def test_autocast_no_grad_inference_mode_and_dropout():
+    gm = _tiny()
+    for m in (getattr(gm.blocks, "0").qkv, getattr(gm.blocks, "1").qkv):
+        assert isinstance(m, nn.Module)
+    _assert_same(gm, lambda g: g(IDS))
+
+    def autocast(g):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return g(IDS).float()
+
+    _assert_same(gm, autocast, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        _assert_same(gm, lambda g: g(IDS))
+    with torch.inference_mode():
+        _assert_same(gm, lambda g: g(IDS))
+
+
+def test_chained_adapters_and_adapter_operations_after_a_lowered_call():
+    gm = _tiny("a")
+    fxlora.add_adapter(gm, [Rule("blocks.*.qkv", r=2, alpha=3, dropout=0.2, enable_lora=[True, False, True]),
+                             Rule("blocks.*.proj", r=3, alpha=2)], "b")
+    randomize_lora(gm, seed=5)
+    gm.lower_branches = True
+    with torch.no_grad():
+        gm(IDS)
+    for step in (lambda: fxlora.set_adapter(gm, ["a", "b"]), lambda: fxlora.set_adapter(gm, "b"),
+                 lambda: fxlora.combine_adapters(gm, {"a": 0.5, "b": 0.7}, "c") or fxlora.set_adapter(gm, "c"),
+                 lambda: fxlora.delete_adapter(gm, "b")):
+        step()
+        gm.train()
+        _assert_same(gm, lambda g: g(IDS))
+        gm.lower_branches = True
+        with torch.no_grad():
+            gm(IDS)
+
+
+def test_loading_casting_and_replacing_parameters_after_a_lowered_call(tmp_path):
+    gm, src = _tiny(), _tiny()
+    randomize_lora(src, seed=9)
+    path = fxlora.save_lora(src, tmp_path / "a.safetensors")
+    gm.lower_branches = True
+    with torch.no_grad():
+        gm(IDS)
+    fxlora.load_lora(gm, path)
+    _assert_same(gm, lambda g: g(IDS))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(IDS), src(IDS), rtol=1e-5, atol=1e-6)
+    gm.head.weight = nn.Parameter(torch.randn_like(gm.head.weight))
+    gm.head.lora_A = nn.Parameter(torch.randn_like(gm.head.lora_A) * 0.1)
+    _assert_same(gm, lambda g: g(IDS))
+    gm.double()
+    _assert_same(gm, lambda g: g(IDS), rtol=1e-10, atol=1e-12)
+    gm.half()
+    with torch.no_grad():
+        _assert_same(gm, lambda g: g(IDS).float(), rtol=1e-2, atol=1e-2)
+
+
+def _saved(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if "time" not in k and "date" not in k}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def test_graph_state_dict_fold_saved_adapters_and_copies_unchanged(tmp_path):
+    gm = _tiny()
+    code, nodes = gm.code, [(n.op, n.target, n.name) for n in gm.graph.nodes]
+    state = {k: (v.clone(), id(v)) for k, v in gm.state_dict(keep_vars=True).items()}
+    gm.eval()
+    with torch.no_grad():
+        folded_before = fxlora.fold(gm)(IDS)
+    saved_before = _saved(fxlora.save_lora(gm, tmp_path / "before.safetensors"))
+    gm.train()
+    _assert_same(gm, lambda g: g(IDS))
+    gm.lower_branches = True
+    with torch.no_grad():
+        gm(IDS)
+    assert gm.code == code and [(n.op, n.target, n.name) for n in gm.graph.nodes] == nodes
+    after = gm.state_dict(keep_vars=True)
+    assert after.keys() == state.keys()
+    for k, (v, ident) in state.items():
+        assert id(after[k]) == ident and torch.equal(after[k].detach(), v.detach()), k
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fxlora.fold(gm)(IDS), folded_before, rtol=0, atol=0)
+    saved_after = _saved(fxlora.save_lora(gm, tmp_path / "after.safetensors"))
+    assert saved_after[1] == saved_before[1] and saved_after[0].keys() == saved_before[0].keys()
+    assert all(torch.equal(saved_after[0][k], saved_before[0][k]) for k in saved_before[0])
+    gm.train()
+    with torch.no_grad():
+        expected = gm(IDS)
+        for other in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+            torch.testing.assert_close(other(IDS), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_on_eval_wins_in_eval_mode():
+    gm = _tiny(merge_on_eval=True).eval()
+    _assert_same(gm, lambda g: g(IDS), lowers=False)
+    gm.train()
+    _assert_same(gm, lambda g: g(IDS))
+
+
+def test_ddp_on_cpu_with_one_gloo_process():
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available():
+        pytest.skip("no torch.distributed")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        gm = _tiny()
+        ddp = DistributedDataParallel(gm)
+        _assert_same(gm, lambda g: ddp(IDS))
+    finally:
+        dist.destroy_process_group()
