@@ -285,8 +285,8 @@ def _lowered_forward(self: Any) -> Any:
     if probe is None:
         return None
     if mode is not True:
-        factor = self.get_parameter(probe)
-        if not (factor.is_cuda and factor.dtype in _HALF):
+        factor = _tensor_at(self, probe)  # a parameter, or a plain tensor under torch.func.functional_call
+        if not (isinstance(factor, torch.Tensor) and factor.is_cuda and factor.dtype in _HALF):
             return None
     if built is None:  # lowered the first time it runs
         built = _lower_for_eager(self)
@@ -298,12 +298,18 @@ def _a_lora_factor(gm: LoraGraphModule) -> str | None:
     """The name of a LoRA factor of ``gm`` (where the branches run, and in what dtype); None when it has none
     of its own (a served module stacks them)."""
     for spec in provenance.graph_sites(gm).values():
-        try:
-            gm.get_parameter(spec.lora_A)
-        except AttributeError:
-            return None
-        return spec.lora_A
+        return spec.lora_A if isinstance(_tensor_at(gm, spec.lora_A), torch.Tensor) else None
     return None
+
+
+def _tensor_at(gm: Any, target: str) -> Any:
+    """The attribute at ``target`` (a parameter, or whatever ``torch.func.functional_call`` put there); None
+    where there is none."""
+    path, _, name = target.rpartition(".")
+    try:
+        return getattr(gm.get_submodule(path), name, None)
+    except AttributeError:
+        return None
 
 
 def _capturing() -> bool:
@@ -327,7 +333,8 @@ def _lower_for_eager(gm: LoraGraphModule) -> Any:
     from fxlora.passes import lower_linear_branches
 
     lowered = GraphModule(gm, copy.deepcopy(gm.graph))  # the same tensors, its own graph
-    if not provenance.is_rewritten(lowered) or not lower_linear_branches(lowered).modified:  # no branch runs
+    # sites whose base is a module call keep it: its hooks, its class and its bias are read when it runs
+    if not provenance.is_rewritten(lowered) or not lower_linear_branches(lowered, modules=False).modified:
         return False
     eager = {torch.ops.fxlora.lora_linear.default: ops.lora_linear_eager,
              torch.ops.fxlora.lora_linear_h.default: ops.lora_linear_h_eager}

@@ -570,12 +570,20 @@ def merge_pays(tokens: int, in_features: int, out_features: int) -> bool:
 class _MergedLinear(torch.autograd.Function):
     """``F.linear(x, W + Bs @ A, b)`` whose backward never forms ``dy^T x`` for the merged weight: ``dx = dy
     (W + Bs A)`` (the merged weight made again, not kept), ``dA = (dy Bs)^T x``, ``dBs = dy^T (x A^T)``; ``dW``
-    and ``db`` only where the base trains."""
+    and ``db`` only where the base trains.  Forward-mode AD and ``torch.func`` (grad, vmap: the rule is
+    generated from these formulas) work too."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, Bs):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, A, Bs)
+    def forward(x, weight, bias, A, Bs):  # type: ignore[override]
         return F.linear(x, torch.addmm(weight, Bs, A), bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, weight, bias, A, Bs = inputs
+        ctx.save_for_backward(x, weight, A, Bs)
+        ctx.save_for_forward(x, weight, A, Bs)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
@@ -590,6 +598,19 @@ class _MergedLinear(torch.autograd.Function):
         dA = torch.mm(torch.mm(dy2, Bs).t(), x2) if need_A else None
         dB = torch.mm(dy2.t(), torch.mm(x2, A.t())) if need_B else None
         return dx, dW, db, dA, dB
+
+    @staticmethod
+    def jvp(ctx, tx, tW, tb, tA, tB):  # type: ignore[override]
+        x, weight, A, Bs = ctx.saved_tensors
+        # d(x W'^T + b) = tx W'^T + x (tW + tB A + Bs tA)^T + tb, with W' = W + Bs A
+        out = F.linear(tx, torch.addmm(weight, Bs, A)) if tx is not None else None
+        parts = [t for t in (tW, None if tB is None else tB @ A, None if tA is None else Bs @ tA) if t is not None]
+        if parts:
+            term = F.linear(x, sum(parts[1:], parts[0]))
+            out = term if out is None else out + term
+        if tb is not None:
+            out = tb.expand(*x.shape[:-1], weight.shape[0]) if out is None else out + tb
+        return out if out is not None else torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
 
 
 def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:

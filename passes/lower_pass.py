@@ -60,8 +60,10 @@ def _base_operands(gm: GraphModule, base: Node) -> tuple[Node, Node | None, bool
     return weight, bias, site_op.computes_x_at_w
 
 
-def _lower_call(gm: GraphModule, add: Node) -> bool:
+def _lower_call(gm: GraphModule, add: Node, modules: bool = True) -> bool:
     base, y1 = add.args
+    if not modules and isinstance(base, Node) and base.op == "call_module":
+        return False  # the module's own call (its hooks, its current class and bias) stays
     base_info = provenance.node_info(base) if isinstance(base, Node) else None
     if base_info is None or base_info["role"] != provenance.BASE:
         return False  # several adapters chain at this call
@@ -103,6 +105,11 @@ class LowerLinearBranches(RewiringPass):
 
     name = "lower_linear_branches"
 
+    def __init__(self, *, modules: bool = True) -> None:
+        super().__init__()
+        #: also lower a base that is a module call (an ``nn.Linear``), reading its weight and bias directly
+        self.modules = modules
+
     def ensures(self, gm: GraphModule) -> None:
         super().ensures(gm)
         for node in gm.graph.nodes:
@@ -116,7 +123,7 @@ class LowerLinearBranches(RewiringPass):
             n for n in gm.graph.nodes
             if (info := provenance.node_info(n)) is not None and info["role"] == provenance.ADD and info["spec"].kind == "linear"
         ]
-        lowered = sum(_lower_call(gm, add) for add in adds)
+        lowered = sum(_lower_call(gm, add, self.modules) for add in adds)
         if not lowered:
             return PassResult(gm, False)
         counters[self.name]["calls"] += lowered
@@ -124,6 +131,7 @@ class LowerLinearBranches(RewiringPass):
         return PassResult(gm, True)
 
 
-def lower_linear_branches(gm: GraphModule) -> PassResult:
-    """Run :class:`LowerLinearBranches` on ``gm`` (in place)."""
-    return LowerLinearBranches()(gm)
+def lower_linear_branches(gm: GraphModule, *, modules: bool = True) -> PassResult:
+    """Run :class:`LowerLinearBranches` on ``gm`` (in place); ``modules=False`` leaves the sites whose base
+    is a module call as they are."""
+    return LowerLinearBranches(modules=modules)(gm)
