@@ -28,14 +28,6 @@ from torch import nn
 from helpers import TinyTransformer, randomize_lora
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------------------------- #
@@ -91,6 +83,15 @@ def _small(bias: bool = True, **kw):
     return gm
 
 
+def _lowered_once(**kw):
+    """A small module with lowering on, called once (its lowering built), and its input."""
+    gm, x = _small(**kw), _x(6, 20)
+    gm.lower_branches = True
+    with torch.no_grad():
+        gm(x)
+    return gm, x
+
+
 def _x(*lead, seed=0):
     return torch.randn(*lead, 8, generator=torch.Generator().manual_seed(seed))
 
@@ -134,11 +135,7 @@ def test_weight_norm_on_a_base_linear_trains_when_lowered():
 
 
 def test_a_base_module_swapped_after_a_lowered_call():
-    gm = _small()
-    x = _x(6, 20)
-    gm.lower_branches = True
-    with torch.no_grad():
-        gm(x)
+    gm, x = _lowered_once()
 
     class Scaled(nn.Linear):
         def forward(self, inp):
@@ -152,11 +149,7 @@ def test_a_base_module_swapped_after_a_lowered_call():
 
 
 def test_a_bias_given_after_a_lowered_call():
-    gm = _small(bias=False)
-    x = _x(6, 20)
-    gm.lower_branches = True
-    with torch.no_grad():
-        gm(x)
+    gm, x = _lowered_once(bias=False)
     gm.fc.bias = nn.Parameter(torch.ones(8))
     _assert_same(gm, lambda g: g(x))
 
@@ -181,11 +174,7 @@ def test_torch_func_grad_when_lowered():
 def test_torch_func_vmap_when_lowered():
     from torch.func import vmap
 
-    gm = _small()
-    x = _x(6, 20)
-    gm.lower_branches = True
-    with torch.no_grad():
-        gm(x)
+    gm, x = _lowered_once()
     outs = []
     for mode in (False, True):
         gm.lower_branches = mode
