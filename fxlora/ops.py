@@ -623,14 +623,11 @@ def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     # autocast dtype and its backward would run outside the region: the plain ops there
     autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
     if scale == 1.0 and not autocast and merge_pays(tokens, weight.shape[1], weight.shape[0]):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
-            counters["linear.merged"] += 1
-            return _MergedLinear.apply(x, weight, bias, A, B)
         counters["linear.merged"] += 1
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
+            return _MergedLinear.apply(x, weight, bias, A, B)
         return F.linear(x, torch.addmm(weight, B, A), bias)
-    counters["linear.branch"] += 1
-    expand = F.linear(F.linear(x, A), B)
-    return F.linear(x, weight, bias) + (expand if scale == 1.0 else expand * scale)
+    return lora_linear_h_eager(x, weight, bias, F.linear(x, A), B, scale)
 
 
 def lora_linear_h_eager(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
