@@ -17,7 +17,8 @@ from fxlora.tools import bench, bench_fsdp, bench_scale, bench_serve  # noqa: E4
 
 def test_bench_serve_small(tmp_path):
     out = tmp_path / "serve.json"
-    argv = ["--small", "--layers", "1", "--models", "llama-1.2b", "--repeats", "1", "--new-tokens", "2", "--out", str(out)]
+    argv = ["--small", "--layers", "1", "--models", "llama-1.2b", "--repeats", "1", "--new-tokens", "2",
+            "--lower-branches", "on", "--out", str(out)]  # the single rows lowered: checked against the served ones
     assert bench_serve.main(argv) == 0
     data = json.loads(out.read_text())
     assert not data["errors"] and not data["partial"]
@@ -42,7 +43,7 @@ def test_bench_serve_small(tmp_path):
 def test_bench_small(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = ["--small", "--layers", "1", "--repeats", "1", "--fold-repeats", "1", "--compile-impls", "fxlora",
-            "--out", str(out), "--plot", str(png)]
+            "--lowered", "on", "--out", str(out), "--plot", str(png)]
     assert bench.main(argv) == 0
     data = json.loads(out.read_text())
     assert not data["errors"] and not data["partial"]
@@ -55,14 +56,19 @@ def test_bench_small(tmp_path):
             assert res["checks"][name]["grads"] <= res["checks"]["tolerance"]["grads"]
             assert res["checks"][name]["folded_logits"] <= res["checks"]["tolerance"]["outputs"]
         assert set(res["fold_ms"]) == set(impls)
+        # the eager lowering's row: checked against the float32 reference like the others (it has no fold of its own)
+        assert res["checks"]["fxlora lowered"]["ok"], res["checks"]["fxlora lowered"]
+        assert res["checks"]["fxlora lowered"]["grads"] <= res["checks"]["tolerance"]["grads"]
+        assert sum(res["checks"]["fxlora lowered"]["lowered_calls"].values()) > 0  # it did run lowered
         for shape in res["shapes"].values():
-            assert set(shape["forward_ratio"]) == set(impls) and set(shape["train_ratio"]) == set(impls)
+            rows = {*impls, "fxlora lowered"}
+            assert set(shape["forward_ratio"]) == rows and set(shape["train_ratio"]) == rows
     assert len(data["models"][0]["shapes"]) == 2  # GPT-2 at two shapes
     llama = next(iter(data["models"][1]["shapes"].values()))
     assert set(llama["compiled_forward_ratio"]) == {"fxlora"} and set(llama["compiled_train_ratio"]) == {"fxlora"}
     assert set(llama["compile_s"]) == {"forward/base", "forward/fxlora", "train/full FT", "train/fxlora"}
     assert png.exists() or any("matplotlib" in n for n in data["notes"])
-    assert "unmerged forward / base" in data["markdown"]
+    assert "unmerged forward / base" in data["markdown"] and "| fxlora lowered |" in data["markdown"]
 
 
 def test_bench_fsdp_small_runs_both_from_the_same_model(tmp_path):

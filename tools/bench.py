@@ -16,7 +16,9 @@ Configurations (transformers models built from configs, random weights, bf16 on 
 Implementations: ``base`` (the transformers model, frozen) and ``full FT`` (a copy of it, every
 parameter trained); ``loralib`` (the same model with its layers swapped for loralib's, as loralib's
 users do; skipped with a note where loralib is not installed); ``PEFT`` (``get_peft_model``);
-``fxlora`` (``fxlora.rewrite``, captured with torch.export).  Every implementation holds its LoRA
+``fxlora`` (``fxlora.rewrite``, captured with torch.export); ``fxlora lowered`` (the same rewrite with
+``gm.lower_branches`` set, the opt-in eager lowering of docs/performance.md; on CUDA by default,
+``--lowered on|off``).  Every implementation holds its LoRA
 factors in the model's dtype (PEFT's default for bf16 models is float32 adapters, with the branch computed
 in float32: ``--peft-adapter-dtype fp32`` measures that).  Every LoRA implementation gets non-zero
 random factors, the same ones wherever the shapes agree (fxlora and loralib always; PEFT on Llama).
@@ -90,7 +92,7 @@ from torch import nn
 import fxlora
 
 R, ALPHA = 16, 32
-LORA_IMPLS = ("loralib", "PEFT", "fxlora")
+LORA_IMPLS = ("loralib", "PEFT", "fxlora", "fxlora lowered")
 LLAMA_SITES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
 
@@ -174,13 +176,16 @@ def set_factors(impl: Impl, factors: dict) -> None:
         s.B.copy_(b)
 
 
-def make_fxlora(model: nn.Module, cfg: Config, example: torch.Tensor) -> Impl:
+def make_fxlora(model: nn.Module, cfg: Config, example: torch.Tensor, lower: bool | str = False) -> Impl:
+    """``fxlora.rewrite`` of ``model`` (its own factors, the base weights shared); with ``lower``, the row
+    "fxlora lowered": the same rewrite with ``gm.lower_branches = lower`` (the eager lowering)."""
     # the example is a clone: with a view, torch.export's guards read ``input_ids._base`` on every call
     gm = fxlora.rewrite(model, cfg.fx_rules, example_inputs=(example.clone(),), example_kwargs={"use_cache": False})
+    gm.lower_branches = lower
     sites = {site: Site(gm.get_parameter(spec.lora_A), gm.get_parameter(spec.lora_B), spec.scale,
                         tuple(spec.enable_lora) if spec.enable_lora else None)
              for site, spec in fxlora.graph_sites(gm).items()}
-    return Impl("fxlora", gm.train(), sites)
+    return Impl("fxlora lowered" if lower else "fxlora", gm.train(), sites)
 
 
 def make_loralib(model: nn.Module, fx: Impl) -> Impl:
@@ -340,11 +345,15 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
     res["fxlora_custom_op_nodes"] = sum(1 for n in fx.module.graph.nodes
                                         if n.op == "call_function" and str(n.target).startswith("fxlora."))
     impls["fxlora"] = fx
+    if a.lowered != "off":
+        impls["fxlora lowered"] = make_fxlora(model, cfg, check_ids, lower=True if a.lowered == "on" else "auto")
     log(f"  fxlora: {len(fx.sites)} sites, captured and rewritten in {res['fxlora_capture_rewrite_s']:.1f} s "
         f"({res['fxlora_custom_op_nodes']} fxlora:: op nodes)")
     fx_shapes = {n: (tuple(s.A.shape), tuple(s.B.shape), s.scale) for n, s in fx.sites.items()}
     fx_factors = random_factors(fx_shapes, seed=100, device=dev)
     set_factors(fx, fx_factors)
+    if "fxlora lowered" in impls:
+        set_factors(impls["fxlora lowered"], fx_factors)
     try:
         import loralib  # noqa: F401
     except ImportError:
@@ -390,7 +399,11 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
             if name not in impls:
                 continue
             with errors.guard(f"{cfg.model}: check {name}"):
+                before = dict(fxlora.ops.counters)
                 c = res["checks"][name] = check_impl(impls[name], refs[name], check_ids, tol)
+                if name == "fxlora lowered":  # how its branches ran in the check (forward and backward)
+                    c["lowered_calls"] = {k: v - before.get(k, 0) for k, v in fxlora.ops.counters.items()
+                                          if k.startswith("linear.") and v != before.get(k, 0)}
                 log(f"    {name:<8} {'ok' if c['ok'] else 'FAILED'}: logits {c['logits']:.1e}, loss {c['loss']:.1e}, "
                     f"factor grads {c['grads']:.1e} (worst site {c['worst_site_grads']:.1e})")
                 if not c["ok"]:
@@ -623,9 +636,15 @@ def _gib(b: int | None) -> float | None:
     return None if b is None else b / 2**30
 
 
+def _impls_of(res: dict[str, Any]) -> tuple[str, ...]:
+    """The LoRA implementations a model's results have (``fxlora lowered`` only where it ran)."""
+    return tuple(n for n in LORA_IMPLS if n in res.get("trainable_params", {}))
+
+
 def tables(all_res: list[dict[str, Any]]) -> str:
     out = []
     for res in all_res:
+        LORA_IMPLS = _impls_of(res)  # noqa: N806 - the columns of this model's tables
         for key, sh in res.get("shapes", {}).items():
             title = f"{res['model']}, {key}"
             rows = [
@@ -681,12 +700,12 @@ def plot(all_res: list[dict[str, Any]], path: str, log: Log, notes: list[str]) -
         log(msg)
         notes.append(msg)
         return
-    panels = [(res["model"], key, sh) for res in all_res for key, sh in res.get("shapes", {}).items()]
+    panels = [(res["model"], key, sh, _impls_of(res)) for res in all_res for key, sh in res.get("shapes", {}).items()]
     measures = [("forward_ratio", "forward\n/ base"), ("train_ratio", "train\n/ full FT"),
                 ("compiled_forward_ratio", "compiled fwd\n/ compiled base"),
                 ("compiled_train_ratio", "compiled train\n/ compiled FT")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False)
-    for ax, (model, key, sh) in zip(axes[0], panels, strict=True):
+    for ax, (model, key, sh, LORA_IMPLS) in zip(axes[0], panels, strict=True):  # noqa: N806
         used = [(k, lbl) for k, lbl in measures if sh.get(k)]
         width = 0.8 / len(LORA_IMPLS)
         for i, n in enumerate(LORA_IMPLS):
@@ -718,6 +737,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-backend", default=None, help="default inductor (aot_eager with --small)")
     p.add_argument("--compile-impls", default="fxlora,PEFT",
                    help="LoRA implementations with compiled rows (fxlora, PEFT), each timed with the compiled base / full FT")
+    p.add_argument("--lowered", choices=("auto", "on", "off"), default="auto",
+                   help="the row 'fxlora lowered' (the same rewrite with gm.lower_branches set): 'auto' adds it on "
+                        "CUDA with lower_branches='auto' (default), 'on' everywhere with lower_branches=True, "
+                        "'off' leaves it out")
     p.add_argument("--repeats", type=int, default=None, help="default 7 (2 with --small)")
     p.add_argument("--fold-repeats", type=int, default=3)
     p.add_argument("--check-len", type=int, default=None, help="tokens per sample of the checks; default 64 (8 with --small)")
@@ -736,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     a.dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
     a.compile_backend = a.compile_backend or ("aot_eager" if a.small else "inductor")
     a.repeats = a.repeats or (2 if a.small else 7)
+    if a.lowered == "auto" and not a.device.startswith("cuda"):
+        a.lowered = "off"  # "auto" lowers CUDA float16/bfloat16 factors only: the row would be fxlora's again
     a.check_len = a.check_len or (8 if a.small else 64)
     a.compile = {c.strip() for c in a.compile.split(",")}
     a.compile_impls = [c.strip() for c in a.compile_impls.split(",") if c.strip()]

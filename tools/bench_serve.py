@@ -30,6 +30,7 @@ Rows (medians of interleaved repeats, CUDA synchronised around every call):
 prefill forward of the whole batch (``use_cache=False``, full logits):
   ``fxlora mixed``      ``fxlora.serve(gm)(ids, adapter_ids=...)``: each sample its own adapter
   ``fxlora single``     ``gm(ids)`` with one adapter active (``set_adapter``), the same batch
+                        (``--lower-branches auto|on``: with the eager lowering, ``gm.lower_branches``)
   ``base graph``        ``fxlora.unload(gm)``: the captured base graph, no adapter
   ``base HF``           the transformers model, eager
   ``PEFT single``       ``PeftModel`` with one adapter active
@@ -100,6 +101,8 @@ import fxlora
 PREFILL_ROWS = ("fxlora mixed", "fxlora single", "base graph", "base HF", "PEFT single", "PEFT mixed",
                 "fxlora mixed, CUDA graph", "fxlora single, CUDA graph", "base graph, CUDA graph")
 GRAPHED = ("fxlora mixed", "fxlora single", "base graph")
+#: ``--lower-branches`` -> ``gm.lower_branches`` of the fxlora single rows (docs/performance.md, eager lowering)
+LOWER = {"off": False, "auto": "auto", "on": True}
 DECODE_ROWS = ("fxlora mixed", "fxlora single", "base graph", "PEFT mixed", "base HF")
 OWN = "adapters' own factors"
 
@@ -241,6 +244,7 @@ def run_model(name: str, a: argparse.Namespace, log: Log, errors: Errors, budget
     server = fxlora.serve(gm, names).eval()
     fxlora.set_adapter(gm, names[0])
     gm.eval()
+    gm.lower_branches = LOWER[a.lower_branches]  # the single row only: a served module stacks its factors
     base_gm = fxlora.unload(gm).eval()
     res["sites_per_adapter"] = len(fxlora.graph_sites(gm, names[0]))
     log(f"  fxlora: captured and rewritten in {res['capture_rewrite_s']:.1f} s, {res['sites_per_adapter']} sites "
@@ -378,6 +382,7 @@ def _decode(res, model, pm, rules, names, factors, ids, adapter_ids, per_sample,
         server = fxlora.serve(dec, names).eval()
         fxlora.set_adapter(dec, names[0])
         dec.eval()
+        dec.lower_branches = LOWER[a.lower_branches]
         base = fxlora.unload(dec).eval()
         log(f"  decode: static-cache decoder captured and rewritten in {res['decode_capture_rewrite_s']:.1f} s")
     mask = torch.ones_like(ids)
@@ -518,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(reversed(MODELS)), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--targets", choices=("all", "qv"), default="all")
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--lower-branches", choices=tuple(LOWER), default="off",
+                   help="gm.lower_branches of the 'fxlora single' rows (the eager lowering; default off)")
     p.add_argument("--adapters", type=int, default=None, help="default 8 (4 with --small)")
     p.add_argument("--batch", type=int, default=None, help="default 32 (8 with --small)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens; default 128 (12 with --small)")
