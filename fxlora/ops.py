@@ -567,65 +567,24 @@ def merge_pays(tokens: int, in_features: int, out_features: int) -> bool:
     return 2 * in_features * out_features < tokens * (in_features + 4 * out_features)
 
 
-class _MergedLinear(torch.autograd.Function):
-    """``F.linear(x, W + Bs @ A, b)`` whose backward never forms ``dy^T x`` for the merged weight: ``dx = dy
-    (W + Bs A)`` (the merged weight made again, not kept), ``dA = (dy Bs)^T x``, ``dBs = dy^T (x A^T)``; ``dW``
-    and ``db`` only where the base trains.  Forward-mode AD and ``torch.func`` (grad, vmap: the rule is
-    generated from these formulas) work too."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, A, Bs):  # type: ignore[override]
-        return F.linear(x, torch.addmm(weight, Bs, A), bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, weight, bias, A, Bs = inputs
-        ctx.save_for_backward(x, weight, A, Bs)
-        ctx.save_for_forward(x, weight, A, Bs)
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, weight, A, Bs = ctx.saved_tensors
-        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad
-        out_f, in_f = weight.shape
-        dy2, x2 = dy.reshape(-1, out_f), x.reshape(-1, in_f)
-        counters["linear.merged_backward"] += 1
-        dx = torch.mm(dy2, torch.addmm(weight, Bs, A)).view(x.shape) if need_x else None
-        dW = torch.mm(dy2.t(), x2) if need_w else None
-        db = dy2.sum(0) if need_b else None
-        dA = torch.mm(torch.mm(dy2, Bs).t(), x2) if need_A else None
-        dB = torch.mm(dy2.t(), torch.mm(x2, A.t())) if need_B else None
-        return dx, dW, db, dA, dB
-
-    @staticmethod
-    def jvp(ctx, tx, tW, tb, tA, tB):  # type: ignore[override]
-        x, weight, A, Bs = ctx.saved_tensors
-        # d(x W'^T + b) = tx W'^T + x (tW + tB A + Bs tA)^T + tb, with W' = W + Bs A
-        out = F.linear(tx, torch.addmm(weight, Bs, A)) if tx is not None else None
-        parts = [t for t in (tW, None if tB is None else tB @ A, None if tA is None else Bs @ tA) if t is not None]
-        if parts:
-            term = F.linear(x, sum(parts[1:], parts[0]))
-            out = term if out is None else out + term
-        if tb is not None:
-            out = tb.expand(*x.shape[:-1], weight.shape[0]) if out is None else out + tb
-        return out if out is not None else torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
-
-
 def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """``fxlora::lora_linear``'s value, eagerly: where :func:`merge_pays` for this call (and ``scale`` is 1, as
-    the lower pass emits it), the base GEMM over ``W + B A`` made per call; otherwise the branch's plain
-    ops.  Numerically the merged form rounds ``W + B A`` once more than the base layer: within the op's
-    bound with ``c = 2`` (module docstring)."""
+    """``fxlora::lora_linear``'s value, eagerly.  Where no gradient is recorded and :func:`merge_pays` for
+    this call (and ``scale`` is 1, as the lower pass emits it): the base GEMM over ``W + B A``, made per
+    call; otherwise the branch's plain ops.  Numerically the merged form rounds ``W + B A`` once more than
+    the base layer: within the op's bound with ``c = 2`` (module docstring).
+
+    A train step runs the plain ops.  A merged forward with its own autograd formula (``dx`` through the
+    merged weight made again, no ``dW``) moves less memory, but measured slower on an H200: Llama 1.2B
+    b8 x s512, train step 92.6 ms against 84.9 ms for the plain ops (``python -m fxlora.tools.bench
+    --compile none``, the rows "fxlora lowered" and "fxlora" before this rule).  That step is bound by the
+    host, where the formula's Python costs more than the memory traffic it saves."""
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
     # under autocast the branch's ops cast as F.linear does; the merged form would round W + B A in the
-    # autocast dtype and its backward would run outside the region: the plain ops there
+    # autocast dtype: the plain ops there
     autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
-    if scale == 1.0 and not autocast and merge_pays(tokens, weight.shape[1], weight.shape[0]):
+    if (scale == 1.0 and not autocast and merge_pays(tokens, weight.shape[1], weight.shape[0])
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)))):
         counters["linear.merged"] += 1
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
-            return _MergedLinear.apply(x, weight, bias, A, B)
         return F.linear(x, torch.addmm(weight, B, A), bias)
     return lora_linear_h_eager(x, weight, bias, F.linear(x, A), B, scale)
 
