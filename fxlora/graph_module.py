@@ -153,7 +153,7 @@ class LoraGraphModule(GraphModule):
     ) -> None:
         super().__init__(root, graph, class_name)
         self.__dict__["merge_on_eval"] = bool(merge_on_eval)
-        self.__dict__["lower_branches"] = False  # opt-in until measured on a quiet GPU host (docs/performance.md)
+        self.__dict__["lower_branches"] = "auto"  # lowers CUDA float16/bfloat16 forwards (docs/performance.md)
         self.__dict__["_fxlora_cache"] = None
 
     def recompile(self):  # type: ignore[override]
@@ -225,7 +225,7 @@ class LoraGraphModule(GraphModule):
     # -- copies and pickles ------------------------------------------------------------------------
     def _deepcopy_init(self):  # type: ignore[override]
         merge_on_eval = self.__dict__.get("merge_on_eval", False)
-        lower_branches = self.__dict__.get("lower_branches", False)
+        lower_branches = self.__dict__.get("lower_branches", "auto")
 
         def init(res: LoraGraphModule, root: Any, graph: Graph) -> None:
             LoraGraphModule.__init__(res, root, graph, merge_on_eval=merge_on_eval)
@@ -248,7 +248,7 @@ class LoraGraphModule(GraphModule):
 
     def __copy__(self) -> LoraGraphModule:
         res = LoraGraphModule(self, self.graph, type(self).__name__, merge_on_eval=self.__dict__.get("merge_on_eval", False))
-        res.__dict__["lower_branches"] = self.__dict__.get("lower_branches", False)
+        res.__dict__["lower_branches"] = self.__dict__.get("lower_branches", "auto")
         res.meta = getattr(self, "meta", {})
         return res
 
@@ -269,11 +269,14 @@ def _lowered_forward(self: Any) -> Any:
     (:class:`fxlora.passes.LowerLinearBranches`, run on a copy of the graph: the module's own graph,
     state dict and every pass are unchanged), calling :func:`fxlora.ops.lora_linear_eager`, which merges
     ``W + B A`` per call where that moves less memory than the branch; None where the module runs its
-    own graph.  ``gm.lower_branches``: ``False`` (the default) never, ``"auto"`` where the LoRA factors are
-    CUDA float16/bfloat16, ``True`` everywhere.  Never under ``torch.compile``,
-    ``torch.export``, ``torch.jit.trace`` or ``torch.fx`` tracing: those see the graph itself."""
+    own graph.  ``gm.lower_branches``: ``"auto"`` (the default) where the LoRA factors are CUDA
+    float16/bfloat16, ``True`` everywhere, ``False`` never.  Only where no gradient is recorded
+    (``torch.no_grad()``, ``torch.inference_mode()``): with gradients the lowered calls would run the
+    graph's own ops (:func:`fxlora.ops.lora_linear_eager` merges only without them).  Never under
+    ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or ``torch.fx`` tracing: those see the graph
+    itself."""
     mode = self.__dict__.get("lower_branches", False)  # not a LoraGraphModule (an exporter's copy): its graph
-    if mode is False or _capturing():
+    if mode is False or torch.is_grad_enabled() or _capturing():
         return None
     if not (mode is True or (isinstance(mode, str) and mode == "auto")):
         raise ArgumentError(f"lower_branches must be 'auto', True or False, got {mode!r}.")

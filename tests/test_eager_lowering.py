@@ -1,8 +1,8 @@
 """Eager lowering: a rewritten module runs its linear branches through ``fxlora.ops``'s eager functions
 (merged per call where that moves less memory) while its graph, state dict, fold and every compiler or
-tracer see the rewritten graph.  ``lower_branches`` is off by default; ``"auto"`` lowers on CUDA half precision
-only; on CPU these tests switch it on, and compare with the same module running its own graph (float32:
-equal to rounding)."""
+tracer see the rewritten graph.  Lowering runs only where no gradient is recorded; ``lower_branches`` is
+``"auto"`` by default, which lowers on CUDA half precision only; on CPU these tests switch it on, and compare
+with the same module running its own graph (float32: equal to rounding)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def _run(gm, x, mode):
     ops.counters.clear()
     torch.manual_seed(1)  # the same dropout masks in both runs
     out = gm(x)
-    out.square().mean().backward()
+    if out.requires_grad:
+        out.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
     return out.detach(), grads, dict(ops.counters)
 
@@ -57,57 +58,53 @@ def test_the_lowered_forward_computes_what_the_graph_computes(case):
     export = {"capture": "export", "example_inputs": (x,)} if factory is TinyTransformer else {}
     gm = fxlora.rewrite(factory(), rules, fuse_siblings=fuse, **export).train()
     randomize_lora(gm)
+    # a train step: the graph runs either way (gradients recorded)
     graph_out, graph_grads, graph_calls = _run(gm, x, False)
     out, grads, calls = _run(gm, x, True)
+    assert not graph_calls and not calls
+    torch.testing.assert_close(out, graph_out, rtol=0, atol=0)
+    assert grads.keys() == graph_grads.keys() and grads
+    # no gradient recorded: the lowered calls (eval mode: no dropout)
+    gm.eval()
+    with torch.no_grad():
+        graph_out, _, graph_calls = _run(gm, x, False)
+        out, _, calls = _run(gm, x, True)
     assert not graph_calls and calls.get("linear.merged", 0) + calls.get("linear.branch", 0) > 0
     torch.testing.assert_close(out, graph_out, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == graph_grads.keys() and grads
-    for name in grads:
-        torch.testing.assert_close(grads[name], graph_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     code = gm.code
     assert "lora_linear_eager" not in code and "lora_linear" not in code.replace("lora_linear_h", "")  # its own graph is unchanged
 
 
-def test_a_hugging_face_decoder_lowered_in_a_train_step_equals_its_graph():
+def test_a_hugging_face_decoder_merges_per_call_where_no_gradient_is_recorded():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    intermediate_size=64, vocab_size=128)
     model = transformers.LlamaForCausalLM(cfg)
     ids = torch.randint(0, 128, (4, 64))
     gm = fxlora.rewrite(model, [Rule("model.layers.*.self_attn.*_proj", r=4, alpha=8), Rule("model.layers.*.mlp.*_proj", r=4, alpha=8)],
-                        example_inputs=(ids[:2, :16].clone(),), example_kwargs={"use_cache": False}).train()
+                        example_inputs=(ids[:2, :16].clone(),), example_kwargs={"use_cache": False}).eval()
     randomize_lora(gm)
-
-    class Logits(torch.nn.Module):
-        def forward(self, ids):
-            return gm(input_ids=ids, use_cache=False).logits
-
-    wrapped = Logits()
-    gm.lower_branches = False
-    expected = wrapped(ids)
-    expected.square().mean().backward()
-    expected_grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
-    for p in gm.parameters():
-        p.grad = None
-    gm.lower_branches = True
-    ops.counters.clear()
-    out = wrapped(ids)
-    out.square().mean().backward()
-    # a train step runs the branch's plain ops (7 sites x 2 layers): merging there measured slower
-    assert ops.counters["linear.branch"] == 14 and not ops.counters["linear.merged"]
+    with torch.inference_mode():
+        gm.lower_branches = False
+        expected = gm(input_ids=ids, use_cache=False).logits
+        gm.lower_branches = True
+        ops.counters.clear()
+        out = gm(input_ids=ids, use_cache=False).logits
+    assert dict(ops.counters) == {"linear.merged": 14}  # 7 sites x 2 layers, 256 tokens: merging pays
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for name, p in gm.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert sorted(expected_grads) == sorted(n for n, p in gm.named_parameters() if p.grad is not None)
+    gm.train()
+    ops.counters.clear()
+    gm(input_ids=ids, use_cache=False).logits.square().mean().backward()  # a train step: the graph
+    assert not ops.counters
+    assert all(p.grad is not None for n, p in gm.named_parameters() if "lora_" in n)
 
 
-def test_off_by_default_and_auto_lowers_only_cuda_half_precision():
+def test_auto_by_default_which_lowers_only_cuda_half_precision():
     torch.manual_seed(0)
     gm = fxlora.rewrite(TinyTransformer(), [Rule("blocks.*.qkv", r=2, alpha=4)])
     x = torch.randint(0, 40, (4, 24))
-    assert gm.lower_branches is False
-    gm.lower_branches = "auto"
+    assert gm.lower_branches == "auto"
+    assert copy.deepcopy(gm).lower_branches == "auto" and copy.copy(gm).lower_branches == "auto"
     for module in (gm, gm.to(torch.bfloat16)):
         ops.counters.clear()
         with torch.no_grad():
@@ -204,25 +201,20 @@ def test_the_merged_call_is_within_the_ops_bound(dtype, lead):
 
 
 def test_under_autocast_the_lowered_branch_casts_as_the_graph_does():
-    """Mixed precision (float32 weights, bfloat16 autocast): the lowered call runs the branch's plain ops, which
-    autocast casts as it casts the graph's, so outputs and gradients are the graph's."""
+    """Mixed precision (float32 weights, bfloat16 autocast), no gradient recorded: the lowered call runs the
+    branch's plain ops, which autocast casts as it casts the graph's, so the outputs are the graph's bit for bit."""
     torch.manual_seed(0)
-    gm = _tiny([Rule("blocks.*.qkv", r=2, alpha=4), Rule("head", r=3, alpha=3)]).train()
+    gm = _tiny([Rule("blocks.*.qkv", r=2, alpha=4), Rule("head", r=3, alpha=3)]).eval()
     randomize_lora(gm)
     x = torch.randint(0, 40, (4, 24))
     results = []
     for mode in (False, True):
         gm.lower_branches = mode
-        for p in gm.parameters():
-            p.grad = None
         ops.counters.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = gm(x)
-        out.float().square().mean().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}, dict(ops.counters)))
-    (graph_out, graph_grads, _), (out, grads, calls) = results
+        results.append((out, dict(ops.counters)))
+    (graph_out, _), (out, calls) = results
     assert out.dtype == graph_out.dtype == torch.bfloat16
     assert calls == {"linear.branch": 3}
     torch.testing.assert_close(out, graph_out, rtol=0, atol=0)
-    for name in graph_grads:
-        torch.testing.assert_close(grads[name], graph_grads[name], rtol=0, atol=0, msg=name)

@@ -30,7 +30,8 @@ Rows (medians of interleaved repeats, CUDA synchronised around every call):
 prefill forward of the whole batch (``use_cache=False``, full logits):
   ``fxlora mixed``      ``fxlora.serve(gm)(ids, adapter_ids=...)``: each sample its own adapter
   ``fxlora single``     ``gm(ids)`` with one adapter active (``set_adapter``), the same batch
-                        (``--lower-branches auto|on``: with the eager lowering, ``gm.lower_branches``)
+                        (``gm.lower_branches``, the eager lowering: fxlora's default, ``"auto"``;
+                        ``--lower-branches off|on``)
   ``base graph``        ``fxlora.unload(gm)``: the captured base graph, no adapter
   ``base HF``           the transformers model, eager
   ``PEFT single``       ``PeftModel`` with one adapter active
@@ -523,8 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(reversed(MODELS)), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--targets", choices=("all", "qv"), default="all")
     p.add_argument("--r", type=int, default=16)
-    p.add_argument("--lower-branches", choices=tuple(LOWER), default="off",
-                   help="gm.lower_branches of the 'fxlora single' rows (the eager lowering; default off)")
+    p.add_argument("--lower-branches", choices=tuple(LOWER), default="auto",
+                   help="gm.lower_branches of the 'fxlora single' rows (the eager lowering): auto (fxlora's "
+                        "default), on or off")
     p.add_argument("--adapters", type=int, default=None, help="default 8 (4 with --small)")
     p.add_argument("--batch", type=int, default=None, help="default 32 (8 with --small)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens; default 128 (12 with --small)")
