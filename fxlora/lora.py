@@ -14,6 +14,10 @@ conv, conv_transpose, experts, tied) one class below says:
 ``expand(shrink(x)) == base_op(x, delta)`` is the invariant the tests check for every kind; nothing
 outside this module knows how a kind's update is computed.
 
+The math reads a spec's shapes and hyper-parameters, never its names (site, weight, bias, factors, dropout
+module): the rewrite pass records the branch of a kind that is not ``per_call`` once per spec less its
+names and replays the recorded ops at the other sites (:class:`fxlora.passes.rewrite_pass.Recordings`).
+
 Two kinds depend on *how each call reads the weight* (``per_call = True``): MoE experts (a 3-D weight
 indexed per expert before a matmul) and tied weights (one weight read by several uses, such as an
 embedding lookup and an LM head).  Their ``shrink`` and ``expand`` take one more argument, a

@@ -21,11 +21,15 @@ The pass is idempotent: a site already adapted for the plan's adapter is left al
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import operator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node, Proxy
+from torch.fx.node import map_arg
 from torch.fx.proxy import GraphAppendingTracer
 
 from fxlora import provenance
@@ -36,7 +40,7 @@ from fxlora.sites import bind_call, get_parameter
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize, module_at
 from .train_modules import register_copies, retarget, trained_by
 
-__all__ = ["RewritePass", "rewrite", "add_branch", "input_of"]
+__all__ = ["RewritePass", "rewrite", "add_branch", "input_of", "Recordings"]
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
@@ -67,11 +71,12 @@ class RewritePass(FxLoraPass):
         if not todo and not trained:
             return PassResult(gm, False)
         nodes = {n.name: n for n in gm.graph.nodes}
+        recordings = Recordings()
         for site in todo:
             _add_parameters(gm, site.spec)
             for call, where in site.calls:
                 if self.activate:
-                    add_branch(gm, site.spec, nodes[call], where)
+                    add_branch(gm, site.spec, nodes[call], where, recordings)
                 else:
                     provenance.tag_base(nodes[call], site.name, where)
             provenance.record_site(gm, site.spec, active=self.activate)
@@ -131,16 +136,18 @@ def _add_parameters(gm: GraphModule, spec: SiteSpec) -> None:
         module_at(gm, owner).add_module(attr, nn.Dropout(spec.dropout))
 
 
-def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, where: int | str) -> Node:
+def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, where: int | str, recordings: Recordings | None = None) -> Node:
     """Insert ``spec``'s branch after the call ``node`` (which takes the branch input at ``where``) and
     return the new ``add`` node, which the former users of ``node`` now read.
 
     Several adapters at one site chain: ``node -> add(node, y_b) -> add(., y_a)``; each branch reads the
     call's own input, and removing one adapter's nodes splices its ``add`` out of the chain.
+
+    With ``recordings`` (one per pass), the math of a kind that is not ``per_call`` is recorded on proxies
+    once per spec less its names and replayed at the other sites of that spec (see :class:`Recordings`).
     """
     x = input_of(node, where)
     graph = gm.graph
-    tracer = GraphAppendingTracer(graph)
     kind = kind_of(spec)
     anchor = node.next
     roles: dict[Node, str] = {}
@@ -152,21 +159,21 @@ def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, where: int | str) ->
             cursor = cursor.prev
 
     with graph.inserting_before(anchor):  # keeps the inserted nodes in program order
-        a = graph.get_attr(spec.lora_A)
+        # the factors were registered just before (_add_parameters); lint checks every get_attr's target
+        a = graph.create_node("get_attr", spec.lora_A)
         mark(provenance.LORA_A)
-        b = graph.get_attr(spec.lora_B)
+        b = graph.create_node("get_attr", spec.lora_B)
         mark(provenance.LORA_B)
         if spec.dropout_module is not None:
             x = graph.call_module(spec.dropout_module, (x,))
             mark(provenance.DROPOUT)
-        pa, pb = Proxy(a, tracer), Proxy(b, tracer)
-        # experts and tied weights: the branch depends on how this call reads the weight
-        call = (bind_call(gm, spec, node, pa, pb),) if kind.per_call else ()
-        h = kind.shrink(Proxy(x, tracer), pa, spec, *call)
-        mark(provenance.SHRINK)
-        y = kind.expand(h, pb, spec, *call)
-        mark(provenance.EXPAND)
-        out = graph.call_function(operator.add, (node, y.node))
+        recorded = None if recordings is None or kind.per_call else recordings.find(spec)
+        if recorded is not None:
+            y = recorded.replay(graph, x, a, b, roles)
+            counters["rewrite"]["branches_replayed"] += 1
+        else:
+            y = _record_math(gm, spec, node, x, a, b, anchor, mark, recordings)
+        out = graph.call_function(operator.add, (node, y))
         mark(provenance.ADD)
     node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
 
@@ -176,3 +183,114 @@ def add_branch(gm: GraphModule, spec: SiteSpec, node: Node, where: int | str) ->
         new.meta.update(base_meta)
         provenance.tag(new, spec, role)
     return out
+
+
+def _record_math(
+    gm: GraphModule, spec: SiteSpec, node: Node, x: Node, a: Node, b: Node, anchor: Node, mark: Callable[[str], None],
+    recordings: Recordings | None,
+) -> Node:
+    """Record ``spec``'s shrink and expand by calling its kind's math on proxies of ``x``, ``a`` and ``b``
+    (inserted before ``anchor``); kept in ``recordings`` for the other sites of the spec."""
+    kind = kind_of(spec)
+    tracer = _Recorder(gm.graph)
+    start = anchor.prev  # the last node before the math's
+    pa, pb = Proxy(a, tracer), Proxy(b, tracer)
+    # experts and tied weights: the branch depends on how this call reads the weight
+    call = (bind_call(gm, spec, node, pa, pb),) if kind.per_call else ()
+    h = kind.shrink(Proxy(x, tracer), pa, spec, *call)
+    mark(provenance.SHRINK)
+    shrunk = len(tracer.made)
+    y = kind.expand(h, pb, spec, *call)
+    mark(provenance.EXPAND)
+    if recordings is not None and not kind.per_call:
+        recordings.keep(spec, tracer, shrunk, (x, a, b), y.node, (start, anchor))
+    return y.node
+
+
+class _Recorder(GraphAppendingTracer):
+    """A tracer that keeps every ``create_node`` call it makes: what was created, with which arguments."""
+
+    def __init__(self, graph: torch.fx.Graph) -> None:
+        super().__init__(graph)
+        self.made: list[tuple[Node, tuple[Any, ...]]] = []
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None, type_expr: Any = None) -> Node:
+        made = super().create_node(kind, target, args, kwargs, name, type_expr)
+        self.made.append((made, (kind, target, args, kwargs, name, type_expr)))
+        return made
+
+
+def _names_dropped(spec: SiteSpec) -> SiteSpec:
+    return dataclasses.replace(spec, **_NAMES)
+
+
+#: the fields of a SiteSpec that name things (the site, its tensors and modules) rather than shape its math
+_NAMES: dict[str, Any] = {"name": "", "weight": "", "bias": None, "lora_A": "", "lora_B": "", "dropout_module": None}
+
+
+class _Recording:
+    """The ``Graph.create_node`` calls that one site's shrink and expand made, in order, to make again for
+    another site: its inputs (branch input, ``A``, ``B``) and the recorded nodes remapped to the new site's."""
+
+    def __init__(self, calls: list[tuple[Node, tuple[Any, ...]]], shrunk: int, inputs: tuple[Node, Node, Node], out: Node) -> None:
+        self.calls = [(made, call, provenance.SHRINK if i < shrunk else provenance.EXPAND, dict(made.meta))
+                      for i, (made, call) in enumerate(calls)]
+        self.inputs = inputs
+        self.out = out
+
+    def replay(self, graph: torch.fx.Graph, x: Node, a: Node, b: Node, roles: dict[Node, str]) -> Node:
+        remap = dict(zip(self.inputs, (x, a, b)))
+        get = remap.__getitem__
+        for made, (kind, target, args, kwargs, name, type_expr), role, meta in self.calls:
+            new = graph.create_node(kind, target, map_arg(args, get), map_arg(kwargs, get), name, type_expr)
+            for key, value in meta.items():  # what the tracer put on the node (nothing, or preserved node meta)
+                new.meta[key] = copy.copy(value)
+            remap[made] = new
+            roles[new] = role
+        return remap[self.out]
+
+
+class Recordings:
+    """The branches one rewrite pass recorded on proxies, by spec less its names (:data:`_NAMES`).
+
+    A kind that is not ``per_call`` computes its branch from the spec's shapes and hyper-parameters alone
+    (:mod:`fxlora.lora`), so two sites whose specs differ only in names record the same ops on the same
+    inputs: the second site makes the same ``create_node`` calls as the first, with its own inputs,
+    without calling the math on proxies again.  A recording is kept only when every node the math added
+    went through the tracer (checked on the graph)."""
+
+    def __init__(self) -> None:
+        self._kept: list[tuple[SiteSpec, _Recording]] = []
+
+    def find(self, spec: SiteSpec) -> _Recording | None:
+        key = _names_dropped(spec)
+        return next((rec for k, rec in self._kept if k == key), None)
+
+    def keep(
+        self, spec: SiteSpec, tracer: _Recorder, shrunk: int, inputs: tuple[Node, Node, Node], out: Node, between: tuple[Node, Node]
+    ) -> None:
+        """Keep what ``tracer`` recorded for ``spec``: its first ``shrunk`` nodes the shrink, ``out`` the branch's
+        output, all of them inserted ``between`` two nodes, reading ``inputs`` (branch input, A, B) and each other."""
+        made = [m for m, _ in tracer.made]
+        if not _exactly_between(made, *between):
+            return  # the math inserted a node of its own: record it at every site
+        known = set(inputs) | set(made)
+        if out not in known:
+            return
+        for _, (_, _, args, kwargs, _, _) in tracer.made:
+            uses: list[Node] = []
+            map_arg((args, kwargs), uses.append)
+            if any(n not in known for n in uses):
+                return
+        counters["rewrite"]["branches_recorded"] += 1
+        self._kept.append((_names_dropped(spec), _Recording(tracer.made, shrunk, inputs, out)))
+
+
+def _exactly_between(made: list[Node], start: Node, end: Node) -> bool:
+    """Whether ``made`` are, in order, the nodes of the graph between ``start`` and ``end``."""
+    cursor = start.next
+    for node in made:
+        if cursor is not node:
+            return False
+        cursor = cursor.next
+    return bool(made) and cursor is end

@@ -40,3 +40,52 @@ def test_copy_graph_is_deepcopy(which):
     for node in ours.nodes:
         node.meta["copied"] = True
     assert str(gm.graph) == before and not any("copied" in n.meta for n in gm.graph.nodes)
+
+
+def _graph_record(gm):
+    return [
+        (n.op, n.name, str(n.target), repr(n.args), repr(n.kwargs), {k: v for k, v in n.meta.items() if k not in ("val", "tensor_meta")})
+        for n in gm.graph.nodes
+    ]
+
+
+@pytest.mark.parametrize("case", ["transformer", "convnet", "functional"])
+@pytest.mark.parametrize("how", ["symbolic", "export"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_replayed_branches_are_the_recorded_ones(case, how, dropout, monkeypatch):
+    """The rewrite pass records a kind's math on proxies once per spec less its names and replays it at the
+    other sites: the graph, every node's name and metadata, the factors and the outputs are those of recording
+    the math at every site."""
+    from fxlora.passes import counters
+    from fxlora.passes import rewrite_pass
+
+    from helpers import build_case
+
+    model, x, rules = build_case(case)
+    rules = [fxlora.Rule(r.target, r=r.r, alpha=r.alpha, enable_lora=r.enable_lora, dropout=dropout) for r in rules]
+    captured = fxlora.capture(model, capture=how, example_inputs=x)
+    before = dict(counters["rewrite"])
+    torch.manual_seed(0)
+    ours = fxlora.rewrite(captured, rules)
+    replayed = counters["rewrite"]["branches_replayed"] - before.get("branches_replayed", 0)
+    recorded = counters["rewrite"]["branches_recorded"] - before.get("branches_recorded", 0)
+    monkeypatch.setattr(rewrite_pass.Recordings, "find", lambda self, spec: None)
+    torch.manual_seed(0)
+    reference = fxlora.rewrite(captured, rules)
+    ours.graph.lint()
+    assert ours.code == reference.code
+    assert _graph_record(ours) == _graph_record(reference)
+    ours_state, reference_state = ours.state_dict(), reference.state_dict()
+    assert ours_state.keys() == reference_state.keys()
+    assert all(torch.equal(ours_state[k], v) for k, v in reference_state.items())
+    branches = sum(1 for n in ours.graph.nodes if (fxlora.provenance.node_info(n) or {}).get("role") == "add")
+    assert recorded >= 1 and recorded + replayed == branches
+    if case == "transformer":  # two blocks: each block's qkv and proj replay the first block's
+        assert replayed >= 2
+    with torch.no_grad():
+        for name in fxlora.lora_parameter_names(ours):
+            ours.get_parameter(name).normal_(0, 0.1)
+            reference.get_parameter(name).copy_(ours.get_parameter(name))
+        ours.eval()
+        reference.eval()
+        assert torch.equal(ours(*x), reference(*x))
