@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import operator
 import pickle
 from typing import Any
 
@@ -341,11 +342,24 @@ def _lower_for_eager(gm: LoraGraphModule) -> Any:
         return False
     eager = {torch.ops.fxlora.lora_linear.default: ops.lora_linear_eager,
              torch.ops.fxlora.lora_linear_h.default: ops.lora_linear_h_eager}
-    for node in lowered.graph.nodes:
+    for node in list(lowered.graph.nodes):
         if node.op == "call_function" and node.target in eager:
             node.target = eager[node.target]
+            _scale_in_the_call(lowered.graph, node)
     lowered.recompile()
     return stack_safe(type(lowered).forward)
+
+
+def _scale_in_the_call(graph: Graph, node: Node) -> None:
+    """``f(x, W, b, A, B * s, 1.0)`` -> ``f(x, W, b, A, B, s)`` where ``B * s`` feeds only this call: the eager
+    functions apply ``s`` in the GEMM (``alpha``), which saves an operator per site per call."""
+    x, weight, bias, a_or_h, b, scale = node.args
+    if not (isinstance(b, Node) and b.op == "call_function" and b.target in (operator.mul, torch.mul)
+            and len(b.args) == 2 and not b.kwargs and isinstance(b.args[0], Node) and type(b.args[1]) in (int, float)
+            and len(b.users) == 1 and scale == 1.0):
+        return
+    node.args = (x, weight, bias, a_or_h, b.args[0], float(b.args[1]))
+    graph.erase_node(b)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -569,29 +569,60 @@ def merge_pays(tokens: int, in_features: int, out_features: int) -> bool:
 
 def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``fxlora::lora_linear``'s value, eagerly.  Where no gradient is recorded and :func:`merge_pays` for
-    this call (and ``scale`` is 1, as the lower pass emits it): the base GEMM over ``W + B A``, made per
-    call; otherwise the branch's plain ops.  Numerically the merged form rounds ``W + B A`` once more than
-    the base layer: within the op's bound with ``c = 2`` (module docstring).
+    this call: the base GEMM over ``W + scale B A``, made per call (one ``addmm``); otherwise the branch
+    (:func:`lora_linear_h_eager` over ``x A^T``).  Numerically the merged form rounds ``W + scale B A``
+    once more than the base layer: within the op's bound with ``c = 2`` (module docstring).
 
-    A train step runs the plain ops.  A merged forward with its own autograd formula (``dx`` through the
-    merged weight made again, no ``dW``) moves less memory, but measured slower on an H200: Llama 1.2B
-    b8 x s512, train step 92.6 ms against 84.9 ms for the plain ops (``python -m fxlora.tools.bench
-    --compile none``, the rows "fxlora lowered" and "fxlora" before this rule).  That step is bound by the
-    host, where the formula's Python costs more than the memory traffic it saves."""
+    Where a gradient is recorded this is the branch's plain ops.  A merged forward with its own autograd
+    formula (``dx`` through the merged weight made again, no ``dW``) moves less memory, but measured slower
+    on an H200: Llama 1.2B b8 x s512, train step 92.6 ms against 84.9 ms for the plain ops (``python -m
+    fxlora.tools.bench --compile none``, the rows "fxlora lowered" and "fxlora" at b341afc's parent).  That
+    step is bound by the host, where the formula's Python costs more than the memory traffic it saves."""
+    if _plain_ops_only(x, weight, bias, A, B):
+        return _branch(x, weight, bias, F.linear(x, A), B, scale)
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-    # under autocast the branch's ops cast as F.linear does; the merged form would round W + B A in the
-    # autocast dtype: the plain ops there
-    autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
-    if (scale == 1.0 and not autocast and merge_pays(tokens, weight.shape[1], weight.shape[0])
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, A, B)))):
+    if merge_pays(tokens, weight.shape[1], weight.shape[0]):
         counters["linear.merged"] += 1
-        return F.linear(x, torch.addmm(weight, B, A), bias)
-    return lora_linear_h_eager(x, weight, bias, F.linear(x, A), B, scale)
+        return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
+    return _branch_into_base(x, weight, bias, F.linear(x, A), B, scale)
 
 
 def lora_linear_h_eager(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
-    """``fxlora::lora_linear_h``'s value, eagerly: the plain ops (a branch whose input is not ``x A^T``
-    cannot be merged)."""
+    """``fxlora::lora_linear_h``'s value, eagerly (a branch whose input is not ``x A^T`` cannot be merged).
+    Where no gradient is recorded, the base output is a fresh tensor that nothing else reads: the branch is
+    added into it by one ``addmm_`` (BLAS applies the scale and the add), so the branch's ``T x out`` output
+    is never written; otherwise the plain ops."""
+    if _plain_ops_only(x, weight, bias, h, B):
+        return _branch(x, weight, bias, h, B, scale)
+    return _branch_into_base(x, weight, bias, h, B, scale)
+
+
+_peek_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+def _plain_ops_only(*tensors: Tensor | None) -> bool:
+    """Whether a call must run the graph's own ops: a gradient is recorded (autograd sees what the graph
+    would record), autocast is on (the ops cast as ``F.linear`` does; a merged weight would be rounded in
+    the autocast dtype), or a ``torch.func`` transform runs (its rules are the plain ops')."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    device = tensors[0].device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return True
+    return _peek_transform() is not None
+
+
+def _branch(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
     counters["linear.branch"] += 1
-    expand = F.linear(h, B)
-    return F.linear(x, weight, bias) + (expand if scale == 1.0 else expand * scale)
+    expand = F.linear(h, B if scale == 1.0 else B * scale)
+    return F.linear(x, weight, bias) + expand
+
+
+def _branch_into_base(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
+    out = F.linear(x, weight, bias)
+    if not (out.is_contiguous() and out.dtype == h.dtype == B.dtype):
+        counters["linear.branch"] += 1
+        return out + F.linear(h, B if scale == 1.0 else B * scale)
+    counters["linear.branch"] += 1
+    out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=scale)
+    return out

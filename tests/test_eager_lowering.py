@@ -218,3 +218,40 @@ def test_under_autocast_the_lowered_branch_casts_as_the_graph_does():
     assert out.dtype == graph_out.dtype == torch.bfloat16
     assert calls == {"linear.branch": 3}
     torch.testing.assert_close(out, graph_out, rtol=0, atol=0)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] = self.ops.get(str(func.overloadpacket), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tokens", [96, 1], ids=["merged", "branch"])
+def test_the_lowered_forward_runs_fewer_operators(tokens):
+    """Per site, the graph runs the base linear, x A^T, the scale on B, B's linear and the add.  Lowered, with
+    no gradient recorded: one addmm making W + s B A and the base linear (merged), or x A^T, the base linear
+    and one addmm_ adding the branch into it (the scale in the GEMM either way: no mul, no add)."""
+    torch.manual_seed(0)
+    gm = _tiny([Rule("blocks.*.qkv", r=2, alpha=4), Rule("head", r=3, alpha=3)]).eval()
+    randomize_lora(gm)
+    sites = 3
+    x = torch.randint(0, 40, (1, tokens) if tokens == 1 else (4, 24))
+    counts, outs = {}, {}
+    for mode in (False, True):
+        gm.lower_branches = mode
+        ops.counters.clear()
+        with torch.no_grad(), _CountOps() as mode_ops:
+            outs[mode] = gm(x)
+        counts[mode] = mode_ops.ops
+        if mode:
+            assert dict(ops.counters) == ({"linear.merged": sites} if tokens > 1 else {"linear.branch": sites})
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-6)
+    graph, lowered = counts[False], counts[True]
+    assert graph.get("aten.mul", 0) - lowered.get("aten.mul", 0) == sites  # the scale is the GEMM's alpha
+    assert graph.get("aten.add", 0) - lowered.get("aten.add", 0) == sites  # nothing added after the GEMMs
+    kernels = ("aten.addmm", "aten.addmm_", "aten.mm", "aten.mul", "aten.add", "aten.linear", "aten.bmm")
+    assert sum(lowered.get(k, 0) for k in kernels) <= sum(graph.get(k, 0) for k in kernels) - (3 if tokens > 1 else 2) * sites
