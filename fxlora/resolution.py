@@ -25,7 +25,7 @@ from .lora import DEFAULT_ADAPTER, SiteSpec
 from .provenance import BASE, adapters_of, node_info
 from .quantized import is_quantized
 from .rules import Rule, module_targets, target_matches
-from .sites import SUPPORTED, Candidate, find_candidates, op_name, try_submodule
+from .sites import SUPPORTED, Candidate, find_candidates, modules_unchanged, op_name, try_submodule
 from .ties import check_tied_mode, tie_groups, weight_uses
 
 __all__ = [
@@ -164,6 +164,20 @@ def make_plan(
     the weight at every use with one pair, or ``"refuse"``.
     """
     check_tied_mode(tied)
+    with modules_unchanged():  # planning changes nothing
+        return _make_plan(gm, rules, root, adapter=adapter, add_to_existing=add_to_existing, tied=tied, train_modules=train_modules)
+
+
+def _make_plan(
+    gm: GraphModule,
+    rules: Sequence[Rule],
+    root: nn.Module | None,
+    *,
+    adapter: str,
+    add_to_existing: bool,
+    tied: str,
+    train_modules: Sequence[str | type],
+) -> Plan:
     types = getattr(gm, "meta", {}).get(MODULE_TYPES_META)
     root = gm if root is None else root
     candidates = find_candidates(gm, root, types)

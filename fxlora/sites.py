@@ -34,11 +34,13 @@ call: its op with the weight operand replaced, and the views it applies to the w
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
 import typing
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,7 @@ __all__ = [
     "try_submodule",
     "op_name",
     "normalize_method_calls",
+    "modules_unchanged",
 ]
 
 aten = torch.ops.aten
@@ -543,13 +546,42 @@ def _registered_child(mod: nn.Module, item: str) -> nn.Module | None:
 
 def _walk(root: nn.Module, path: str) -> nn.Module | None:
     """The module at ``path`` found through the registries alone, or None where torch must be asked."""
+    found = _FOUND.get()
+    if found is not None:
+        known = found.get((id(root), path))
+        if known is not None and known[0] is root:
+            return known[1]
     mod = root
     for item in path.split(".") if path else ():
         child = _registered_child(mod, item)
         if child is None:
             return None
         mod = child
+    if found is not None:
+        found[(id(root), path)] = (root, mod)
     return mod
+
+
+#: (id(root), path) -> (root, the module at path), while :func:`modules_unchanged` holds
+_FOUND: contextvars.ContextVar[dict[tuple[int, str], tuple[nn.Module, nn.Module]] | None] = contextvars.ContextVar(
+    "fxlora_modules_found", default=None
+)
+
+
+@contextlib.contextmanager
+def modules_unchanged() -> Iterator[None]:
+    """A block that adds, removes or replaces no module: in it, a module found at a path is remembered, and
+    the lookups of this module (:func:`get_submodule`, :func:`get_parameter`, :func:`get_buffer`) walk each
+    path once (a plan looks the same paths up for every site: weight, bias, owner, ties).  Parameters and
+    buffers are still read from their module's registry at every lookup."""
+    if _FOUND.get() is not None:
+        yield
+        return
+    token = _FOUND.set({})
+    try:
+        yield
+    finally:
+        _FOUND.reset(token)
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:

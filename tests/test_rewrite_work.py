@@ -89,3 +89,37 @@ def test_replayed_branches_are_the_recorded_ones(case, how, dropout, monkeypatch
         ours.eval()
         reference.eval()
         assert torch.equal(ours(*x), reference(*x))
+
+
+def test_lookups_in_a_block_without_module_changes_walk_each_path_once(monkeypatch):
+    from fxlora import sites
+
+    model = TinyTransformer()
+    steps = []
+    original = sites._registered_child
+    monkeypatch.setattr(sites, "_registered_child", lambda mod, item: steps.append(item) or original(mod, item))
+    with sites.modules_unchanged():
+        assert sites.get_parameter(model, "blocks.1.qkv.weight") is model.blocks[1].qkv.weight
+        walked = len(steps)
+        assert sites.get_parameter(model, "blocks.1.qkv.bias") is model.blocks[1].qkv.bias
+        assert sites.get_submodule(model, "blocks.1.qkv") is model.blocks[1].qkv
+        assert len(steps) == walked  # the path blocks.1.qkv was walked once
+        with pytest.raises(AttributeError) as ours:
+            sites.get_parameter(model, "blocks.1.qkv.nothing")
+        with pytest.raises(AttributeError) as theirs:
+            model.get_parameter("blocks.1.qkv.nothing")
+        assert str(ours.value) == str(theirs.value)
+        # parameters are read from the registry each time
+        model.blocks[1].qkv.weight = torch.nn.Parameter(torch.zeros(48, 16))
+        assert sites.get_parameter(model, "blocks.1.qkv.weight") is model.blocks[1].qkv.weight
+    # outside the block nothing is remembered: a module replaced since is found
+    model.blocks[1].qkv = torch.nn.Linear(16, 48)
+    assert sites.get_parameter(model, "blocks.1.qkv.weight") is model.blocks[1].qkv.weight
+
+
+def test_a_plan_remembers_nothing_after_it_is_made():
+    from fxlora import sites
+
+    model = TinyTransformer()
+    fxlora.plan(model, [fxlora.Rule("blocks.*.qkv", r=2, alpha=4)])
+    assert sites._FOUND.get() is None
