@@ -220,12 +220,14 @@ class _Recorder(GraphAppendingTracer):
         return made
 
 
-def _names_dropped(spec: SiteSpec) -> SiteSpec:
-    return dataclasses.replace(spec, **_NAMES)
+def _names_dropped(spec: SiteSpec) -> tuple[Any, ...]:
+    """The fields of ``spec`` but its names, as a tuple (compared with ``==``: ``op`` is a dict)."""
+    return tuple(getattr(spec, f) for f in _NOT_NAMES)
 
 
 #: the fields of a SiteSpec that name things (the site, its tensors and modules) rather than shape its math
-_NAMES: dict[str, Any] = {"name": "", "weight": "", "bias": None, "lora_A": "", "lora_B": "", "dropout_module": None}
+_NAMES = frozenset({"name", "weight", "bias", "lora_A", "lora_B", "dropout_module"})
+_NOT_NAMES = tuple(f.name for f in dataclasses.fields(SiteSpec) if f.name not in _NAMES)
 
 
 class _Recording:
@@ -260,11 +262,11 @@ class Recordings:
     went through the tracer (checked on the graph)."""
 
     def __init__(self) -> None:
-        self._kept: list[tuple[SiteSpec, _Recording]] = []
+        self._kept: list[tuple[tuple[Any, ...], _Recording]] = []
 
     def find(self, spec: SiteSpec) -> _Recording | None:
         key = _names_dropped(spec)
-        return next((rec for k, rec in self._kept if k == key), None)
+        return next((rec for k, rec in self._kept if _equal(k, key)), None)
 
     def keep(
         self, spec: SiteSpec, tracer: _Recorder, shrunk: int, inputs: tuple[Node, Node, Node], out: Node, between: tuple[Node, Node]
@@ -284,6 +286,13 @@ class Recordings:
                 return
         counters["rewrite"]["branches_recorded"] += 1
         self._kept.append((_names_dropped(spec), _Recording(tracer.made, shrunk, inputs, out)))
+
+
+def _equal(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - a field whose == is not a bool (a tensor in op): not provably the same
+        return False
 
 
 def _exactly_between(made: list[Node], start: Node, end: Node) -> bool:
