@@ -55,21 +55,32 @@ def shadow_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
     Shared submodules and tied parameters stay shared (one new object per original object).
     """
     memo = {} if memo is None else memo
-    if id(module) in memo:
-        return memo[id(module)]
+    new = memo.get(id(module))
+    if new is not None:
+        return new
     new = shallow_copy(module)
     memo[id(module)] = new
     # copy.copy shares the attribute values; give the copy its own registries and hook tables.
-    for key, value in list(new.__dict__.items()):
-        if isinstance(value, dict):
-            new.__dict__[key] = value.copy() if type(value) in _PLAIN_DICTS else copy.copy(value)
-    new._parameters = {k: None if p is None else _shadow_param(p, memo) for k, p in module._parameters.items()}
-    new._buffers = {k: None if b is None else _clone_buffer(b, memo) for k, b in module._buffers.items()}
-    new._modules = {k: None if m is None else shadow_copy(m, memo) for k, m in module._modules.items()}
+    attrs = new.__dict__
+    for key, value in attrs.items():
+        if isinstance(value, dict) and key not in _REGISTRIES:
+            attrs[key] = value.copy() if type(value) in _PLAIN_DICTS else copy.copy(value)
+    registries = (
+        {k: None if p is None else _shadow_param(p, memo) for k, p in module._parameters.items()},
+        {k: None if b is None else _clone_buffer(b, memo) for k, b in module._buffers.items()},
+        {k: None if m is None else shadow_copy(m, memo) for k, m in module._modules.items()},
+    )
+    plain = type(new).__setattr__ is nn.Module.__setattr__  # which stores a dict value as a plain attribute
+    for name, registry in zip(_REGISTRIES, registries):
+        if plain:
+            attrs[name] = registry
+        else:
+            setattr(new, name, registry)
     return new
 
 
 _PLAIN_DICTS = (dict, OrderedDict)  # copy.copy(d) is d.copy() for these
+_REGISTRIES = ("_parameters", "_buffers", "_modules")  # made anew by shadow_copy
 
 
 def _copies_like_module(cls: type) -> bool:

@@ -123,3 +123,34 @@ def test_a_plan_remembers_nothing_after_it_is_made():
     model = TinyTransformer()
     fxlora.plan(model, [fxlora.Rule("blocks.*.qkv", r=2, alpha=4)])
     assert sites._FOUND.get() is None
+
+
+def test_shadow_copy_gives_new_modules_and_parameters_over_the_same_storage():
+    from fxlora.tracing import shadow_copy
+
+    class Recording(torch.nn.Module):  # a class with its own __setattr__ sees the registries being set
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+            self.register_buffer("count", torch.zeros(()))
+
+        def __setattr__(self, name, value):
+            self.__dict__.setdefault("_set", []).append(name)
+            super().__setattr__(name, value)
+
+    model = torch.nn.Sequential(TinyTransformer(), Recording())
+    model[1].fc.register_forward_hook(lambda *a: None)
+    model[0].head.weight = model[0].emb.weight  # tied: one new parameter for both
+    copy_ = shadow_copy(model)
+    for (name, ours), (_, theirs) in zip(copy_.named_modules(), model.named_modules(), strict=True):
+        assert ours is not theirs and type(ours) is type(theirs), name
+        for registry in ("_parameters", "_buffers", "_modules", "_forward_hooks"):
+            assert getattr(ours, registry) is not getattr(theirs, registry)
+            assert list(getattr(ours, registry)) == list(getattr(theirs, registry))
+    for (name, ours), (_, theirs) in zip(copy_.named_parameters(), model.named_parameters(), strict=True):
+        assert ours is not theirs and ours.data_ptr() == theirs.data_ptr() and ours.requires_grad == theirs.requires_grad
+    assert copy_[0].head.weight is copy_[0].emb.weight
+    assert copy_[1].count is not model[1].count and torch.equal(copy_[1].count, model[1].count)
+    assert copy_[1]._set[-3:] == ["_parameters", "_buffers", "_modules"]
+    copy_[1].fc.register_forward_hook(lambda *a: None)
+    assert len(model[1].fc._forward_hooks) == 1
