@@ -342,10 +342,18 @@ def _lower_for_eager(gm: LoraGraphModule) -> Any:
         return False
     eager = {torch.ops.fxlora.lora_linear.default: ops.lora_linear_eager,
              torch.ops.fxlora.lora_linear_h.default: ops.lora_linear_h_eager}
+    # the Python bindings instead of the ATen overloads, unless a tensor is a subclass, which may handle a
+    # binding (__torch_function__) otherwise than its overload (__torch_dispatch__)
+    bindings = ops.BINDINGS if all(type(t) in (torch.Tensor, torch.nn.Parameter)
+                                   for t in (*gm.parameters(), *gm.buffers())) else {}
     for node in list(lowered.graph.nodes):
-        if node.op == "call_function" and node.target in eager:
+        if node.op != "call_function":
+            continue
+        if node.target in eager:
             node.target = eager[node.target]
             _scale_in_the_call(lowered.graph, node)
+        elif node.target in bindings:
+            node.target = bindings[node.target]
     lowered.recompile()
     return stack_safe(type(lowered).forward)
 

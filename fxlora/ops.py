@@ -97,7 +97,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import LoraOpError
+from .errors import LoraOpError, TraceError
 
 __all__ = [
     "lora_linear",
@@ -569,8 +569,8 @@ def merge_pays(tokens: int, in_features: int, out_features: int) -> bool:
 
 def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``fxlora::lora_linear``'s value, eagerly.  Where no gradient is recorded and :func:`merge_pays` for
-    this call: the base GEMM over ``W + scale B A``, made per call (one ``addmm``); otherwise the branch
-    (:func:`lora_linear_h_eager` over ``x A^T``).  Numerically the merged form rounds ``W + scale B A``
+    this call: the base GEMM over ``W + scale B A``, made per call (one ``addmm``); otherwise the branch's
+    plain ops, the operators the graph runs.  Numerically the merged form rounds ``W + scale B A``
     once more than the base layer: within the op's bound with ``c = 2`` (module docstring).
 
     Where a gradient is recorded this is the branch's plain ops.  A merged forward with its own autograd
@@ -585,17 +585,13 @@ def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     if merge_pays(tokens, weight.shape[1], weight.shape[0]):
         counters["linear.merged"] += 1
         return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
-    return _branch_into_base(x, weight, bias, F.linear(x, A), B, scale)
+    return _branch(x, weight, bias, F.linear(x, A), B, scale)
 
 
 def lora_linear_h_eager(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
-    """``fxlora::lora_linear_h``'s value, eagerly (a branch whose input is not ``x A^T`` cannot be merged).
-    Where no gradient is recorded, the base output is a fresh tensor that nothing else reads: the branch is
-    added into it by one ``addmm_`` (BLAS applies the scale and the add), so the branch's ``T x out`` output
-    is never written; otherwise the plain ops."""
-    if _plain_ops_only(x, weight, bias, h, B):
-        return _branch(x, weight, bias, h, B, scale)
-    return _branch_into_base(x, weight, bias, h, B, scale)
+    """``fxlora::lora_linear_h``'s value, eagerly: the branch's plain ops (a branch whose input is not
+    ``x A^T`` cannot be merged), the operators the graph runs."""
+    return _branch(x, weight, bias, h, B, scale)
 
 
 _peek_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
@@ -619,11 +615,68 @@ def _branch(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor
     return F.linear(x, weight, bias) + expand
 
 
-def _branch_into_base(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
-    out = F.linear(x, weight, bias)
-    if not (out.is_contiguous() and out.dtype == h.dtype == B.dtype):
-        counters["linear.branch"] += 1
-        return out + F.linear(h, B if scale == 1.0 else B * scale)
-    counters["linear.branch"] += 1
-    out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=scale)
-    return out
+# --------------------------------------------------------------------------------------------------
+# Eager: the host cost of the rest of a lowered graph
+# --------------------------------------------------------------------------------------------------
+#
+# A captured graph calls every ATen op through its ``OpOverload`` (a Python ``__call__`` and a generic
+# argument conversion), where a model's own code calls the op's Python binding.  A lowered graph runs
+# eagerly only, so it calls the bindings: the same operators, found by PyTorch's argument parser.  Each
+# entry takes the overload's arguments in its schema's order and names; tests/test_eager_lowering.py runs
+# each against its overload.
+
+_aten = torch.ops.aten
+_C_nn = torch._C._nn
+
+#: ATen overload -> the Python binding a lowered graph calls instead
+BINDINGS: dict = {
+    _aten.linear.default: _C_nn.linear,
+    _aten.addmm.default: torch.addmm,
+    _aten.matmul.default: torch.matmul,
+    _aten.mm.default: torch.mm,
+    _aten.bmm.default: torch.bmm,
+    _aten.add.Tensor: torch.add,
+    _aten.sub.Tensor: torch.sub,
+    _aten.mul.Tensor: torch.mul,
+    _aten.div.Tensor: torch.div,
+    _aten.neg.default: torch.neg,
+    _aten.rsqrt.default: torch.rsqrt,
+    _aten.sqrt.default: torch.sqrt,
+    _aten.pow.Tensor_Scalar: torch.pow,
+    _aten.mean.dim: torch.mean,
+    _aten.exp.default: torch.exp,
+    _aten.cos.default: torch.cos,
+    _aten.sin.default: torch.sin,
+    _aten.tanh.default: torch.tanh,
+    _aten.sigmoid.default: torch.sigmoid,
+    _aten.silu.default: _C_nn.silu,
+    _aten.gelu.default: _C_nn.gelu,
+    _aten.softmax.int: torch.softmax,
+    _aten.layer_norm.default: torch.layer_norm,
+    _aten.embedding.default: torch.embedding,
+    _aten.dropout.default: torch.dropout,
+    _aten.scaled_dot_product_attention.default: _C_nn.scaled_dot_product_attention,
+    _aten.view.default: torch.Tensor.view,
+    _aten.reshape.default: torch.reshape,
+    _aten.transpose.int: torch.transpose,
+    _aten.permute.default: torch.permute,
+    _aten.unsqueeze.default: torch.unsqueeze,
+    _aten.select.int: torch.select,
+    _aten.cat.default: torch.cat,
+    _aten.to.dtype: torch.Tensor.to,
+}
+
+
+def check_tensor_metadata(x: Tensor, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                          layout: torch.layout | None = None) -> None:
+    """``aten._assert_tensor_metadata`` for a lowered graph: the dtype, device and layout a
+    ``torch.export`` capture recorded for a tensor its graph converts (``.to``); a plain Python check."""
+    if (dtype is None or x.dtype == dtype) and (device is None or x.device == device) and (layout is None or x.layout == layout):
+        return
+    raise TraceError(
+        f"this torch.export capture recorded a {dtype or x.dtype} tensor on {device or x.device} where it now gets "
+        f"{x.dtype} on {x.device}: the capture fixes the dtypes and devices of the conversions in its graph. "
+        "Convert the model (.to(dtype) / .to(device)) before capturing it, and capture it again.")
+
+
+BINDINGS[_aten._assert_tensor_metadata.default] = check_tensor_metadata
