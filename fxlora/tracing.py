@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 from . import calling
 from .errors import TraceError
 from .passes import make_mode_aware
+from .passes.infra import create_node_again
 from .sites import normalize_method_calls
 
 __all__ = [
@@ -250,17 +251,11 @@ def trace_graph_module(model: GraphModule) -> tuple[nn.Module, Graph, bool]:
     return _shadow_graph_module_root(model), graph, changed
 
 
-_set_args, _set_kwargs = Node.args.fset, Node.kwargs.fset  # type: ignore[attr-defined]
-
-
 def copy_graph(graph: Graph) -> Graph:
     """``copy.deepcopy(graph)``: the same nodes (names, ops, targets, arguments, types, a copy of each
-    ``meta``) and a copy of its code generator, in half the time.
-
-    ``Graph.node_copy`` hands each node's arguments to ``Graph.create_node``, which walks them again for
-    raw symbolic values (``torch.SymInt``) to warn about; the arguments of a graph's nodes were checked
-    so when that graph was built, so the copy creates each node bare and sets its arguments through the
-    ``Node.args`` / ``Node.kwargs`` setters, which record the uses as ``create_node`` does."""
+    ``meta``) and a copy of its code generator, in half the time: ``Graph.node_copy`` hands each node's
+    arguments to ``Graph.create_node``, which walks them again for raw symbolic values, checked when the
+    graph was built (:func:`fxlora.passes.infra.create_node_again`)."""
     new = Graph(tracer_cls=graph._tracer_cls)
     copied: dict[Node, Node] = {}
     get = copied.__getitem__
@@ -269,11 +264,7 @@ def copy_graph(graph: Graph) -> Graph:
             out = new.output(map_arg(node.args[0], get), type_expr=getattr(node, "type", None))
             _copy_meta(node, out)
             break
-        made = new.create_node(node.op, node.target, None, None, node.name, node.type)
-        if node.args:
-            _set_args(made, map_arg(node.args, get))
-        if node.kwargs:
-            _set_kwargs(made, map_arg(node.kwargs, get))
+        made = create_node_again(new, node.op, node.target, map_arg(node.args, get), map_arg(node.kwargs, get), node.name, node.type)
         _copy_meta(node, made)
         copied[node] = made
     new._codegen = copy.deepcopy(graph._codegen)

@@ -12,14 +12,19 @@ from __future__ import annotations
 import weakref
 from collections import Counter, defaultdict
 
+from typing import Any
+
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxlora import provenance
 from fxlora.errors import PassContractError
 
-__all__ = ["FxLoraPass", "RewiringPass", "PassResult", "counters", "finalize", "check_contract", "module_at", "PassContractError"]
+__all__ = [
+    "FxLoraPass", "RewiringPass", "PassResult", "counters", "finalize", "check_contract", "module_at", "create_node_again",
+    "PassContractError",
+]
 
 #: pass name -> Counter of what it did, over the life of the process.
 counters: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -95,3 +100,24 @@ def module_at(gm: GraphModule, path: str) -> nn.Module:
             mod.add_module(part, child)
         mod = child
     return mod
+
+
+_set_args, _set_kwargs = Node.args.fset, Node.kwargs.fset  # type: ignore[attr-defined]
+
+
+def create_node_again(
+    graph: Graph, op: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str | None = None, type_expr: Any = None
+) -> Node:
+    """``graph.create_node(op, target, args, kwargs, name, type_expr)`` for the arguments of a node that was
+    created before, with its nodes replaced by nodes of ``graph`` (a copy, a replayed recording).
+
+    ``Graph.create_node`` walks the arguments of every new ``call_*`` node for raw symbolic values
+    (``torch.SymInt``) to warn about; these arguments were walked when the first node was created, so the
+    node is created bare and given its arguments through the ``Node.args`` / ``Node.kwargs`` setters, which
+    record the uses as ``create_node`` does."""
+    made = graph.create_node(op, target, None, None, name, type_expr)
+    if args:
+        _set_args(made, args)
+    if kwargs:
+        _set_kwargs(made, kwargs)
+    return made

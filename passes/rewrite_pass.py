@@ -37,7 +37,7 @@ from fxlora.lora import SiteSpec, init_factors, kind_of
 from fxlora.resolution import Plan
 from fxlora.sites import bind_call, get_parameter
 
-from .infra import FxLoraPass, PassResult, check_contract, counters, finalize, module_at
+from .infra import FxLoraPass, PassResult, check_contract, counters, create_node_again, finalize, module_at
 from .train_modules import register_copies, retarget, trained_by
 
 __all__ = ["RewritePass", "rewrite", "add_branch", "input_of", "Recordings"]
@@ -244,7 +244,7 @@ class _Recording:
         remap = dict(zip(self.inputs, (x, a, b)))
         get = remap.__getitem__
         for made, (kind, target, args, kwargs, name, type_expr), role, meta in self.calls:
-            new = graph.create_node(kind, target, map_arg(args, get), map_arg(kwargs, get), name, type_expr)
+            new = create_node_again(graph, kind, target, map_arg(args, get), map_arg(kwargs, get), name, type_expr)
             for key, value in meta.items():  # what the tracer put on the node (nothing, or preserved node meta)
                 new.meta[key] = copy.copy(value)
             remap[made] = new
