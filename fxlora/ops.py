@@ -92,6 +92,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -667,15 +668,19 @@ BINDINGS: dict = {
 }
 
 
-def check_tensor_metadata(x: Tensor, dtype: torch.dtype | None = None, device: torch.device | None = None,
-                          layout: torch.layout | None = None) -> None:
-    """``aten._assert_tensor_metadata`` for a lowered graph: the dtype, device and layout a
-    ``torch.export`` capture recorded for a tensor its graph converts (``.to``); a plain Python check."""
-    if (dtype is None or x.dtype == dtype) and (device is None or x.device == device) and (layout is None or x.layout == layout):
+def check_tensor_metadata(a: Tensor, size: Any = None, stride: Any = None, dtype: torch.dtype | None = None, *,
+                          device: torch.device | None = None, layout: torch.layout | None = None) -> None:
+    """``aten._assert_tensor_metadata`` (same signature) for a lowered graph: the sizes, strides, dtype,
+    device and layout a ``torch.export`` capture recorded for a tensor its graph converts (``.to``); a plain
+    Python check."""
+    if ((dtype is None or a.dtype == dtype) and (device is None or a.device == device)
+            and (layout is None or a.layout == layout) and (size is None or tuple(a.shape) == tuple(size))
+            and (stride is None or a.stride() == tuple(stride))):
         return
     raise TraceError(
-        f"this torch.export capture recorded a {dtype or x.dtype} tensor on {device or x.device} where it now gets "
-        f"{x.dtype} on {x.device}: the capture fixes the dtypes and devices of the conversions in its graph. "
+        f"this torch.export capture recorded a {dtype or a.dtype} tensor on {device or a.device} "
+        f"(sizes {tuple(size) if size is not None else tuple(a.shape)}) where it now gets {a.dtype} on {a.device} "
+        f"(sizes {tuple(a.shape)}): the capture fixes the dtypes and devices of the conversions in its graph. "
         "Convert the model (.to(dtype) / .to(device)) before capturing it, and capture it again.")
 
 

@@ -289,6 +289,16 @@ def test_every_binding_a_lowered_graph_calls_computes_what_its_overload_computes
         expected, got = overload(*args), ops.BINDINGS[overload](*args)
         assert got.dtype == expected.dtype and got.shape == expected.shape, overload
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=str(overload))
+    check, x = ops.BINDINGS[torch.ops.aten._assert_tensor_metadata.default], torch.zeros(2, 3)
+    for args, kwargs in [((x,), {"dtype": torch.float32, "device": x.device, "layout": torch.strided}),
+                         ((x, None, None, torch.float32), {}), ((x, [2, 3], [3, 1]), {})]:
+        torch.ops.aten._assert_tensor_metadata.default(*args, **kwargs)  # both accept what the op accepts
+        check(*args, **kwargs)
+    for args, kwargs in [((x,), {"dtype": torch.float64}), ((x, None, None, torch.int64), {}), ((x, [3, 2]), {})]:
+        with pytest.raises(RuntimeError):
+            torch.ops.aten._assert_tensor_metadata.default(*args, **kwargs)
+        with pytest.raises(fxlora.errors.TraceError, match="capture fixes the dtypes"):
+            check(*args, **kwargs)
     kw = {"approximate": "tanh"}
     torch.testing.assert_close(ops.BINDINGS[torch.ops.aten.gelu.default](cases[torch.ops.aten.gelu.default][0], **kw),
                                torch.ops.aten.gelu.default(cases[torch.ops.aten.gelu.default][0], **kw), rtol=0, atol=0)
@@ -304,11 +314,13 @@ def test_a_lowered_capture_converted_after_capture_names_the_problem():
     ids = torch.randint(0, 128, (2, 16))
     gm = fxlora.rewrite(transformers.LlamaForCausalLM(cfg), [Rule("model.layers.*.self_attn.q_proj", r=4, alpha=8)],
                         example_inputs=(ids[:, :8].clone(),), example_kwargs={"use_cache": False}).eval()
+    if not any(n.target is torch.ops.aten._assert_tensor_metadata.default for n in gm.graph.nodes):
+        pytest.skip("this torch's export records no dtype checks")
     gm.lower_branches = True
     with torch.no_grad():
         gm(input_ids=ids, use_cache=False)  # lowered, float32 as captured
     gm.to(torch.float64)
     for mode, error in ((False, RuntimeError), (True, fxlora.errors.TraceError)):
         gm.lower_branches = mode
-        with torch.no_grad(), pytest.raises(error, match="dtype mismatch" if not mode else "capture fixes the dtypes"):
+        with torch.no_grad(), pytest.raises(error, match=None if not mode else "capture fixes the dtypes"):
             gm(input_ids=ids, use_cache=False)
