@@ -1,5 +1,7 @@
-"""Outside review of the opt-in eager lowering (``gm.lower_branches = True``, 488c241, b2b44cc, 6573728;
-HEAD also has 252bb62's autocast fix).
+"""Outside review of the eager lowering (``gm.lower_branches = True``, 488c241, b2b44cc, 6573728;
+HEAD also has 252bb62's autocast fix).  Since bbbfc96 the lowering is on by default (``"auto"``: CUDA
+float16/bfloat16) and runs only where no gradient is recorded; the helpers here compare both settings with
+gradients (where the graph runs either way) and without (where the lowered calls run).
 
 Contract under review: on CPU, ``lower_branches = True`` gives the same outputs and gradients as
 ``lower_branches = False`` (float32, to rounding) for every module fxlora can rewrite, and never changes
