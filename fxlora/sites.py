@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import operator
 import typing
 from collections import defaultdict
@@ -93,7 +94,7 @@ class SiteOp:
     bias: str | None = None  # the bias argument, if the op has one
     computes_x_at_w: bool = False  # linear: True for x @ W (weight stored (in, out)), False for F.linear
 
-    @property
+    @functools.cached_property
     def data_args(self) -> frozenset[str]:
         """Arguments that may be computed in the graph (the others are hyper-parameters to bake in)."""
         return frozenset(a for a in (self.weight, self.input, self.bias) if a)
@@ -621,15 +622,15 @@ def try_submodule(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _owner_of(gm: GraphModule, root: nn.Module, node: Node, wname: str) -> tuple[str, str]:
+def _owner_of(gm: GraphModule, root: nn.Module, node: Node, wname: str, param: nn.Parameter) -> tuple[str, str]:
     """The module that owns a functional site's weight, and the weight's attribute name there.
 
     torch.export graphs record the module that ran each op in ``nn_module_stack``; when that module
     holds the weight (by identity: a tied weight may be read under another name), the site is named
     after it, so the same rule text selects the same sites whichever way the model was captured.
-    Otherwise the weight's own path decides (``blocks.0.fc.weight`` -> ``blocks.0.fc``).
+    Otherwise the weight's own path decides (``blocks.0.fc.weight`` -> ``blocks.0.fc``); ``param`` is the
+    weight, ``get_parameter(gm, wname)``.
     """
-    param = get_parameter(gm, wname)
     stack = node.meta.get("nn_module_stack")
     if stack:
         for path, _ in reversed(list(stack.values())):  # innermost first
@@ -665,7 +666,8 @@ def _where(node: Node, x: Node) -> int | str | tuple[int, int]:
 
 def _new_candidate(gm: GraphModule, node: Node, root: nn.Module, module_types: dict[str, type], wname: str) -> Candidate:
     """A functional candidate for ``node`` reading parameter ``wname``, named after the weight's owner."""
-    owner, attr = _owner_of(gm, root, node, wname)
+    param = get_parameter(gm, wname)
+    owner, attr = _owner_of(gm, root, node, wname, param)
     module = try_submodule(root, owner) if owner else None
     if attr == "weight" and owner:
         name, prefix = owner, ""
@@ -674,7 +676,7 @@ def _new_candidate(gm: GraphModule, node: Node, root: nn.Module, module_types: d
     cand = Candidate(name=name, kind=None, names=(name,), weight=wname, owner=owner, prefix=prefix, module=module if prefix == "" else None)
     # a type rule selects the sites whose weight belongs to a module of that type
     cand.module_type = module_types.get(owner, type(module) if module is not None else None) if owner else None
-    cand.weight_shape = tuple(get_parameter(gm, wname).shape)
+    cand.weight_shape = tuple(param.shape)
     cand.type_name = op_name(node.target)
     cand.nodes = [node]
     return cand
@@ -892,6 +894,7 @@ def find_candidates(
     module_types = module_types or {}
     aliases = _module_names(root)
     by_key: dict[tuple[Any, ...], Candidate] = {}
+    ops: dict[int, tuple[bool, bool]] = {}  # id(target) -> _op_kinds(target), for the targets of gm's nodes
     for node in gm.graph.nodes:
         info = node_info(node)
         if info is not None and info["role"] != BASE:
@@ -923,10 +926,11 @@ def find_candidates(
             continue
         if node.op != "call_function":
             continue
+        site_op, matmul = ops.get(id(node.target)) or ops.setdefault(id(node.target), _op_kinds(node.target))
         fc = None
-        if node.target in SITE_OPS:
+        if site_op:
             fc = _functional_candidate(gm, node, root, module_types)
-        if fc is None and (_matmul_roles(node.target) is not None or node.target in _EINSUM):
+        if fc is None and matmul:
             fc = _experts_candidate(gm, node, root, module_types)
         if fc is None:
             continue
@@ -949,6 +953,11 @@ def find_candidates(
     candidates = list(by_key.values())
     _add_holder_names(gm, root, candidates)
     return candidates
+
+
+def _op_kinds(target: Any) -> tuple[bool, bool]:
+    """Whether a ``call_function`` node of ``target`` may be a functional site, and an experts site."""
+    return target in SITE_OPS, _matmul_roles(target) is not None or target in _EINSUM
 
 
 def _add_holder_names(gm: GraphModule, root: nn.Module, candidates: list[Candidate]) -> None:
