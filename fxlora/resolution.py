@@ -94,7 +94,7 @@ class Plan:
     def mismatch(self, gm: GraphModule) -> str | None:
         """Why this plan does not fit ``gm``'s graph (a call it names is missing or different), or None."""
         ours = {n.name: n for n in self.graph_module.graph.nodes}
-        theirs = {n.name: n for n in gm.graph.nodes}
+        theirs = ours if gm.graph is self.graph_module.graph else {n.name: n for n in gm.graph.nodes}
         for site in self.sites:
             for call, _ in site.calls:
                 mine, other = ours.get(call), theirs.get(call)

@@ -628,11 +628,21 @@ def graph_fingerprint(graph: Graph) -> tuple[Any, ...]:
     return tuple((n.op, n.name, n.target, n.args, n.kwargs) for n in graph.nodes)
 
 
-def _same_fingerprint(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+def _has_fingerprint(graph: Graph, recorded: tuple[Any, ...]) -> bool:
+    """``graph_fingerprint(graph) == recorded``, node by node, stopping at the first difference (the fields of
+    a node not edited since are the very objects recorded)."""
+    if len(graph.nodes) != len(recorded):
+        return False
     try:
-        return bool(a == b)
+        for n, (op, name, target, args, kwargs) in zip(graph.nodes, recorded):
+            if not (
+                op == n.op and name == n.name and (target is n.target or target == n.target)
+                and (args is n.args or args == n.args) and (kwargs is n.kwargs or kwargs == n.kwargs)
+            ):
+                return False
     except Exception:  # noqa: BLE001 - an argument whose == is not a bool (a tensor constant): not provably the same
         return False
+    return True
 
 
 def generated_code(gm: GraphModule) -> GeneratedCode | None:
@@ -644,7 +654,7 @@ def generated_code(gm: GraphModule) -> GeneratedCode | None:
     found = _GENERATED.get(graph) if graph is not None else None
     if found is None or found.code is not gm.__dict__.get("_code"):
         return None
-    if not _same_fingerprint(found.nodes, graph_fingerprint(graph)):
+    if not _has_fingerprint(graph, found.nodes):
         return None
     return found
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -95,14 +95,22 @@ class RewritePass(FxLoraPass):
             check_contract(site.name in recorded, f"site '{site.name}' was not recorded")
         if not self.activate:
             return
-        adds = {
+        # the adds this pass makes are operator.add calls (torch's node index finds them); any other node of the
+        # graph that plays the role is looked at only when these do not cover every call
+        adds = self._adds(gm.graph.find_nodes(op="call_function", target=operator.add))
+        if not all(call in adds for site in self.plan.sites for call, _ in site.calls):
+            adds = self._adds(gm.graph.nodes)
+        for site in self.plan.sites:
+            check_contract(all(call in adds for call, _ in site.calls), f"site '{site.name}' has a call without a branch")
+
+    def _adds(self, nodes: Iterable[Node]) -> set[str]:
+        """The names of the calls whose branch of the plan's adapter ends in one of ``nodes``."""
+        return {
             n.args[0].name
-            for n in gm.graph.nodes
+            for n in nodes
             if (info := provenance.node_info(n)) is not None and info["role"] == provenance.ADD
             and info["adapter"] == self.plan.adapter
         }
-        for site in self.plan.sites:
-            check_contract(all(call in adds for call, _ in site.calls), f"site '{site.name}' has a call without a branch")
 
 
 def rewrite(gm: GraphModule, plan: Plan) -> PassResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import fxlora
 import pytest
@@ -154,3 +155,56 @@ def test_shadow_copy_gives_new_modules_and_parameters_over_the_same_storage():
     assert copy_[1]._set[-3:] == ["_parameters", "_buffers", "_modules"]
     copy_[1].fc.register_forward_hook(lambda *a: None)
     assert len(model[1].fc._forward_hooks) == 1
+
+
+def test_a_graph_has_its_recorded_fingerprint_until_a_node_is_edited():
+    from fxlora.tracing import _has_fingerprint, graph_fingerprint
+
+    relu = torch.ops.aten.relu.default
+
+    def the(graph, target):
+        return next(n for n in graph.nodes if n.target is target or (isinstance(target, str) and n.target == target))
+
+    def add_node(graph):
+        with graph.inserting_after(the(graph, relu)):
+            graph.call_function(relu, (the(graph, relu),))
+
+    edits = {
+        "nothing": lambda g: None,
+        "rewired": lambda g: the(g, relu).update_arg(0, the(g, "y")),
+        "retargeted": lambda g: setattr(the(g, relu), "target", torch.ops.aten.gelu.default),
+        "renamed": lambda g: setattr(the(g, relu), "name", "renamed"),
+        "added": add_node,
+        "kwarg": lambda g: the(g, relu).update_kwarg("k", 1),
+    }
+
+    class Net(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.relu(x * y) + y
+
+    for what, edit in edits.items():
+        graph = fxlora.capture(Net(), capture="export", example_inputs=(torch.ones(2), torch.ones(2))).graph
+        recorded = graph_fingerprint(graph)
+        edit(graph)
+        assert _has_fingerprint(graph, recorded) == (graph_fingerprint(graph) == recorded) == (what == "nothing"), what
+
+
+def test_the_rewrite_pass_ensures_every_call_has_its_branch(monkeypatch):
+    from fxlora import passes
+    from fxlora.passes import rewrite_pass
+
+    plan = fxlora.plan(TinyTransformer(), [fxlora.Rule("blocks.*.qkv", r=2, alpha=4)])
+    skipped = plan.sites[1].calls[0][0]
+    add_branch = rewrite_pass.add_branch
+    monkeypatch.setattr(
+        rewrite_pass, "add_branch", lambda gm, spec, node, *a: None if node.name == skipped else add_branch(gm, spec, node, *a)
+    )
+    with pytest.raises(passes.PassContractError, match=f"site '{plan.sites[1].name}' has a call without a branch"):
+        passes.RewritePass(plan)(copy.deepcopy(plan.graph_module))
+    # an add of the adapter that is not an operator.add call (another pass rewrote it) still counts
+    monkeypatch.setattr(rewrite_pass, "add_branch", add_branch)
+    gm = copy.deepcopy(plan.graph_module)
+    rewrite_pass.RewritePass(plan).call(gm)
+    for node in gm.graph.find_nodes(op="call_function", target=operator.add):
+        node.target = torch.add
+    rewrite_pass.RewritePass(plan).ensures(gm)
