@@ -479,7 +479,7 @@ def keep_state_keys(gm: GraphModule, model: nn.Module) -> None:
     buffers, torch.export's lifted constants) become non-persistent in ``gm`` too, and are recorded in
     ``gm.meta`` so that every copy of ``gm`` keeps them so.  Then ``model.load_state_dict(fold(gm).state_dict())``
     loads with ``strict=True``."""
-    keys = set(model.state_dict().keys())
+    keys = set(model.state_dict(keep_vars=True))  # the keys alone: no tensor detached for them
     names = sorted(n for n, _ in gm.named_buffers(remove_duplicate=False) if n not in keys)
     gm.meta[NON_PERSISTENT_META] = names
     keep_non_persistent(gm)
