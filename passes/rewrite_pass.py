@@ -11,7 +11,8 @@ dropout) on the module that owns the site, then after every call node of the sit
     out = add(base_out, y)                             # role add
 
 and redirects the users of ``base_out`` to ``out``.  The math is recorded from :mod:`fxlora.lora` by
-calling it on proxies.  A module called several times gets one pair of parameters read by every
+calling it on proxies, once per spec less its names; the other sites of that spec replay the recorded
+``create_node`` calls on their own nodes (:class:`Recordings`).  A module called several times gets one pair of parameters read by every
 call's branch.  Every created node gets the base node's ``nn_module_stack`` and ``stack_trace`` and
 ``meta["fxlora"]`` (see :mod:`fxlora.provenance`); the site's spec is recorded on the module.
 
