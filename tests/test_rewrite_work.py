@@ -208,3 +208,26 @@ def test_the_rewrite_pass_ensures_every_call_has_its_branch(monkeypatch):
     for node in gm.graph.find_nodes(op="call_function", target=operator.add):
         node.target = torch.add
     rewrite_pass.RewritePass(plan).ensures(gm)
+
+
+def test_a_rewrite_of_a_capture_copies_lints_and_generates_code_once(monkeypatch):
+    """fxlora.rewrite(captured, rules): one copy of the graph (no deepcopy of it), one lint, one code generation."""
+    from fxlora import tracing
+
+    model = TinyTransformer()
+    captured = fxlora.capture(model, capture="export", example_inputs=(torch.randint(0, 40, (2, 5)),))
+    calls = {"copy_graph": 0, "deepcopy": 0, "lint": 0, "python_code": 0}
+
+    def counting(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(tracing, "copy_graph", counting("copy_graph", tracing.copy_graph))
+    monkeypatch.setattr(torch.fx.Graph, "__deepcopy__", counting("deepcopy", torch.fx.Graph.__deepcopy__))
+    monkeypatch.setattr(torch.fx.Graph, "lint", counting("lint", torch.fx.Graph.lint))
+    monkeypatch.setattr(torch.fx.Graph, "python_code", counting("python_code", torch.fx.Graph.python_code))
+    gm = fxlora.rewrite(captured, [fxlora.Rule("blocks.*.qkv", r=2, alpha=4), fxlora.Rule("head", r=2, alpha=2)])
+    assert calls == {"copy_graph": 1, "deepcopy": 0, "lint": 1, "python_code": 1}
+    assert gm.graph is not captured.graph and len(fxlora.graph_sites(gm)) == 3
