@@ -61,11 +61,14 @@ def shadow_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
         return new
     new = shallow_copy(module)
     memo[id(module)] = new
-    # copy.copy shares the attribute values; give the copy its own registries and hook tables.
+    # copy.copy shares the attribute values; give the copy its own registries, hook tables and other
+    # containers (``_non_persistent_buffers_set``: a buffer made non-persistent in the copy is not in the original)
     attrs = new.__dict__
     for key, value in attrs.items():
         if isinstance(value, dict) and key not in _REGISTRIES:
             attrs[key] = value.copy() if type(value) in _PLAIN_DICTS else copy.copy(value)
+        elif type(value) in (set, list):
+            attrs[key] = value.copy()
     registries = (
         {k: None if p is None else _shadow_param(p, memo) for k, p in module._parameters.items()},
         {k: None if b is None else _clone_buffer(b, memo) for k, b in module._buffers.items()},

@@ -155,6 +155,11 @@ def test_shadow_copy_gives_new_modules_and_parameters_over_the_same_storage():
     assert copy_[1]._set[-3:] == ["_parameters", "_buffers", "_modules"]
     copy_[1].fc.register_forward_hook(lambda *a: None)
     assert len(model[1].fc._forward_hooks) == 1
+    # the other containers are the copy's own: a buffer made non-persistent in the copy is not so in the original
+    copy_[1].register_buffer("scratch", torch.zeros(()), persistent=False)
+    assert "scratch" not in model[1]._non_persistent_buffers_set
+    model[1].register_buffer("scratch", torch.ones(()))
+    assert "scratch" in model[1].state_dict() and "scratch" not in copy_[1].state_dict()
 
 
 def test_a_graph_has_its_recorded_fingerprint_until_a_node_is_edited():
