@@ -284,18 +284,44 @@ def _lowered_forward(self: Any) -> Any:
     code = self.__dict__.get("_code")
     cached = self.__dict__.get(_LOWERED)
     if cached is None or cached[0] is not code:
-        cached = self.__dict__[_LOWERED] = (code, _a_lora_factor(self), None)
-    _, probe, built = cached
+        cached = self.__dict__[_LOWERED] = (code, _a_lora_factor(self), None, -1, None)
+    _, probe, built, seen, plain = cached
     if probe is None:
         return None
     if mode is not True:
         factor = _tensor_at(self, probe)  # a parameter, or a plain tensor under torch.func.functional_call
         if not (isinstance(factor, torch.Tensor) and factor.is_cuda and factor.dtype in _HALF):
             return None
+    if seen != _REGISTRATIONS[0]:  # a parameter or buffer was set somewhere since: is every tensor still plain?
+        now = _plain_tensors(self)
+        if now is not plain:
+            built = None
+        seen, plain = _REGISTRATIONS[0], now
+        self.__dict__[_LOWERED] = (code, probe, built, seen, plain)
     if built is None:  # lowered the first time it runs
-        built = _lower_for_eager(self)
-        self.__dict__[_LOWERED] = (code, probe, built)
+        built = _lower_for_eager(self, bindings=plain)
+        self.__dict__[_LOWERED] = (code, probe, built, seen, plain)
     return built or None
+
+
+#: parameters and buffers set on any module of this process (``register_parameter``, ``register_buffer``,
+#: assignment): a lowered forward checks again whether its tensors are all plain after one
+_REGISTRATIONS = [0]
+
+
+def _count_registration(module: torch.nn.Module, name: str, value: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+
+
+def _plain_tensors(gm: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer of ``gm`` is a plain tensor (no subclass, which may handle a Python
+    binding through ``__torch_function__`` otherwise than an ATen overload)."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    return all(type(t) in plain for t in (*gm.parameters(), *gm.buffers()))
 
 
 def _a_lora_factor(gm: LoraGraphModule) -> str | None:
@@ -330,7 +356,7 @@ def _capturing() -> bool:
 _fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or torch.fx._symbolic_trace.is_fx_tracing
 
 
-def _lower_for_eager(gm: LoraGraphModule) -> Any:
+def _lower_for_eager(gm: LoraGraphModule, bindings: bool = True) -> Any:
     """The forward of ``gm``'s graph with its linear branches lowered, each lowered call running
     :mod:`fxlora.ops`'s eager functions; False when nothing lowers."""
     from fxlora import ops
@@ -343,17 +369,24 @@ def _lower_for_eager(gm: LoraGraphModule) -> Any:
     eager = {torch.ops.fxlora.lora_linear.default: ops.lora_linear_eager,
              torch.ops.fxlora.lora_linear_h.default: ops.lora_linear_h_eager}
     # the Python bindings instead of the ATen overloads, unless a tensor is a subclass, which may handle a
-    # binding (__torch_function__) otherwise than its overload (__torch_dispatch__)
-    bindings = ops.BINDINGS if all(type(t) in (torch.Tensor, torch.nn.Parameter)
-                                   for t in (*gm.parameters(), *gm.buffers())) else {}
+    # binding (__torch_function__) otherwise than its overload (_lowered_forward checks again after a
+    # parameter or buffer is set)
+    table = ops.BINDINGS if bindings else {}
     for node in list(lowered.graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in eager:
             node.target = eager[node.target]
             _scale_in_the_call(lowered.graph, node)
-        elif node.target in bindings:
-            node.target = bindings[node.target]
+        elif node.target in table:
+            node.target = table[node.target]
+            keywords = ops.BINDING_KEYWORDS.get(node.target)
+            if keywords:  # arguments the overload takes by position and the binding only by keyword
+                args, kwargs = list(node.args), dict(node.kwargs)
+                for index in sorted(keywords, reverse=True):
+                    if len(args) > index:
+                        kwargs[keywords[index]] = args.pop(index)
+                node.args, node.kwargs = tuple(args), kwargs
     lowered.recompile()
     return stack_safe(type(lowered).forward)
 

@@ -623,8 +623,8 @@ def _branch(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor
 # A captured graph calls every ATen op through its ``OpOverload`` (a Python ``__call__`` and a generic
 # argument conversion), where a model's own code calls the op's Python binding.  A lowered graph runs
 # eagerly only, so it calls the bindings: the same operators, found by PyTorch's argument parser.  Each
-# entry takes the overload's arguments in its schema's order and names; tests/test_eager_lowering.py runs
-# each against its overload.
+# entry takes the overload's arguments in its schema's order and names, except those BINDING_KEYWORDS
+# moves to keywords; tests/test_eager_lowering.py runs each against its overload.
 
 _aten = torch.ops.aten
 _C_nn = torch._C._nn
@@ -685,3 +685,7 @@ def check_tensor_metadata(a: Tensor, size: Any = None, stride: Any = None, dtype
 
 
 BINDINGS[_aten._assert_tensor_metadata.default] = check_tensor_metadata
+
+#: binding -> {position in the overload's schema: keyword}: what the overload takes by position and the
+#: binding only by keyword (``aten.to.dtype``'s ``memory_format``)
+BINDING_KEYWORDS: dict = {torch.Tensor.to: {4: "memory_format"}}

@@ -3,7 +3,9 @@ the lowered copy calling ``fxlora.ops.BINDINGS`` instead of ATen overloads, the 
 
 Contract: on CPU, ``lower_branches = True`` under ``torch.no_grad()`` / ``torch.inference_mode()`` gives what
 ``lower_branches = False`` gives (float32, to rounding), raises where the graph raises and nowhere else, and
-never changes the module.  Bugs are strict xfails; the rest pin down what held.
+never changes the module.  The two bugs it found (an export graph's positional memory_format for
+aten.to.dtype; the bindings kept after a tensor became a subclass) were strict xfails in 5b38c57 and are
+fixed; the rest pin down what held.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _export(model, example, rules, **kw):
 
 
 # --------------------------------------------------------------------------------------------- #
-# bugs (strict xfails)
+# bugs found by the review (fixed)
 # --------------------------------------------------------------------------------------------- #
 
 
@@ -63,9 +65,6 @@ class _ToMemoryFormat(nn.Module):
         return h.to(torch.float64, memory_format=torch.contiguous_format).float() + h
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="BINDINGS maps aten.to.dtype to torch.Tensor.to, whose memory_format is keyword-only; "
-                          "an export graph passes it positionally -> TypeError only when lowered")
 def test_export_capture_with_to_memory_format_runs_lowered():
     gm = _export(_ToMemoryFormat(), (torch.randn(4, 8),), [Rule("fc", r=2, alpha=4)])
     assert any(n.target is torch.ops.aten.to.dtype and len(n.args) == 5 for n in gm.graph.nodes)
@@ -75,9 +74,13 @@ def test_export_capture_with_to_memory_format_runs_lowered():
 def test_binding_of_to_dtype_accepts_its_overloads_positional_memory_format_directly():
     x = torch.randn(2, 3)
     args = (x, torch.float64, False, False, torch.contiguous_format)
-    torch.ops.aten.to.dtype(*args)  # the overload takes it
+    expected = torch.ops.aten.to.dtype(*args)  # the overload takes it
+    binding = ops.BINDINGS[torch.ops.aten.to.dtype]
     with pytest.raises(TypeError):  # the binding does not: the bug above, at its root
-        ops.BINDINGS[torch.ops.aten.to.dtype](*args)
+        binding(*args)
+    # the fix: the lowering moves it to the keyword the binding takes
+    assert ops.BINDING_KEYWORDS[binding] == {4: "memory_format"}
+    torch.testing.assert_close(binding(*args[:4], memory_format=args[4]), expected, rtol=0, atol=0)
 
 
 class _Tagged(torch.Tensor):
@@ -99,10 +102,6 @@ class _Gain(nn.Module):
         return self.fc(x) * self.g
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="_lower_for_eager decides 'no tensor subclass -> bindings' once per generated code; a "
-                          "buffer/parameter made a subclass after the first lowered call (quantizing, DTensor, "
-                          "a wrapper) keeps the bindings: its __torch_function__ sees torch.mul, not aten.mul.Tensor")
 def test_a_subclass_assigned_after_the_first_lowered_call_gets_the_overloads():
     def build():
         gm = _export(_Gain(), (torch.randn(3, 8),), [Rule("fc", r=2, alpha=4)])
