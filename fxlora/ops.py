@@ -578,8 +578,8 @@ def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     formula (``dx`` through the merged weight made again, no ``dW``) moves less memory, but measured slower
     on an H200: Llama 1.2B b8 x s512, train step 92.6 ms against 84.9 ms for the plain ops (``python -m
     fxlora.tools.bench --compile none``, the rows "fxlora lowered" and "fxlora" at bbb1ef7:
-    tools/results/bench-h200-merged-train.json).  That
-    step is bound by the host, where the formula's Python costs more than the memory traffic it saves."""
+    tools/results/bench-h200-merged-train.json).  That step is bound by the host, where the formula's
+    Python costs more than the memory traffic it saves."""
     if _plain_ops_only(x, weight, bias, A, B):
         return _branch(x, weight, bias, F.linear(x, A), B, scale)
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
