@@ -47,7 +47,6 @@ Inference mode
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import operator
@@ -60,15 +59,16 @@ from torch.fx.node import map_arg
 
 from . import provenance
 from .errors import ArgumentError, CheckpointError
-from .stack_chunks import stack_safe
 from .folding import BASE_CODE, CAPTURED_CODE, FOLD_TEMPLATE, fold
 from .pickling import refuse_unpicklable_modules
-from .tracing import gc_paused, record_generated_code
+from .stack_chunks import stack_safe
+from .tracing import copy_graph, gc_paused, record_generated_code
 
 __all__ = ["LoraGraphModule"]
 
 #: ``gm.__dict__`` key of the eager forward of the lowered graph: ``(the code it is for, the name of a LoRA
-#: factor or None, the forward: None until built, False when nothing lowers)`` (see :func:`_lowered_forward`)
+#: factor or None, the forward: None until built, False when nothing lowers, the registration count last
+#: seen, whether every tensor was plain then)`` (see :func:`_lowered_forward`)
 _LOWERED = "_fxlora_lowered"
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -362,7 +362,7 @@ def _lower_for_eager(gm: LoraGraphModule, bindings: bool = True) -> Any:
     from fxlora import ops
     from fxlora.passes import lower_linear_branches
 
-    lowered = GraphModule(gm, copy.deepcopy(gm.graph))  # the same tensors, its own graph
+    lowered = GraphModule(gm, copy_graph(gm.graph))  # the same tensors, its own graph
     # sites whose base is a module call keep it: its hooks, its class and its bias are read when it runs
     if not provenance.is_rewritten(lowered) or not lower_linear_branches(lowered, modules=False).modified:
         return False

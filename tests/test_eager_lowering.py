@@ -9,15 +9,15 @@ from __future__ import annotations
 import copy
 import pickle
 
-import fxlora
 import pytest
 import torch
 import transformers
-from fxlora import Rule, ops
-from fxlora.errors import ArgumentError
-
 from helpers import Functional, TinyTransformer, randomize_lora
 from test_ops import SCALE, assert_within_bound, make_inputs, reference_and_magnitude
+
+import fxlora
+from fxlora import Rule, ops
+from fxlora.errors import ArgumentError
 
 IDS = torch.randint(0, 40, (4, 24), generator=torch.Generator().manual_seed(0))
 

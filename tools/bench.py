@@ -648,32 +648,32 @@ def _impls_of(res: dict[str, Any]) -> tuple[str, ...]:
 def tables(all_res: list[dict[str, Any]]) -> str:
     out = []
     for res in all_res:
-        LORA_IMPLS = _impls_of(res)  # noqa: N806 - the columns of this model's tables
+        names = _impls_of(res)  # the columns of this model's tables
         for key, sh in res.get("shapes", {}).items():
             title = f"{res['model']}, {key}"
             rows = [
-                ["unmerged forward / base", *(sh["forward_ratio"].get(n) for n in LORA_IMPLS)],
-                ["train step / full fine-tuning", *(sh["train_ratio"].get(n) for n in LORA_IMPLS)],
+                ["unmerged forward / base", *(sh["forward_ratio"].get(n) for n in names)],
+                ["train step / full fine-tuning", *(sh["train_ratio"].get(n) for n in names)],
             ]
             if sh.get("compiled_forward_ms") or sh.get("compiled_train_ms"):
                 rows += [
-                    ["torch.compile: forward / compiled base", *(sh.get("compiled_forward_ratio", {}).get(n) for n in LORA_IMPLS)],
-                    ["torch.compile: train / compiled full FT", *(sh.get("compiled_train_ratio", {}).get(n) for n in LORA_IMPLS)],
+                    ["torch.compile: forward / compiled base", *(sh.get("compiled_forward_ratio", {}).get(n) for n in names)],
+                    ["torch.compile: train / compiled full FT", *(sh.get("compiled_train_ratio", {}).get(n) for n in names)],
                 ]
             pk = sh["peak_train_bytes"]
             if pk:
                 rows.append([f"peak train memory GiB (full FT {_gib(pk.get('full FT')) or 0:.2f})",
-                             *(_gib(pk.get(n)) for n in LORA_IMPLS)])
+                             *(_gib(pk.get(n)) for n in names)])
             cpk = sh.get("compiled_peak_train_bytes")
             if cpk:
                 rows.append([f"compiled: peak train memory GiB (full FT {_gib(cpk.get('full FT')) or 0:.2f})",
-                             *(_gib(cpk.get(n)) for n in LORA_IMPLS)])
+                             *(_gib(cpk.get(n)) for n in names)])
             if res.get("fold_ms") and key == next(iter(res["shapes"])):
-                rows.append(["fold / merge ms", *(res["fold_ms"].get(n) for n in LORA_IMPLS)])
+                rows.append(["fold / merge ms", *(res["fold_ms"].get(n) for n in names)])
             out.append(f"\n### {title}\n")
-            out.append(markdown([title, *LORA_IMPLS], rows))
+            out.append(markdown([title, *names], rows))
             ms_rows = []
-            for n in ("base", "full FT", *LORA_IMPLS):
+            for n in ("base", "full FT", *names):
                 ms_rows.append([n, sh["forward_ms"].get(n), sh["train_ms"].get(n),
                                 sh.get("compiled_forward_ms", {}).get(n), sh.get("compiled_train_ms", {}).get(n),
                                 sh.get("compile_s", {}).get(f"forward/{n}"), sh.get("compile_s", {}).get(f"train/{n}")])
@@ -685,7 +685,7 @@ def tables(all_res: list[dict[str, Any]]) -> str:
             f"{n} {'ok' if c.get('ok') else 'FAILED'} (logits {c.get('logits', float('nan')):.1e}"
             + (f", grads {c['grads']:.1e}" if "grads" in c else "")
             + (f", folded {c['folded_logits']:.1e}" if "folded_logits" in c else "") + ")"
-            for n, c in ((n, checks[n]) for n in ("base", *LORA_IMPLS) if n in checks)))
+            for n, c in ((n, checks[n]) for n in ("base", *names) if n in checks)))
         if "noise_floor" in checks:
             out.append(f"(base: the dtype's noise floor; tolerance outputs {checks['tolerance']['outputs']:.1e}, "
                        f"gradients {checks['tolerance']['grads']:.1e}; the adapters change the logits by "
@@ -709,12 +709,12 @@ def plot(all_res: list[dict[str, Any]], path: str, log: Log, notes: list[str]) -
                 ("compiled_forward_ratio", "compiled fwd\n/ compiled base"),
                 ("compiled_train_ratio", "compiled train\n/ compiled FT")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False)
-    for ax, (model, key, sh, LORA_IMPLS) in zip(axes[0], panels, strict=True):  # noqa: N806
+    for ax, (model, key, sh, names) in zip(axes[0], panels, strict=True):
         used = [(k, lbl) for k, lbl in measures if sh.get(k)]
-        width = 0.8 / len(LORA_IMPLS)
-        for i, n in enumerate(LORA_IMPLS):
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
             vals = [sh[k].get(n) or 0.0 for k, _ in used]
-            xs = [j + (i - (len(LORA_IMPLS) - 1) / 2) * width for j in range(len(used))]
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(used))]
             bars = ax.bar(xs, vals, width, label=n)
             for bar, v in zip(bars, vals, strict=True):
                 if v:
