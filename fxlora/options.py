@@ -36,6 +36,10 @@ class CaptureOptions:
         leaf_modules: symbolic tracing: module types or qualified names to keep opaque.
         dynamic_shapes: torch.export: ``"auto"`` (every tensor dimension ``Dim.AUTO``), ``None`` (static
             shapes) or torch.export's own ``dynamic_shapes`` spec.
+        causal_attention: torch.export: an attention whose mask the capture computed from the lengths
+            alone and which is causal at every length becomes ``is_causal=True`` (and repeated key/value
+            heads ``enable_gqa=True``), as the model runs eagerly (``fxlora.passes.causal_attention``).
+            ``False`` keeps the captured mask.
     """
 
     method: str = "auto"
@@ -44,6 +48,7 @@ class CaptureOptions:
     concrete_args: Mapping[str, Any] | None = None
     leaf_modules: Sequence[type | str] = ()
     dynamic_shapes: Any = "auto"
+    causal_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in CAPTURE_METHODS:
@@ -57,6 +62,8 @@ class CaptureOptions:
             )
         if self.example_kwargs is not None and not isinstance(self.example_kwargs, Mapping):
             raise ArgumentError(f"example_kwargs must be a dict, got a {type(self.example_kwargs).__name__}.")
+        if not isinstance(self.causal_attention, bool):
+            raise ArgumentError(f"causal_attention must be True or False, got {self.causal_attention!r}.")
         if isinstance(self.leaf_modules, (str, type)) or not isinstance(self.leaf_modules, Sequence):
             raise ArgumentError(
                 f"leaf_modules must be a list of module types or qualified names, got {self.leaf_modules!r}."

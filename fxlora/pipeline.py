@@ -91,7 +91,8 @@ def _capture_graph(model: nn.Module, opts: CaptureOptions) -> tuple[LoraGraphMod
                 ) from e.__cause__
             logger.info("symbolic tracing failed (%s); capturing with torch.export", str(e).split(". ")[0])
     root, exported = export_capture(
-        model, tuple(opts.example_inputs or ()), dict(opts.example_kwargs or {}), dynamic_shapes=opts.dynamic_shapes
+        model, tuple(opts.example_inputs or ()), dict(opts.example_kwargs or {}), dynamic_shapes=opts.dynamic_shapes,
+        causal_attention=opts.causal_attention,
     )
     gm = build_graph_module(LoraGraphModule, exported, exported.graph, type(model).__name__, code=False)
     gm.meta[CAPTURE_META] = "torch.export"

@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from . import calling
 from .errors import TraceError
+from .passes import causal_attention as causal_attention_pass
 from .passes import make_mode_aware
 from .passes.infra import create_node_again
 from .sites import normalize_method_calls
@@ -724,9 +725,12 @@ def export_capture(
     example_kwargs: dict[str, Any] | None = None,
     *,
     dynamic_shapes: Any = "auto",
+    causal_attention: bool = True,
 ) -> tuple[nn.Module, GraphModule]:
     """Capture a shadow copy of ``model`` with ``torch.export`` (non-strict), in training mode, and
-    return ``(root, graph_module)`` with mode-dependent ops made live (``fxlora.passes.make_mode_aware``).
+    return ``(root, graph_module)`` with mode-dependent ops made live (``fxlora.passes.make_mode_aware``)
+    and, with ``causal_attention``, a causal mask computed from the lengths alone given to the attention as
+    ``is_causal`` (``fxlora.passes.causal_attention``).
     The graph module is returned without code (see :func:`build_graph_module`) when fxlora changed its graph:
     build a graph module of its graph, or call :func:`ensure_code`.
 
@@ -778,6 +782,8 @@ def export_capture(
     with code_later(gm):  # the caller builds its own module from this graph, which generates the code once
         calling.install(gm, root.forward, args, kwargs, type(model).__name__)
         make_mode_aware(gm)
+        if causal_attention:
+            causal_attention_pass(gm)
     return root, gm
 
 

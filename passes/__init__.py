@@ -9,6 +9,9 @@ checks, in a file of its own named for what it does, with a function of the same
 * :func:`fuse_siblings` (``FuseSiblings()``): sibling branches that read one input share one shrink;
 * :func:`make_mode_aware` (``MakeModeAware()``): ops torch.export fixed to the capture mode follow
   ``.train()`` / ``.eval()``;
+* :func:`causal_attention` (``CausalAttention()``): an attention mask a ``torch.export`` capture computed
+  from the lengths alone, and causal at every length, becomes ``is_causal=True`` (repeated key/value
+  heads ``enable_gqa=True``);
 * :func:`set_active_adapters` (``SetActiveAdapters(names)``) and :func:`remove_adapter`
   (``RemoveAdapter(name)``): which of a module's adapters the graph runs, and deleting one;
 * :func:`serve_adapters` (``ServeAdapters(names)``): one graph running each sample of a batch with its
@@ -29,6 +32,7 @@ from .adapters_pass import (
     remove_adapter,
     set_active_adapters,
 )
+from .attention_pass import CausalAttention, causal_attention
 from .fold_pass import FoldPass, fold, fold_graph, fold_modules, merged_weights
 from .fuse_siblings_pass import FuseSiblings, fuse_siblings
 from .infra import FxLoraPass, PassContractError, counters
@@ -43,6 +47,8 @@ __all__ = [
     "fold",
     "fuse_siblings",
     "make_mode_aware",
+    "causal_attention",
+    "CausalAttention",
     "merged_weights",
     "fold_graph",
     "fold_modules",

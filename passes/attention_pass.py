@@ -1,0 +1,353 @@
+"""Causal-attention pass: a causal mask that a ``torch.export`` capture materialised becomes ``is_causal``.
+
+A Hugging Face decoder called eagerly without padding passes ``attn_mask=None, is_causal=True`` to
+``scaled_dot_product_attention`` and lets it share the key/value heads (``enable_gqa=True``).  Under
+``torch.export`` it cannot decide that the mask is causal (the lengths are symbolic), so the captured
+graph builds a ``[batch, 1, seq, seq]`` mask from ``arange``\\ s and repeats each key/value head
+(``repeat_kv``: ``unsqueeze``, ``expand``, ``reshape``) before the attention.  Both cost: the masked
+kernels are about twice as slow as the causal ones, and the repeated keys and values are saved for the
+backward (about 30 MB per layer of a 1B Llama at 4096 tokens).
+
+For each ``aten.scaled_dot_product_attention`` call with a mask and ``is_causal=False``, the pass
+replaces the mask by ``is_causal=True`` when
+
+* the mask is computed from the graph's *shapes* only: cut at the ``sym_size`` nodes, its ancestors
+  read no placeholder, parameter, buffer or submodule, and call no random op; and
+* evaluated on the CPU at every length the check picks (see below), it is the lower-triangular
+  ``seq x seq`` mask (``True``, or ``0.0`` in an additive mask, on and below the diagonal, ``False``
+  or ``-inf`` above), and the query and key lengths are the same symbolic length.
+
+A mask that depends on an input (``attention_mask``, ``position_ids``, ``cache_position``) is kept.  The
+check evaluates the mask at lengths 2, 3, 5, 8 and 17 and at ``c - 1``, ``c`` and ``c + 1`` for every
+integer ``c`` the mask's construction uses (a sliding window of 4096 is checked at 4095 to 4097), each
+within the range torch.export allows the length; a construction that uses an integer above
+:data:`MAX_CHECKED_LENGTH` is kept as it is.  Where the key and value are ``repeat_kv`` of tensors with
+fewer heads, the attention reads those instead with ``enable_gqa=True`` (which repeats each head in the
+same order).  The nodes that only served the mask and the repeats are erased (with the dtype checks
+torch.export recorded on them); nothing else in the graph changes.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_aggregate
+
+from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
+
+__all__ = ["MAX_CHECKED_LENGTH", "CausalAttention", "causal_attention"]
+
+#: the longest sequence the mask check evaluates (a mask built with a larger integer is kept)
+MAX_CHECKED_LENGTH = 8192
+_SAMPLE_LENGTHS = (2, 3, 5, 8, 17)
+_SLICE_END = 2**62  # slice ends at or above this are torch.export's "to the end"
+
+_aten = torch.ops.aten
+_SDPA = _aten.scaled_dot_product_attention.default
+_SYM_SIZE = {_aten.sym_size.int}
+_ASSERTS = {_aten._assert_tensor_metadata.default}
+_SYM_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
+            operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
+
+
+def _sdpa_args(node: Node) -> dict[str, Any]:
+    """The call's arguments by schema name (defaults filled in)."""
+    schema = node.target._schema
+    out = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+def _dependencies(gm: GraphModule) -> nx.DiGraph:
+    """Edges from each node to its users, except into ``sym_size`` nodes: a length read from a tensor does
+    not depend on the tensor's values."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node)
+        if node.op == "call_function" and node.target in _SYM_SIZE:
+            continue
+        for source in node.all_input_nodes:
+            g.add_edge(source, node)
+    return g
+
+
+def _ints(values: Iterable[Any]) -> set[int]:
+    found: set[int] = set()
+
+    def visit(v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            found.add(v)
+        return v
+
+    for v in values:
+        map_aggregate(v, visit)
+    return found
+
+
+def _expr(value: Any) -> Any:
+    """The sympy expression of a SymInt, or the int itself."""
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    return int(value) if isinstance(value, int) else None
+
+
+class _MaskCheck:
+    """Whether a mask node is the causal mask at every length, by the rules in the module docstring."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.deps = _dependencies(gm)
+        self.ranges = _shape_env_ranges(gm)
+        self.known: dict[Node, bool] = {}
+
+    def subgraph(self, mask: Node) -> list[Node] | None:
+        """The nodes that compute ``mask`` (in graph order), or None when they read more than shapes."""
+        nodes = nx.ancestors(self.deps, mask) | {mask}
+        for n in nodes:
+            if n.op != "call_function":
+                return None  # a placeholder, parameter, buffer or submodule
+            if isinstance(n.target, torch._ops.OpOverload):
+                if torch.Tag.nondeterministic_seeded in n.target.tags:
+                    return None
+            elif n.target not in _SYM_OPS:
+                return None
+        return sorted(nodes, key=_position(mask.graph))
+
+    def is_causal(self, mask: Node, query_len: Any) -> bool:
+        if mask not in self.known:
+            self.known[mask] = self._check(mask, query_len)
+        return self.known[mask]
+
+    def _check(self, mask: Node, query_len: Any) -> bool:
+        nodes = self.subgraph(mask)
+        if nodes is None:
+            return False
+        leaves = [_expr(n.meta.get("val")) for n in nodes if n.target in _SYM_SIZE]
+        if any(e is None for e in leaves) or query_len is None:
+            return False
+        symbols = set()
+        for e in [*leaves, query_len]:
+            symbols |= getattr(e, "free_symbols", set())
+        constants = {c for c in _ints(a for n in nodes for a in (n.args, n.kwargs)) if 2 <= abs(c) < _SLICE_END}
+        if any(abs(c) > MAX_CHECKED_LENGTH for c in constants):
+            return False
+        lengths = sorted(set(_SAMPLE_LENGTHS) | {c + d for c in map(abs, constants) for d in (-1, 0, 1)})
+        for assignment in _assignments(sorted(symbols, key=str), lengths, self.ranges):
+            try:
+                value = self._evaluate(nodes, mask, assignment)
+                n = int(query_len.xreplace(assignment)) if assignment else int(query_len)
+            except Exception:  # noqa: BLE001 - a construction the check cannot run is kept as it is
+                return False
+            if not _is_causal_mask(value, n):
+                return False
+        return True
+
+    def _evaluate(self, nodes: list[Node], mask: Node, assignment: dict[Any, Any]) -> Any:
+        env: dict[Node, Any] = {}
+        for n in nodes:
+            if n.target in _SYM_SIZE:
+                e = _expr(n.meta["val"])
+                env[n] = int(e.xreplace(assignment)) if assignment and not isinstance(e, int) else int(e)
+                continue
+            if n.target in _ASSERTS:
+                env[n] = None
+                continue
+            args = map_aggregate(n.args, lambda a: env[a] if isinstance(a, Node) else _on_cpu(a))
+            kwargs = map_aggregate(n.kwargs, lambda a: env[a] if isinstance(a, Node) else _on_cpu(a))
+            env[n] = n.target(*args, **kwargs)
+        return env[mask]
+
+
+def _position(graph: Any) -> Any:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _on_cpu(value: Any) -> Any:
+    return torch.device("cpu") if isinstance(value, torch.device) else value
+
+
+def _assignments(symbols: list[Any], lengths: list[int], ranges: dict[Any, tuple[int, int]]) -> list[dict[Any, Any]]:
+    """Each symbol at each length within its allowed range, the others at 3 (or their lowest allowed value)."""
+    import sympy
+
+    if not symbols:
+        return [{}]
+
+    def allowed(sym: Any, v: int) -> bool:
+        rng = ranges.get(sym)
+        return rng is None or (rng[0] <= v <= rng[1])
+
+    base = {}
+    for sym in symbols:
+        rng = ranges.get(sym)
+        base[sym] = 3 if allowed(sym, 3) else (int(rng[0]) if rng is not None else 3)
+    out = []
+    for sym in symbols:
+        for v in lengths:
+            if v >= 1 and allowed(sym, v):
+                out.append({s: sympy.Integer(v if s is sym else base[s]) for s in symbols})
+    return out
+
+
+def _is_causal_mask(value: Any, n: int) -> bool:
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[-2:]) != (n, n):
+        return False
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    if value.dtype == torch.bool:
+        return bool((value == allowed).all())
+    if value.is_floating_point():
+        return bool(((value == 0) == allowed).all()) and bool((value[..., ~allowed] == float("-inf")).all() if n > 1 else True)
+    return False
+
+
+def _repeated_heads(node: Any) -> Node | None:
+    """``x`` when ``node`` is ``repeat_kv(x)`` (``reshape(expand(unsqueeze(x, 2), [b, h, n, s, d]),
+    [b, h * n, s, d])``, with identity slices allowed between), else None."""
+    if not isinstance(node, Node) or node.target not in (_aten.reshape.default, _aten.view.default):
+        return None
+    expand = _skip_slices(node.args[0])
+    if not isinstance(expand, Node) or expand.target is not _aten.expand.default:
+        return None
+    unsq = _skip_slices(expand.args[0])
+    if not isinstance(unsq, Node) or unsq.target is not _aten.unsqueeze.default or unsq.args[1] != 2:
+        return None
+    source = _skip_slices(unsq.args[0])
+    src, out = _val(source), _val(node)
+    exp = _val(expand)
+    if src is None or out is None or exp is None or src.dim() != 4 or exp.dim() != 5 or out.dim() != 4:
+        return None
+    b, h, s, d = (_expr(x) for x in src.shape)
+    eb, eh, en, es, ed = (_expr(x) for x in exp.shape)
+    ob, oh, os_, od = (_expr(x) for x in out.shape)
+    if not (eb == b == ob and eh == h and es == s == os_ and ed == d == od and oh == h * en):
+        return None
+    if not isinstance(source, Node):
+        return None
+    return source
+
+
+def _skip_slices(node: Any) -> Any:
+    """Through ``aten.slice`` nodes that keep a whole dimension (``x[:, :]`` in the model's code)."""
+    while isinstance(node, Node) and node.target is _aten.slice.Tensor:
+        args = list(node.args) + [None] * (5 - len(node.args))
+        _, _dim, start, end, step = args[:5]
+        if start not in (None, 0) or (end is not None and not (isinstance(end, int) and end >= _SLICE_END)) or step not in (None, 1):
+            return node
+        node = node.args[0]
+    return node
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _erase_unused(candidates: Iterable[Node]) -> int:
+    """Erase the candidates nothing else uses, and the dtype checks on them, last first; return how many."""
+    graph_order = sorted(set(candidates), key=lambda n: -_position(n.graph)(n))
+    erased = 0
+    for node in graph_order:
+        users = list(node.users)
+        if users and all(u.op == "call_function" and u.target in _ASSERTS for u in users):
+            for u in users:
+                u.graph.erase_node(u)
+                erased += 1
+        if not node.users:
+            node.graph.erase_node(node)
+            erased += 1
+    return erased
+
+
+class CausalAttention(FxLoraPass):
+    """See the module docstring."""
+
+    name = "causal_attention"
+
+    def call(self, gm: GraphModule) -> PassResult:
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _SDPA]
+        if not calls:
+            return PassResult(gm, False)
+        check = _MaskCheck(gm)
+        dead: list[Node] = []
+        changed = 0
+        for node in calls:
+            a = _sdpa_args(node)
+            mask, q, k, v = a["attn_mask"], a["query"], a["key"], a["value"]
+            if not isinstance(mask, Node) or a["is_causal"] or a.get("enable_gqa"):
+                continue
+            qv, kv = _val(q), _val(k)
+            if qv is None or kv is None or qv.dim() != 4 or _expr(qv.shape[-2]) != _expr(kv.shape[-2]):
+                continue
+            if not check.is_causal(mask, _expr(qv.shape[-2])):
+                continue
+            k0, v0 = _repeated_heads(k), _repeated_heads(v)
+            gqa = k0 is not None and v0 is not None and _expr(_val(k0).shape[1]) == _expr(_val(v0).shape[1])
+            new_k, new_v = (k0, v0) if gqa else (k, v)
+            kwargs = {"scale": a["scale"]} if a["scale"] is not None else {}
+            if gqa:
+                kwargs["enable_gqa"] = True
+            node.args = (q, new_k, new_v, None, a["dropout_p"], True)
+            node.kwargs = kwargs
+            dead += check.subgraph(mask) or []
+            if gqa:
+                dead += [k, v, *_chain(k, k0), *_chain(v, v0)]
+            changed += 1
+        if not changed:
+            return PassResult(gm, False)
+        counters[self.name]["attention_calls"] += changed
+        counters[self.name]["nodes_erased"] += _erase_unused(dead)
+        finalize(gm)
+        return PassResult(gm, True)
+
+    def ensures(self, gm: GraphModule) -> None:
+        super().ensures(gm)
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is _SDPA:
+                a = _sdpa_args(n)
+                check_contract(not (a["is_causal"] and a["attn_mask"] is not None),
+                               "causal_attention left an attention call with both a mask and is_causal")
+
+
+def _chain(top: Node, bottom: Node) -> list[Node]:
+    """The nodes from ``top`` down its first arguments to (not including) ``bottom``."""
+    out = []
+    node: Any = top
+    while isinstance(node, Node) and node is not bottom:
+        out.append(node)
+        node = node.args[0] if node.args else None
+    return out
+
+
+def _shape_env_ranges(gm: GraphModule) -> dict[Any, tuple[int, int]]:
+    """symbol -> (lowest, highest) value torch.export allows it, from the shape environment of the
+    graph's example values."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        for x in (v.shape if isinstance(v, torch.Tensor) else (v,)):
+            if isinstance(x, torch.SymInt):
+                env = x.node.shape_env
+                return {sym: (_bound(rng.lower, 0), _bound(rng.upper, _SLICE_END)) for sym, rng in env.var_to_range.items()}
+    return {}
+
+
+def _bound(value: Any, infinite: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return infinite  # torch's int_oo
+
+
+def causal_attention(gm: GraphModule) -> PassResult:
+    """Run :class:`CausalAttention` on ``gm`` (in place)."""
+    return CausalAttention()(gm)
