@@ -118,6 +118,11 @@ class _Kind:
     def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def add_delta_(cls, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, spec: SiteSpec, coeff: float) -> None:
+        """``out += coeff * delta(A, B)`` in place, ``out`` laid out like the weight."""
+        out += cls.delta(A, B, spec) * coeff
+
 
 def _kaiming_A_zero_B(A: torch.Tensor, B: torch.Tensor) -> None:
     torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
@@ -182,6 +187,16 @@ class LinearKind(_Kind):
     def delta(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
         d = (LinearKind.full_B(B, spec) @ A) * spec.scale
         return d.t() if spec.fan_in_fan_out else d
+
+    @classmethod
+    def add_delta_(cls, out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, spec: SiteSpec, coeff: float) -> None:
+        """:meth:`delta` added by one ``addmm_`` (the scale its ``alpha``): one pass over ``out``, where
+        ``out += delta * coeff`` makes and reads two weight-sized temporaries."""
+        full_B = LinearKind.full_B(B, spec)
+        if spec.fan_in_fan_out:
+            out.addmm_(A.t(), full_B.t(), alpha=spec.scale * coeff)
+        else:
+            out.addmm_(full_B, A, alpha=spec.scale * coeff)
 
 
 class EmbeddingKind(_Kind):
@@ -435,7 +450,7 @@ def merged_weight(
     ct = _compute_dtype(W, *(t for a, b, _, _ in updates for t in (a, b)))
     out = W.detach().to(ct, copy=True)
     for A, B, spec, coeff in updates:
-        out += delta_weight(A, B, spec).to(ct) * coeff
+        kind_of(spec).add_delta_(out, A.detach().to(ct), B.detach().to(ct), spec, coeff)
     return out.to(W.dtype if dtype is None else dtype)
 
 

@@ -144,33 +144,43 @@ def merged_weights(
             A, B = full(get_parameter(gm, spec.lora_A)), full(get_parameter(gm, spec.lora_B))  # gathered under FSDP2
             updates[spec.weight].append((A, B, spec, coeff))
     merged: dict[str, torch.Tensor] = {}
+    finite: dict[str, torch.Tensor | bool] = {}
     for weight, terms in updates.items():
-        spec = terms[0][2]
         W = full(get_parameter(gm, weight))
-        what = f"the weight '{weight}' of site '{spec.name}'"
-        w = merged_weight(dense(W, what), terms, dtype=dtype)
-        if not _all_finite(w):
-            raise FoldError(
-                f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its lora_A/lora_B or base "
-                "weight hold NaN or Inf (diverged training?). Nothing was folded; reload a good checkpoint."
-            )
-        if requantize is not None and is_quantized(W):
-            w = requantized(w, requantize, what)
-        merged[weight] = w
+        merged[weight] = merged_weight(dense(W, f"the weight '{weight}' of site '{terms[0][2].name}'"), terms, dtype=dtype)
+        finite[weight] = _finite(merged[weight])
+    on_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for f in finite.values():
+        if isinstance(f, torch.Tensor):
+            on_device[f.device].append(f)
+    # one read of each device for every site (a check per site waits for the device at each one)
+    if not all(f for f in finite.values() if not isinstance(f, torch.Tensor)) or not all(
+        bool(torch.stack(flags).all()) for flags in on_device.values()
+    ):
+        weight = next(w for w, f in finite.items() if not bool(f))
+        spec = updates[weight][0][2]
+        raise FoldError(
+            f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its lora_A/lora_B or base "
+            "weight hold NaN or Inf (diverged training?). Nothing was folded; reload a good checkpoint."
+        )
+    if requantize is not None:
+        for weight, terms in updates.items():
+            W = full(get_parameter(gm, weight))
+            if is_quantized(W):
+                merged[weight] = requantized(merged[weight], requantize, f"the weight '{weight}' of site '{terms[0][2].name}'")
     return merged
 
 
-def _all_finite(w: torch.Tensor) -> bool:
-    """Whether every element of ``w`` is finite (True on ``meta``, where there are no values).  The smallest
-    and largest elements, which ``aminmax`` finds in one read (NaN propagates to both): ``isfinite(w).all()``
-    writes a mask of ``w``'s size and made up a third of a CPU fold."""
+def _finite(w: torch.Tensor) -> torch.Tensor | bool:
+    """Whether every element of ``w`` is finite: a bool, or a 0-d bool tensor on ``w``'s device (read by the
+    caller once for all weights).  True on ``meta``, where there are no values."""
     if w.device.type == "meta" or w.numel() == 0:
         return True
     try:
-        lo, hi = torch.aminmax(w)
+        lo, hi = torch.aminmax(w)  # one read, NaN propagates to both; isfinite(w).all() writes a mask of w's size
     except (RuntimeError, NotImplementedError):  # dtypes aminmax does not support (complex, some float8)
-        return bool(torch.isfinite(w).all())
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+        return torch.isfinite(w).all()
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def fold(
