@@ -69,17 +69,20 @@ def _sdpa_args(node: Node) -> dict[str, Any]:
     return out
 
 
-def _dependencies(gm: GraphModule) -> nx.DiGraph:
-    """Edges from each node to its users, except into ``sym_size`` nodes: a length read from a tensor does
-    not depend on the tensor's values."""
+def _dependencies(gm: GraphModule) -> tuple[nx.DiGraph, list[Node]]:
+    """Edges from each node to its users, by position in the graph (``nodes[i]``), except into ``sym_size``
+    nodes: a length read from a tensor does not depend on the tensor's values."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
     g = nx.DiGraph()
-    for node in gm.graph.nodes:
-        g.add_node(node)
-        if node.op == "call_function" and node.target in _SYM_SIZE:
-            continue
-        for source in node.all_input_nodes:
-            g.add_edge(source, node)
-    return g
+    g.add_nodes_from(range(len(nodes)))
+    g.add_edges_from(
+        (index[source], i)
+        for i, node in enumerate(nodes)
+        if not (node.op == "call_function" and node.target in _SYM_SIZE)
+        for source in node.all_input_nodes
+    )
+    return g, nodes
 
 
 def _ints(values: Iterable[Any]) -> set[int]:
@@ -106,13 +109,15 @@ class _MaskCheck:
     """Whether a mask node is the causal mask at every length, by the rules in the module docstring."""
 
     def __init__(self, gm: GraphModule) -> None:
-        self.deps = _dependencies(gm)
+        self.deps, self.nodes = _dependencies(gm)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
         self.ranges = _shape_env_ranges(gm)
         self.known: dict[Node, bool] = {}
 
     def subgraph(self, mask: Node) -> list[Node] | None:
         """The nodes that compute ``mask`` (in graph order), or None when they read more than shapes."""
-        nodes = nx.ancestors(self.deps, mask) | {mask}
+        found = nx.ancestors(self.deps, self.index[mask]) | {self.index[mask]}
+        nodes = [self.nodes[i] for i in sorted(found)]  # in graph order
         for n in nodes:
             if n.op != "call_function":
                 return None  # a placeholder, parameter, buffer or submodule
@@ -121,7 +126,7 @@ class _MaskCheck:
                     return None
             elif n.target not in _SYM_OPS:
                 return None
-        return sorted(nodes, key=_position(mask.graph))
+        return nodes
 
     def is_causal(self, mask: Node, query_len: Any) -> bool:
         if mask not in self.known:
@@ -166,11 +171,6 @@ class _MaskCheck:
             kwargs = map_aggregate(n.kwargs, lambda a: env[a] if isinstance(a, Node) else _on_cpu(a))
             env[n] = n.target(*args, **kwargs)
         return env[mask]
-
-
-def _position(graph: Any) -> Any:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return order.__getitem__
 
 
 def _on_cpu(value: Any) -> Any:
@@ -255,7 +255,8 @@ def _val(node: Any) -> torch.Tensor | None:
 
 def _erase_unused(candidates: Iterable[Node]) -> int:
     """Erase the candidates nothing else uses, and the dtype checks on them, last first; return how many."""
-    graph_order = sorted(set(candidates), key=lambda n: -_position(n.graph)(n))
+    candidates = set(candidates)
+    graph_order = [n for n in reversed(next(iter(candidates)).graph.nodes) if n in candidates] if candidates else []
     erased = 0
     for node in graph_order:
         users = list(node.users)
