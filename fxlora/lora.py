@@ -159,7 +159,9 @@ class LinearKind(_Kind):
 
     @staticmethod
     def expand(h: Any, B: Any, spec: SiteSpec) -> Any:
-        return F.linear(h, LinearKind.full_B(B, spec) * spec.scale)
+        # the scale on the rank-r input, not on B: autograd then keeps B itself (the parameter) for the
+        # backward, where a scaled copy of B would be one more tensor kept per site and step
+        return F.linear(h * spec.scale, LinearKind.full_B(B, spec))
 
     @staticmethod
     def full_B(B: Any, spec: SiteSpec) -> Any:

@@ -612,7 +612,7 @@ def _plain_ops_only(*tensors: Tensor | None) -> bool:
 
 def _branch(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
     counters["linear.branch"] += 1
-    expand = F.linear(h, B if scale == 1.0 else B * scale)
+    expand = F.linear(h if scale == 1.0 else h * scale, B)  # as the graph scales it: on the rank-r input
     return F.linear(x, weight, bias) + expand
 
 

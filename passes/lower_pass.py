@@ -4,10 +4,10 @@ At a linear site with one adapter's branch, the rewrite pass leaves::
 
     y0  = linear(x, W, b)                      # base (call_module, F.linear, aten.linear, x @ W, addmm)
     h   = linear(x, A)                         # shrink (or a dropout / fused-sibling piece of it)
-    y1  = linear(h, B_full * scale)            # expand
+    y1  = linear(h * scale, B_full)            # expand
     out = add(y0, y1)
 
-and this pass replaces ``y0 ... out`` by ``fxlora::lora_linear(x, W, b, A, B_full * scale, 1.0)`` (or
+and this pass replaces ``y0 ... out`` by ``fxlora::lora_linear(x, W, b, A, B_full, scale)`` (or
 ``lora_linear_h(x, W, b, h, ...)`` when ``h`` is not simply ``x A^T``): one custom op
 (:mod:`fxlora.ops`) that runs eagerly, under ``torch.compile`` without a graph break and through
 ``torch.export``, backed by fused kernels on CUDA and by the composite math elsewhere.  Calls where
@@ -19,6 +19,9 @@ copy of it, sharing the same parameter objects, where lowering is on.
 """
 
 from __future__ import annotations
+
+import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +72,10 @@ def _lower_call(gm: GraphModule, add: Node, modules: bool = True) -> bool:
         return False  # several adapters chain at this call
     if not (isinstance(y1, Node) and y1.op == "call_function" and y1.target is F.linear and len(y1.args) == 2):
         return False
-    h, b_scaled = y1.args
+    h, b_full = y1.args
+    scaled, scale = _scaled(h)
+    if scaled is not None:
+        h = scaled.args[0]
     operands = _base_operands(gm, base)
     if operands is None:
         return False
@@ -84,16 +90,27 @@ def _lower_call(gm: GraphModule, add: Node, modules: bool = True) -> bool:
             and len(h.users) == 1
         )
         if shrink_reads_x:
-            lowered = graph.call_function(torch.ops.fxlora.lora_linear.default, (x, weight, bias, h.args[1], b_scaled, 1.0))
+            lowered = graph.call_function(torch.ops.fxlora.lora_linear.default, (x, weight, bias, h.args[1], b_full, scale))
         else:
-            lowered = graph.call_function(torch.ops.fxlora.lora_linear_h.default, (x, weight, bias, h, b_scaled, 1.0))
+            lowered = graph.call_function(torch.ops.fxlora.lora_linear_h.default, (x, weight, bias, h, b_full, scale))
     lowered.meta.update({k: add.meta[k] for k in ("nn_module_stack", "stack_trace") if k in add.meta})
     lowered.meta[provenance.META_KEY] = {**provenance.node_info(add), "role": LOWERED}
     add.replace_all_uses_with(lowered)
-    for node in (add, y1, h if shrink_reads_x else None, base):
+    for node in (add, y1, scaled, h if shrink_reads_x else None, base):
         if node is not None and not node.users:
             graph.erase_node(node)
     return True
+
+
+def _scaled(h: Any) -> tuple[Node | None, float]:
+    """``(h * s, s)`` where the expand's input is the rank-r activation times a number, used by the expand
+    alone (the op takes the scale itself); ``(None, 1.0)`` otherwise."""
+    if (
+        isinstance(h, Node) and h.op == "call_function" and h.target in (operator.mul, torch.mul) and len(h.args) == 2
+        and not h.kwargs and isinstance(h.args[0], Node) and type(h.args[1]) in (int, float) and len(h.users) == 1
+    ):
+        return h, float(h.args[1])
+    return None, 1.0
 
 
 class LowerLinearBranches(RewiringPass):
