@@ -46,6 +46,7 @@ __all__ = ["MAX_CHECKED_LENGTH", "CausalAttention", "causal_attention"]
 MAX_CHECKED_LENGTH = 8192
 _SAMPLE_LENGTHS = (2, 3, 5, 8, 17)
 _SLICE_END = 2**62  # slice ends at or above this are torch.export's "to the end"
+_MAX_EVALUATED_NUMEL = 4 * MAX_CHECKED_LENGTH**2  # a few masks' worth at the longest length checked
 
 _aten = torch.ops.aten
 _SDPA = _aten.scaled_dot_product_attention.default
@@ -112,7 +113,7 @@ class _MaskCheck:
         self.deps, self.nodes = _dependencies(gm)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.ranges = _shape_env_ranges(gm)
-        self.known: dict[Node, bool] = {}
+        self.known: dict[tuple[Node, Any], bool] = {}
 
     def subgraph(self, mask: Node) -> list[Node] | None:
         """The nodes that compute ``mask`` (in graph order), or None when they read more than shapes."""
@@ -129,9 +130,10 @@ class _MaskCheck:
         return nodes
 
     def is_causal(self, mask: Node, query_len: Any) -> bool:
-        if mask not in self.known:
-            self.known[mask] = self._check(mask, query_len)
-        return self.known[mask]
+        key = (mask, query_len)
+        if key not in self.known:
+            self.known[key] = self._check(mask, query_len)
+        return self.known[key]
 
     def _check(self, mask: Node, query_len: Any) -> bool:
         nodes = self.subgraph(mask)
@@ -148,6 +150,8 @@ class _MaskCheck:
             return False
         lengths = sorted(set(_SAMPLE_LENGTHS) | {c + d for c in map(abs, constants) for d in (-1, 0, 1)})
         for assignment in _assignments(sorted(symbols, key=str), lengths, self.ranges):
+            if any(_numel_at(n, assignment) > _MAX_EVALUATED_NUMEL for n in nodes):
+                return False  # a construction larger than seq x seq masks: not evaluated, kept as it is
             try:
                 value = self._evaluate(nodes, mask, assignment)
                 n = int(query_len.xreplace(assignment)) if assignment else int(query_len)
@@ -171,6 +175,18 @@ class _MaskCheck:
             kwargs = map_aggregate(n.kwargs, lambda a: env[a] if isinstance(a, Node) else _on_cpu(a))
             env[n] = n.target(*args, **kwargs)
         return env[mask]
+
+
+def _numel_at(node: Node, assignment: dict[Any, Any]) -> int:
+    """How many elements ``node``'s value has at the lengths ``assignment`` gives (0 for a number)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return 0
+    total = 1
+    for d in val.shape:
+        e = _expr(d)
+        total *= int(e.xreplace(assignment)) if assignment and not isinstance(e, int) else int(e)
+    return total
 
 
 def _on_cpu(value: Any) -> Any:
