@@ -12,23 +12,34 @@ For each ``aten.scaled_dot_product_attention`` call with a mask and ``is_causal=
 replaces the mask by ``is_causal=True`` when
 
 * the mask is computed from the graph's *shapes* only: cut at the ``sym_size`` nodes, its ancestors
-  read no placeholder, parameter, buffer or submodule, and call no random op; and
-* evaluated on the CPU at every length the check picks (see below), it is the lower-triangular
-  ``seq x seq`` mask (``True``, or ``0.0`` in an additive mask, on and below the diagonal, ``False``
-  or ``-inf`` above), and the query and key lengths are the same symbolic length.
+  read no placeholder, parameter, buffer or submodule, and no length that comes from data (an unbacked
+  symbol: ``nonzero``, ``item``);
+* its construction runs only what a position mask needs (:data:`_MASK_OPS`): an integer ``arange``, sums
+  and differences, comparisons of integer or boolean tensors, logic, prefix sums, shapes, dtypes and
+  fills, and reads each length only as a size, a dimension or an ``arange`` bound (never as a value it
+  computes with, as in ``x < s // 2``): no products, quotients, reductions or random ops.  With these
+  alone the mask's value at a query and key position does not depend on the length beyond those
+  positions, and changes only where a position meets one of the construction's numbers; and
+* evaluated on the CPU, it is the lower-triangular ``seq x seq`` mask (``True``, or ``0.0`` in an
+  additive mask, on and below the diagonal; ``False`` or ``-inf`` above) at every length checked: 2, 3,
+  5, 8, 17, 33, 65, ..., 1025, the two ends of the range torch.export allows the length (up to
+  :data:`MAX_CHECKED_LENGTH`) and the lengths next to every number the construction uses (a sliding
+  window of 4096 is checked at 4095 to 4097), each symbol in turn and the first few in every
+  combination; and the query and key lengths are the same symbolic length.
 
-A mask that depends on an input (``attention_mask``, ``position_ids``, ``cache_position``) is kept.  The
-check evaluates the mask at lengths 2, 3, 5, 8 and 17 and at ``c - 1``, ``c`` and ``c + 1`` for every
-integer ``c`` the mask's construction uses (a sliding window of 4096 is checked at 4095 to 4097), each
-within the range torch.export allows the length; a construction that uses an integer above
-:data:`MAX_CHECKED_LENGTH` is kept as it is.  Where the key and value are ``repeat_kv`` of tensors with
-fewer heads, the attention reads those instead with ``enable_gqa=True`` (which repeats each head in the
-same order).  The nodes that only served the mask and the repeats are erased (with the dtype checks
-torch.export recorded on them); nothing else in the graph changes.
+A mask that depends on an input (``attention_mask``, ``position_ids``, ``cache_position``) is kept, and
+so is one whose construction uses a number above :data:`MAX_CHECKED_LENGTH` or tensors larger than four
+``seq x seq`` masks.  The check is evidence, not a proof: a construction that multiplies positions by
+adding them to themselves could differ from the causal mask only past the lengths checked.  Where the
+key and value are ``repeat_kv`` of tensors with fewer heads, the attention reads those instead with
+``enable_gqa=True`` (which repeats each head in the same order).  The nodes that only served the mask and
+the repeats are erased (with the dtype checks torch.export recorded on them); nothing else in the graph
+changes.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -54,6 +65,34 @@ _SYM_SIZE = {_aten.sym_size.int}
 _ASSERTS = {_aten._assert_tensor_metadata.default}
 _SYM_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
             operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
+
+
+def _overloads(*names: str) -> frozenset[Any]:
+    out = set()
+    for name in names:
+        packet = getattr(_aten, name, None)
+        if packet is not None:
+            out |= {getattr(packet, o) for o in packet.overloads()}
+    return frozenset(out)
+
+
+#: what a mask construction may run: positions (an integer ``arange``), their sums and differences,
+#: comparisons, logic, prefix sums (transformers' packed-sequence test), shapes, dtypes and fills.  No
+#: products, quotients or reductions: with these alone the mask's value at (i, j) does not depend on the
+#: length beyond the positions, and changes only where a position meets one of the construction's numbers
+_ARANGE = _overloads("arange")
+_COMPARISONS = _overloads("lt", "le", "gt", "ge", "eq", "ne")
+_MASK_OPS = _ARANGE | _COMPARISONS | _overloads(
+    "add", "sub", "rsub", "neg",
+    "__and__", "__or__", "__xor__", "__invert__", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
+    "logical_and", "logical_or", "logical_xor", "logical_not",
+    "diff", "cumsum",
+    "unsqueeze", "squeeze", "expand", "view", "reshape", "_unsafe_view", "slice", "select", "index", "permute",
+    "transpose", "t", "clone", "contiguous", "alias", "detach",
+    "ones", "zeros", "full", "new_ones", "new_zeros", "new_full", "ones_like", "zeros_like", "full_like",
+    "scalar_tensor", "masked_fill", "where",
+    "to", "_to_copy", "type_as", "_assert_tensor_metadata", "sym_size",
+)
 
 
 def _sdpa_args(node: Node) -> dict[str, Any]:
@@ -86,11 +125,12 @@ def _dependencies(gm: GraphModule) -> tuple[nx.DiGraph, list[Node]]:
     return g, nodes
 
 
-def _ints(values: Iterable[Any]) -> set[int]:
-    found: set[int] = set()
+def _numbers(values: Iterable[Any]) -> set[float]:
+    """The finite ints and floats among ``values`` (nested), not bools."""
+    found: set[float] = set()
 
     def visit(v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             found.add(v)
         return v
 
@@ -122,10 +162,17 @@ class _MaskCheck:
         for n in nodes:
             if n.op != "call_function":
                 return None  # a placeholder, parameter, buffer or submodule
-            if isinstance(n.target, torch._ops.OpOverload):
-                if torch.Tag.nondeterministic_seeded in n.target.tags:
-                    return None
-            elif n.target not in _SYM_OPS:
+            if n.target not in _MASK_OPS and n.target not in _SYM_OPS:
+                return None
+            if _unbacked(n.meta.get("val")):
+                return None  # a length read from data (nonzero, item): not a shape
+            if not _lengths_read_as_sizes(n):
+                return None
+            if n.target in _ARANGE and _val_dtype(n) is not None and (_val_dtype(n).is_floating_point or _val_dtype(n).is_complex):
+                return None  # positions that round (bfloat16 is exact only to 256)
+            if n.target in _COMPARISONS and any(
+                _val_dtype(a) is not None and _val_dtype(a).is_floating_point for a in n.all_input_nodes
+            ):
                 return None
         return nodes
 
@@ -145,14 +192,18 @@ class _MaskCheck:
         symbols = set()
         for e in [*leaves, query_len]:
             symbols |= getattr(e, "free_symbols", set())
-        constants = {c for c in _ints(a for n in nodes for a in (n.args, n.kwargs)) if 2 <= abs(c) < _SLICE_END}
+        constants = {c for c in _numbers(a for n in nodes for a in (n.args, n.kwargs)) if 2 <= abs(c) < _SLICE_END}
         if any(abs(c) > MAX_CHECKED_LENGTH for c in constants):
             return False
-        lengths = sorted(set(_SAMPLE_LENGTHS) | {c + d for c in map(abs, constants) for d in (-1, 0, 1)})
-        for assignment in _assignments(sorted(symbols, key=str), lengths, self.ranges):
-            if any(_numel_at(n, assignment) > _MAX_EVALUATED_NUMEL for n in nodes):
-                return False  # a construction larger than seq x seq masks: not evaluated, kept as it is
+        near = {d + k for c in map(abs, constants) for d in {math.floor(c), math.ceil(c)} for k in (-1, 0, 1)}
+        lengths = sorted(set(_SAMPLE_LENGTHS) | near)
+        assignments = _assignments(sorted(symbols, key=str), lengths, self.ranges)
+        if not assignments:
+            return False  # no length the check could evaluate
+        for assignment in assignments:
             try:
+                if any(_numel_at(n, assignment) > _MAX_EVALUATED_NUMEL for n in nodes):
+                    return False  # a construction larger than seq x seq masks: not evaluated, kept as it is
                 value = self._evaluate(nodes, mask, assignment)
                 n = int(query_len.xreplace(assignment)) if assignment else int(query_len)
             except Exception:  # noqa: BLE001 - a construction the check cannot run is kept as it is
@@ -189,31 +240,76 @@ def _numel_at(node: Node, assignment: dict[Any, Any]) -> int:
     return total
 
 
+def _val_dtype(node: Any) -> torch.dtype | None:
+    v = node.meta.get("val") if isinstance(node, Node) else None
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def _unbacked(val: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    try:
+        return bool(free_unbacked_symbols(val))
+    except Exception:  # noqa: BLE001 - a value torch cannot read symbols from: treat it as unknown
+        return True
+
+
+def _lengths_read_as_sizes(node: Node) -> bool:
+    """Whether every length (SymInt) ``node`` reads is read as a size, a dimension or a position range
+    (an integer ``arange``'s start, end or step), never as a value the mask computes with (``x < s // 2``,
+    ``full((), s)``)."""
+    if node.target in _SYM_OPS or node.target in _SYM_SIZE:
+        return True  # arithmetic on lengths: its own result is checked where it is read
+    schema = node.target._schema
+    for i, arg in enumerate(schema.arguments):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        reads_length = False
+
+        def visit(v: Any) -> Any:
+            nonlocal reads_length
+            if isinstance(v, Node) and isinstance(v.meta.get("val"), (torch.SymInt, int)) and not isinstance(v.meta.get("val"), bool):
+                reads_length = True
+            return v
+
+        map_aggregate(value, visit)
+        if not reads_length:
+            continue
+        kind = str(arg.type)
+        if "int" in kind.lower() and "Scalar" not in kind:
+            continue  # int, SymInt, int[], SymInt[] (optional or not): a size, a dimension, a slice bound
+        if node.target in _ARANGE and arg.name in ("start", "end", "step"):
+            continue
+        return False
+    return True
+
+
 def _on_cpu(value: Any) -> Any:
     return torch.device("cpu") if isinstance(value, torch.device) else value
 
 
 def _assignments(symbols: list[Any], lengths: list[int], ranges: dict[Any, tuple[int, int]]) -> list[dict[Any, Any]]:
-    """Each symbol at each length within its allowed range, the others at 3 (or their lowest allowed value)."""
+    """The lengths to check: each symbol at each of ``lengths``, at 2^k + 1 up to 1025 and at the ends of
+    its allowed range (up to :data:`MAX_CHECKED_LENGTH`), the others at their lowest allowed value of 3 or
+    more; and every combination of the symbols' first few values (at most three symbols).  Only values
+    within each symbol's allowed range are used: [] when a symbol has none."""
+    import itertools
+
     import sympy
 
     if not symbols:
         return [{}]
-
-    def allowed(sym: Any, v: int) -> bool:
-        rng = ranges.get(sym)
-        return rng is None or (rng[0] <= v <= rng[1])
-
-    base = {}
+    values: dict[Any, list[int]] = {}
     for sym in symbols:
-        rng = ranges.get(sym)
-        base[sym] = 3 if allowed(sym, 3) else (int(rng[0]) if rng is not None else 3)
-    out = []
-    for sym in symbols:
-        for v in lengths:
-            if v >= 1 and allowed(sym, v):
-                out.append({s: sympy.Integer(v if s is sym else base[s]) for s in symbols})
-    return out
+        lo, hi = ranges.get(sym, (0, _SLICE_END))
+        wanted = set(lengths) | {2**k + 1 for k in range(5, 11)} | {max(lo, 1)} | ({hi} if hi <= MAX_CHECKED_LENGTH else set())
+        values[sym] = sorted(v for v in wanted if v >= 1 and lo <= v <= hi)
+        if not values[sym]:
+            return []
+    base = {sym: next((v for v in values[sym] if v >= 3), values[sym][0]) for sym in symbols}
+    out = [{s: (v if s is sym else base[s]) for s in symbols} for sym in symbols for v in values[sym]]
+    if len(symbols) <= 3:
+        out += [dict(zip(symbols, combo, strict=True)) for combo in itertools.product(*(values[s][:5] for s in symbols))]
+    return [{s: sympy.Integer(v) for s, v in a.items()} for a in out]
 
 
 def _is_causal_mask(value: Any, n: int) -> bool:
