@@ -52,8 +52,8 @@ def capture(model, *args, causal=True, dynamic_shapes="auto", **kwargs):
 
 
 def wrong(reason, raises=AssertionError):
-    """(causal_attention=False, causal_attention=True): both must match the eager model.  ``reason`` is the
-    review's account of the bug the True case showed before it was fixed (kept as the case's id text)."""
+    """(causal_attention=False, causal_attention=True): both must match the eager model.  ``reason`` (and
+    ``raises``) record the review's account of what the True case did before the fix."""
     return [False, pytest.param(True, id="True")]
 
 
