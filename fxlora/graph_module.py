@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import operator
 import pickle
 from typing import Any
 
@@ -377,7 +376,6 @@ def _lower_for_eager(gm: LoraGraphModule, bindings: bool = True) -> Any:
             continue
         if node.target in eager:
             node.target = eager[node.target]
-            _scale_in_the_call(lowered.graph, node)
         elif node.target in table:
             node.target = table[node.target]
             keywords = ops.BINDING_KEYWORDS.get(node.target)
@@ -389,20 +387,6 @@ def _lower_for_eager(gm: LoraGraphModule, bindings: bool = True) -> Any:
                 node.args, node.kwargs = tuple(args), kwargs
     lowered.recompile()
     return stack_safe(type(lowered).forward)
-
-
-def _scale_in_the_call(graph: Graph, node: Node) -> None:
-    """``f(x, W, b, A, B * s, 1.0)`` -> ``f(x, W, b, A, B, s)`` where ``B * s`` feeds only this call: the eager
-    functions apply ``s`` in the GEMM (``alpha``), which saves an operator per site per call.  The rewrite
-    pass now scales the rank-r input instead (``linear(h * s, B)``, which the lower pass gives the op as
-    its scale); this is for graphs rewritten before that and kept (pickled) since."""
-    x, weight, bias, a_or_h, b, scale = node.args
-    if not (isinstance(b, Node) and b.op == "call_function" and b.target in (operator.mul, torch.mul)
-            and len(b.args) == 2 and not b.kwargs and isinstance(b.args[0], Node) and type(b.args[1]) in (int, float)
-            and len(b.users) == 1 and scale == 1.0):
-        return
-    node.args = (x, weight, bias, a_or_h, b.args[0], float(b.args[1]))
-    graph.erase_node(b)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -145,9 +145,9 @@ def merged_weights(
             updates[spec.weight].append((A, B, spec, coeff))
     merged: dict[str, torch.Tensor] = {}
     finite: dict[str, torch.Tensor | bool] = {}
+    what = {weight: f"the weight '{weight}' of site '{terms[0][2].name}'" for weight, terms in updates.items()}
     for weight, terms in updates.items():
-        W = full(get_parameter(gm, weight))
-        merged[weight] = merged_weight(dense(W, f"the weight '{weight}' of site '{terms[0][2].name}'"), terms, dtype=dtype)
+        merged[weight] = merged_weight(dense(full(get_parameter(gm, weight)), what[weight]), terms, dtype=dtype)
         finite[weight] = _finite(merged[weight])
     on_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
     for f in finite.values():
@@ -164,10 +164,9 @@ def merged_weights(
             "weight hold NaN or Inf (diverged training?). Nothing was folded; reload a good checkpoint."
         )
     if requantize is not None:
-        for weight, terms in updates.items():
-            W = full(get_parameter(gm, weight))
-            if is_quantized(W):
-                merged[weight] = requantized(merged[weight], requantize, f"the weight '{weight}' of site '{terms[0][2].name}'")
+        for weight in updates:
+            if is_quantized(full(get_parameter(gm, weight))):
+                merged[weight] = requantized(merged[weight], requantize, what[weight])
     return merged
 
 

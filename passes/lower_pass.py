@@ -73,7 +73,7 @@ def _lower_call(gm: GraphModule, add: Node, modules: bool = True) -> bool:
     if not (isinstance(y1, Node) and y1.op == "call_function" and y1.target is F.linear and len(y1.args) == 2):
         return False
     h, b_full = y1.args
-    scaled, scale = _scaled(h)
+    scaled, scale = _scaled_by_number(h)
     if scaled is not None:
         h = scaled.args[0]
     operands = _base_operands(gm, base)
@@ -102,14 +102,16 @@ def _lower_call(gm: GraphModule, add: Node, modules: bool = True) -> bool:
     return True
 
 
-def _scaled(h: Any) -> tuple[Node | None, float]:
-    """``(h * s, s)`` where the expand's input is the rank-r activation times a number, used by the expand
-    alone (the op takes the scale itself); ``(None, 1.0)`` otherwise."""
+def _scaled_by_number(node: Any) -> tuple[Node | None, float]:
+    """``(node, s)`` where ``node`` is ``t * s`` (a number ``s``) used by one node only, the expand, which the
+    op replaces with ``s`` as its scale; ``(None, 1.0)`` otherwise (a graph rewritten before the expand
+    scaled ``h`` has ``linear(h, B * s)``: it is lowered with scale 1)."""
     if (
-        isinstance(h, Node) and h.op == "call_function" and h.target in (operator.mul, torch.mul) and len(h.args) == 2
-        and not h.kwargs and isinstance(h.args[0], Node) and type(h.args[1]) in (int, float) and len(h.users) == 1
+        isinstance(node, Node) and node.op == "call_function" and node.target in (operator.mul, torch.mul)
+        and len(node.args) == 2 and not node.kwargs and isinstance(node.args[0], Node)
+        and type(node.args[1]) in (int, float) and len(node.users) == 1
     ):
-        return h, float(h.args[1])
+        return node, float(node.args[1])
     return None, 1.0
 
 
