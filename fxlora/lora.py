@@ -414,6 +414,10 @@ _KINDS: dict[str, type[_Kind]] = {
 }
 
 
+#: the kinds of math a site can have (their names, as checkpoints record them)
+KIND_NAMES = tuple(_KINDS)
+
+
 def init_factors(A: torch.Tensor, B: torch.Tensor, spec: SiteSpec) -> None:
     """Initialise a new site's ``A`` and ``B`` in place, as its kind says."""
     if spec.kind == "tied":

@@ -30,7 +30,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from . import files
 from .distributed import copy_into, full, is_sharded, is_writer, local_empty_like
 from .errors import ArgumentError, CheckpointError
-from .lora import SiteSpec
+from .lora import KIND_NAMES, SiteSpec
 from .passes import read_slot, write_slot
 from .provenance import active_adapters, adapter_state, adapters_of, require_sites
 from .resolution import canonical_name
@@ -57,7 +57,7 @@ __all__ = [
 
 BIAS_MODES = ("none", "all", "lora_only")
 _FORMAT = "fxlora.lora/1"
-_KINDS = ("linear", "embedding", "conv")
+_KINDS = KIND_NAMES
 
 #: Suffixes that promise a ``torch.save`` pickle: ``save_lora`` writes safetensors, so it refuses them
 #: rather than write a file that ``torch.load`` cannot read and loralib users would not expect.

@@ -144,24 +144,35 @@ def merged_weights(
             A, B = full(get_parameter(gm, spec.lora_A)), full(get_parameter(gm, spec.lora_B))  # gathered under FSDP2
             updates[spec.weight].append((A, B, spec, coeff))
     merged: dict[str, torch.Tensor] = {}
-    finite: dict[str, torch.Tensor | bool] = {}
+    # (what is checked, its site, finite?) for every merged weight and every factor, whatever its coefficient
+    # (a zero coefficient does not make a diverged factor foldable), read from each device once at the end:
+    # a check per site waits for the device at each one
+    checks: list[tuple[str, SiteSpec, torch.Tensor | bool]] = []
     what = {weight: f"the weight '{weight}' of site '{terms[0][2].name}'" for weight, terms in updates.items()}
     for weight, terms in updates.items():
         merged[weight] = merged_weight(dense(full(get_parameter(gm, weight)), what[weight]), terms, dtype=dtype)
-        finite[weight] = _finite(merged[weight])
+        for A, B, spec, _ in terms:
+            checks += [("lora_A", spec, _finite(A)), ("lora_B", spec, _finite(B))]
+        checks.append(("merged", terms[0][2], _finite(merged[weight])))
     on_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-    for f in finite.values():
-        if isinstance(f, torch.Tensor):
-            on_device[f.device].append(f)
-    # one read of each device for every site (a check per site waits for the device at each one)
-    if not all(f for f in finite.values() if not isinstance(f, torch.Tensor)) or not all(
+    for _, _, ok in checks:
+        if isinstance(ok, torch.Tensor):
+            on_device[ok.device].append(ok)
+    if not all(ok for _, _, ok in checks if not isinstance(ok, torch.Tensor)) or not all(
         bool(torch.stack(flags).all()) for flags in on_device.values()
     ):
-        weight = next(w for w, f in finite.items() if not bool(f))
-        spec = updates[weight][0][2]
+        bad = [(part, spec) for part, spec, ok in checks if not bool(ok)]
+        factor = next(((part, spec) for part, spec in bad if part != "merged"), None)
+        if factor is not None:
+            part, spec = factor
+            raise FoldError(
+                f"folding site '{spec.name}' ({spec.rule}): the {part} of adapter '{spec.adapter}' holds NaN or Inf "
+                "(diverged training?). Nothing was folded; reload a good checkpoint."
+            )
+        spec = bad[0][1]
         raise FoldError(
-            f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its lora_A/lora_B or base "
-            "weight hold NaN or Inf (diverged training?). Nothing was folded; reload a good checkpoint."
+            f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its base weight holds NaN or Inf, "
+            "or the merged weight overflows its dtype. Nothing was folded; reload a good checkpoint."
         )
     if requantize is not None:
         for weight in updates:
