@@ -20,6 +20,22 @@ def randomize_lora(gm, seed: int = 0, std: float = 0.1) -> None:
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
 
 
+def block_structured_B(B: torch.Tensor, mask, r: int, out: int) -> torch.Tensor:
+    """``B`` as the ``(out, r*k)`` factor of an ``enable_lora`` site, written block by block (loralib
+    MergedLinear's layout; independent of fxlora.lora); ``B`` itself without a mask of several slices."""
+    if mask is None or len(mask) == 1:
+        return B
+    n, k = len(mask), sum(mask)
+    o = out // n
+    full = B.new_zeros(out, r * k)
+    j = 0
+    for g, enabled in enumerate(mask):
+        if enabled:
+            full[g * o : (g + 1) * o, j * r : (j + 1) * r] = B[j * o : (j + 1) * o]
+            j += 1
+    return full
+
+
 def op_sequence(gm):
     return [(n.op, n.target) for n in gm.graph.nodes]
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from fxlora.folding import BASE_CODE
 from fxlora.provenance import adapters_of
+from helpers import block_structured_B
 from torch import nn
 
 ATOL = 1e-5
@@ -77,21 +78,6 @@ def _randomize(gm, seed: int = 0, std: float = 0.3) -> None:
             p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
 
 
-def _full_B(B: torch.Tensor, mask, r: int, out: int) -> torch.Tensor:
-    """B as an (out, r*k) matrix, written block by block (independent of fxlora.lora)."""
-    if mask is None:
-        return B
-    n, k = len(mask), sum(mask)
-    o = out // n
-    full = B.new_zeros(out, r * k)
-    j = 0
-    for g, enabled in enumerate(mask):
-        if enabled:
-            full[g * o : (g + 1) * o, j * r : (j + 1) * r] = B[j * o : (j + 1) * o]
-            j += 1
-    return full
-
-
 def _reference(model: nn.Module, gm, weights: dict[str, float]) -> nn.Module:
     """A deep copy of ``model`` with each adapter's update added to its weights by hand."""
     ref = copy.deepcopy(model)
@@ -103,7 +89,7 @@ def _reference(model: nn.Module, gm, weights: dict[str, float]) -> nn.Module:
                 B = gm.get_parameter(spec.lora_B).detach().double()
                 W = ref.get_parameter(spec.weight)
                 if spec.kind == "linear":
-                    d = _full_B(B, spec.enable_lora, spec.r, spec.out_features) @ A
+                    d = block_structured_B(B, spec.enable_lora, spec.r, spec.out_features) @ A
                     d = d.t() if spec.fan_in_fan_out else d
                 elif spec.kind == "embedding":
                     d = (B @ A).t()

@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fxlora.passes import FoldPass, lower_linear_branches
-from helpers import randomize_lora
+from helpers import block_structured_B, randomize_lora
 from torch import nn
 
 import fxlora
@@ -46,21 +46,8 @@ from fxlora.zoo import GPT2, Conv1D, GPT2Config
 
 
 def _full_b64(B: torch.Tensor, spec: SiteSpec) -> torch.Tensor:
-    """``B`` as the ``(out, r*k)`` factor, placed by hand (loralib MergedLinear's layout)."""
-    B = B.detach().double()
-    mask = spec.enable_lora
-    if mask is None or len(mask) == 1:
-        return B
-    n, r = len(mask), spec.r
-    o = spec.out_features // n
-    out = torch.zeros(spec.out_features, r * sum(mask), dtype=torch.float64)
-    g = 0
-    for i, enabled in enumerate(mask):
-        if enabled:
-            out[i * o : (i + 1) * o, g * r : (g + 1) * r] = B[g * o : (g + 1) * o]
-            g += 1
-    return out
-
+    """``B`` in float64 as the ``(out, r*k)`` factor, placed by hand (loralib MergedLinear's layout)."""
+    return block_structured_B(B.detach().double(), spec.enable_lora, spec.r, spec.out_features)
 
 def _delta64(gm, spec: SiteSpec) -> torch.Tensor:
     A = gm.get_parameter(spec.lora_A).detach().double()
