@@ -144,15 +144,15 @@ def merged_weights(
             A, B = full(get_parameter(gm, spec.lora_A)), full(get_parameter(gm, spec.lora_B))  # gathered under FSDP2
             updates[spec.weight].append((A, B, spec, coeff))
     merged: dict[str, torch.Tensor] = {}
-    # (what is checked, its site, finite?) for every merged weight and every factor, whatever its coefficient
-    # (a zero coefficient does not make a diverged factor foldable), read from each device once at the end:
-    # a check per site waits for the device at each one
+    # (what is checked, its site, finite?) for every merged weight, and for the factors of every term with a
+    # zero coefficient: a NaN or Inf factor reaches the merged weight through any other coefficient, but
+    # addmm_ with alpha 0 never reads its factors, and a zero coefficient does not make a diverged factor
+    # foldable.  Read from each device once at the end: a check per site waits for the device at each one
     checks: list[tuple[str, SiteSpec, torch.Tensor | bool]] = []
     what = {weight: f"the weight '{weight}' of site '{terms[0][2].name}'" for weight, terms in updates.items()}
     for weight, terms in updates.items():
         merged[weight] = merged_weight(dense(full(get_parameter(gm, weight)), what[weight]), terms, dtype=dtype)
-        for A, B, spec, _ in terms:
-            checks += [("lora_A", spec, _finite(A)), ("lora_B", spec, _finite(B))]
+        checks += [(part, spec, _finite(t)) for A, B, spec, coeff in terms if coeff == 0 for part, t in (("lora_A", A), ("lora_B", B))]
         checks.append(("merged", terms[0][2], _finite(merged[weight])))
     on_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
     for _, _, ok in checks:
@@ -161,15 +161,14 @@ def merged_weights(
     if not all(ok for _, _, ok in checks if not isinstance(ok, torch.Tensor)) or not all(
         bool(torch.stack(flags).all()) for flags in on_device.values()
     ):
-        bad = [(part, spec) for part, spec, ok in checks if not bool(ok)]
-        factor = next(((part, spec) for part, spec in bad if part != "merged"), None)
+        part, spec = next((part, spec) for part, spec, ok in checks if not bool(ok))  # the first, in fold order
+        factor = (part, spec) if part != "merged" else _bad_factor(updates, spec)
         if factor is not None:
             part, spec = factor
             raise FoldError(
                 f"folding site '{spec.name}' ({spec.rule}): the {part} of adapter '{spec.adapter}' holds NaN or Inf "
                 "(diverged training?). Nothing was folded; reload a good checkpoint."
             )
-        spec = bad[0][1]
         raise FoldError(
             f"folding site '{spec.name}' ({spec.rule}) gives non-finite weights: its base weight holds NaN or Inf, "
             "or the merged weight overflows its dtype. Nothing was folded; reload a good checkpoint."
@@ -179,6 +178,16 @@ def merged_weights(
             if is_quantized(full(get_parameter(gm, weight))):
                 merged[weight] = requantized(merged[weight], requantize, what[weight])
     return merged
+
+
+def _bad_factor(updates: Mapping[str, list], site: SiteSpec) -> tuple[str, SiteSpec] | None:
+    """``(factor, spec)`` of the first term at ``site``'s weight whose factor holds NaN or Inf, for the error
+    message once a merged weight is known to be non-finite (read here, on the error path only)."""
+    for A, B, spec, _ in updates[site.weight]:
+        for part, t in (("lora_A", A), ("lora_B", B)):
+            if not bool(_finite(t)):
+                return part, spec
+    return None
 
 
 def _finite(w: torch.Tensor) -> torch.Tensor | bool:
