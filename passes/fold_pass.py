@@ -145,14 +145,15 @@ def merged_weights(
             updates[spec.weight].append((A, B, spec, coeff))
     merged: dict[str, torch.Tensor] = {}
     # (what is checked, its site, finite?) for every merged weight, and for the factors of every term with a
-    # zero coefficient: a NaN or Inf factor reaches the merged weight through any other coefficient, but
+    # zero coefficient (or one that is zero in float32): a NaN or Inf factor reaches the merged weight through any other coefficient, but
     # addmm_ with alpha 0 never reads its factors, and a zero coefficient does not make a diverged factor
     # foldable.  Read from each device once at the end: a check per site waits for the device at each one
     checks: list[tuple[str, SiteSpec, torch.Tensor | bool]] = []
     what = {weight: f"the weight '{weight}' of site '{terms[0][2].name}'" for weight, terms in updates.items()}
     for weight, terms in updates.items():
         merged[weight] = merged_weight(dense(full(get_parameter(gm, weight)), what[weight]), terms, dtype=dtype)
-        checks += [(part, spec, _finite(t)) for A, B, spec, coeff in terms if coeff == 0 for part, t in (("lora_A", A), ("lora_B", B))]
+        checks += [(part, spec, _finite(t)) for A, B, spec, coeff in terms if abs(coeff * spec.scale) < _TINY
+                   for part, t in (("lora_A", A), ("lora_B", B))]
         checks.append(("merged", terms[0][2], _finite(merged[weight])))
     on_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
     for _, _, ok in checks:
@@ -178,6 +179,10 @@ def merged_weights(
             if is_quantized(full(get_parameter(gm, weight))):
                 merged[weight] = requantized(merged[weight], requantize, what[weight])
     return merged
+
+
+#: a GEMM's alpha below this is zero in float32, where BLAS need not read the factors
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _bad_factor(updates: Mapping[str, list], site: SiteSpec) -> tuple[str, SiteSpec] | None:
