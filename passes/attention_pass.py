@@ -49,6 +49,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
+from fxlora.sites import op_arguments
+
 from .infra import FxLoraPass, PassResult, check_contract, counters, finalize
 
 __all__ = ["MAX_CHECKED_LENGTH", "CausalAttention", "causal_attention"]
@@ -93,20 +95,6 @@ _MASK_OPS = _ARANGE | _COMPARISONS | _overloads(
     "scalar_tensor", "masked_fill", "where",
     "to", "_to_copy", "type_as", "_assert_tensor_metadata", "sym_size",
 )
-
-
-def _sdpa_args(node: Node) -> dict[str, Any]:
-    """The call's arguments by schema name (defaults filled in)."""
-    schema = node.target._schema
-    out = {}
-    for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value if arg.has_default_value() else None
-    return out
 
 
 def _dependencies(gm: GraphModule) -> tuple[nx.DiGraph, list[Node]]:
@@ -395,7 +383,7 @@ class CausalAttention(FxLoraPass):
         dead: list[Node] = []
         changed = 0
         for node in calls:
-            a = _sdpa_args(node)
+            a = op_arguments(node)
             mask, q, k, v = a["attn_mask"], a["query"], a["key"], a["value"]
             if not isinstance(mask, Node) or a["is_causal"] or a.get("enable_gqa"):
                 continue
@@ -427,7 +415,7 @@ class CausalAttention(FxLoraPass):
         super().ensures(gm)
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target is _SDPA:
-                a = _sdpa_args(n)
+                a = op_arguments(n)
                 check_contract(not (a["is_causal"] and a["attn_mask"] is not None),
                                "causal_attention left an attention call with both a mask and is_causal")
 
