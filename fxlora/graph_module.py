@@ -270,13 +270,13 @@ def _lowered_forward(self: Any) -> Any:
     state dict and every pass are unchanged), calling :func:`fxlora.ops.lora_linear_eager`, which merges
     ``W + B A`` per call where that moves less memory than the branch; None where the module runs its
     own graph.  ``gm.lower_branches``: ``"auto"`` (the default) where the LoRA factors are CUDA
-    float16/bfloat16, ``True`` everywhere, ``False`` never.  Only where no gradient is recorded
-    (``torch.no_grad()``, ``torch.inference_mode()``): with gradients the lowered calls would run the
-    graph's own ops (:func:`fxlora.ops.lora_linear_eager` merges only without them).  Never under
-    ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or ``torch.fx`` tracing: those see the graph
-    itself."""
+    float16/bfloat16, ``True`` everywhere, ``False`` never.  Where a gradient is recorded (a train step)
+    the lowered calls run the graph's own operators (:func:`fxlora.ops.lora_linear_eager` merges only
+    where none is), through their Python bindings: the same values and gradients as the graph, for less
+    host time.  Never under ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or ``torch.fx``
+    tracing: those see the graph itself."""
     mode = self.__dict__.get("lower_branches", False)  # not a LoraGraphModule (an exporter's copy): its graph
-    if mode is False or torch.is_grad_enabled() or _capturing():
+    if mode is False or _capturing():
         return None
     if not (mode is True or (isinstance(mode, str) and mode == "auto")):
         raise ArgumentError(f"lower_branches must be 'auto', True or False, got {mode!r}.")

@@ -581,7 +581,12 @@ def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     tools/results/bench-h200-merged-train.json).  That step is bound by the host, where the formula's
     Python costs more than the memory traffic it saves."""
     if _plain_ops_only(x, weight, bias, A, B):
-        return _branch(x, weight, bias, F.linear(x, A), B, scale)
+        # the graph's operators in the graph's order (base GEMM first), so that autograd sums x's gradient
+        # contributions in the graph's order too: the same gradients, bit for bit
+        counters["linear.branch"] += 1
+        base = F.linear(x, weight, bias)
+        h = F.linear(x, A)
+        return base + F.linear(h if scale == 1.0 else h * scale, B)
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
     if merge_pays(tokens, weight.shape[1], weight.shape[0]):
         counters["linear.merged"] += 1

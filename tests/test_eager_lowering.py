@@ -1,6 +1,7 @@
 """Eager lowering: a rewritten module runs its linear branches through ``fxlora.ops``'s eager functions
 (merged per call where that moves less memory) while its graph, state dict, fold and every compiler or
-tracer see the rewritten graph.  Lowering runs only where no gradient is recorded; ``lower_branches`` is
+tracer see the rewritten graph.  Merging runs only where no gradient is recorded (a train step runs the
+graph's own operators through their Python bindings); ``lower_branches`` is
 ``"auto"`` by default, which lowers on CUDA half precision only; on CPU these tests switch it on, and compare
 with the same module running its own graph (float32: equal to rounding)."""
 
@@ -58,12 +59,14 @@ def test_the_lowered_forward_computes_what_the_graph_computes(case):
     export = {"capture": "export", "example_inputs": (x,)} if factory is TinyTransformer else {}
     gm = fxlora.rewrite(factory(), rules, fuse_siblings=fuse, **export).train()
     randomize_lora(gm)
-    # a train step: the graph runs either way (gradients recorded)
+    # a train step (gradients recorded): the lowered calls run the graph's own operators, never a merge
     graph_out, graph_grads, graph_calls = _run(gm, x, False)
     out, grads, calls = _run(gm, x, True)
-    assert not graph_calls and not calls
+    assert not graph_calls and calls.get("linear.branch", 0) > 0 and "linear.merged" not in calls
     torch.testing.assert_close(out, graph_out, rtol=0, atol=0)
-    assert grads.keys() == graph_grads.keys() and grads
+    assert grads.keys() == graph_grads.keys() and any("lora_" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, graph_grads[name], rtol=0, atol=0, msg=name)
     # no gradient recorded: the lowered calls (eval mode: no dropout)
     gm.eval()
     with torch.no_grad():
@@ -94,9 +97,36 @@ def test_a_hugging_face_decoder_merges_per_call_where_no_gradient_is_recorded():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     gm.train()
     ops.counters.clear()
-    gm(input_ids=ids, use_cache=False).logits.square().mean().backward()  # a train step: the graph
-    assert not ops.counters
+    gm(input_ids=ids, use_cache=False).logits.square().mean().backward()  # a train step: the graph's operators
+    assert dict(ops.counters) == {"linear.branch": 14}
     assert all(p.grad is not None for n, p in gm.named_parameters() if "lora_" in n)
+
+
+def test_a_bfloat16_train_step_has_the_graphs_gradients_bit_for_bit():
+    """With gradients recorded the lowered calls run the graph's operators in the graph's order, so autograd
+    sums each input's gradient contributions (q, k and v read one input) in the same order: in bfloat16,
+    where another order rounds differently, the gradients are the graph's exactly."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=128)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 24))
+    gm = fxlora.rewrite(model, [Rule("model.layers.*.*_proj", r=4, alpha=8)], example_inputs=(ids,),
+                        example_kwargs={"use_cache": False}).train()
+    randomize_lora(gm)
+
+    def step(mode):
+        gm.lower_branches = mode
+        gm.zero_grad(set_to_none=True)
+        ops.counters.clear()
+        gm(input_ids=ids, use_cache=False).logits.float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}, dict(ops.counters)
+
+    (graph, graph_calls), (lowered, calls) = step(False), step(True)
+    assert not graph_calls and calls == {"linear.branch": 14}
+    assert graph.keys() == lowered.keys() and len(graph) == 28
+    for name, grad in graph.items():
+        assert torch.equal(lowered[name], grad), name
 
 
 def test_auto_by_default_which_lowers_only_cuda_half_precision():

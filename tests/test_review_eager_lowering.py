@@ -1,7 +1,8 @@
 """Outside review of the eager lowering (``gm.lower_branches = True``, 488c241, b2b44cc, 6573728;
 HEAD also has 252bb62's autocast fix).  Since bbbfc96 the lowering is on by default (``"auto"``: CUDA
-float16/bfloat16) and runs only where no gradient is recorded; the helpers here compare both settings with
-gradients (where the graph runs either way) and without (where the lowered calls run).
+float16/bfloat16); it merges only where no gradient is recorded; the helpers here compare both settings with
+gradients (where the lowered calls run the graph's own operators) and without (where they merge where that
+pays).
 
 Contract under review: on CPU, ``lower_branches = True`` gives the same outputs and gradients as
 ``lower_branches = False`` (float32, to rounding) for every module fxlora can rewrite, and never changes
@@ -53,29 +54,31 @@ def _run(gm, mode, call, inputs=()):
 
 def _assert_same(gm, call, inputs=(), rtol=1e-4, atol=1e-5, lowers=True):
     """Lowering on against off; returns the counters of the lowered runs.  Where a gradient is recorded (a
-    train step, input gradients) the module runs its graph, so nothing is lowered and both runs must agree;
-    then, with no gradient recorded, the lowered calls run (merged where that pays)."""
+    train step, input gradients) the lowered calls run the graph's own operators, never a merge; then, with no gradient recorded, the lowered calls run (merged where that pays)."""
     calls = {}
 
-    def compare(expect_lowered):
+    def compare(grad):
         out0, grads0, calls0 = _run(gm, False, call, inputs)
         out1, grads1, calls1 = _run(gm, True, call, inputs)
         assert not calls0
-        if expect_lowered and lowers:
+        if lowers:
             assert calls1.get("linear.merged", 0) + calls1.get("linear.branch", 0) > 0, calls1
-        elif not expect_lowered:
-            assert not calls1, calls1
-        torch.testing.assert_close(out1, out0, rtol=rtol, atol=atol)
+        if grad:
+            assert "linear.merged" not in calls1, calls1
+        # with gradients the operators are the graph's, but autograd may sum a tensor's gradients in another
+        # order (a tensor feeding a lowered call and other nodes): equal to rounding
+        tol = {"rtol": rtol, "atol": atol}
+        torch.testing.assert_close(out1, out0, **tol)
         assert grads1.keys() == grads0.keys()
         for name in grads0:
-            torch.testing.assert_close(grads1[name], grads0[name], rtol=rtol, atol=atol, msg=name)
+            torch.testing.assert_close(grads1[name], grads0[name], **tol, msg=name)
         for k, v in calls1.items():
             calls[k] = calls.get(k, 0) + v
 
     if torch.is_grad_enabled():
-        compare(expect_lowered=False)
+        compare(grad=True)
     with torch.no_grad():
-        compare(expect_lowered=True)
+        compare(grad=False)
     return calls
 
 
@@ -268,7 +271,8 @@ def test_non_contiguous_inputs_double_precision_and_all_weights_trainable():
         p.requires_grad_(True)
     x = torch.randn(8, 20, 6).transpose(0, 2).requires_grad_()  # (6, 20, 8), not contiguous
     calls = _assert_same(gm, lambda g: g(x), inputs=(x,))
-    assert calls == {"linear.merged": 2}  # the F.linear and x @ W sites, where no gradient is recorded; fc is a module call
+    # the F.linear and x @ W sites: merged where no gradient is recorded, the branch where one is; fc is a module call
+    assert calls == {"linear.merged": 2, "linear.branch": 2}
     g64 = copy.deepcopy(gm).double()
     x64 = x.detach().double()
     _assert_same(g64, lambda g: g(x64), rtol=1e-10, atol=1e-12)
@@ -285,9 +289,11 @@ def test_double_backward_with_lowering_on():
 
     out0, grads0, calls0 = _run(gm, False, penalty)
     out1, grads1, calls1 = _run(gm, True, penalty)
-    assert not calls0 and not calls1  # gradients recorded: the graph runs
+    assert not calls0 and calls1 == {"linear.branch": 2}  # gradients recorded: the branch's own operators
     torch.testing.assert_close(out1, out0)
-    assert grads1.keys() == grads0.keys() and all(torch.equal(grads1[k], grads0[k]) for k in grads0)
+    assert grads1.keys() == grads0.keys()
+    for k in grads0:  # the same operators; autograd may sum x's gradients in another order
+        torch.testing.assert_close(grads1[k], grads0[k], rtol=1e-5, atol=1e-7, msg=k)
     # the lowered calls' own double backward (what they run if called with gradients recorded)
     x, W, A, B = _x(6, 8).requires_grad_(), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
     for t in (W, A, B):

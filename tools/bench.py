@@ -18,8 +18,8 @@ parameter trained); ``loralib`` (the same model with its layers swapped for lora
 users do; skipped with a note where loralib is not installed); ``PEFT`` (``get_peft_model``);
 ``fxlora`` (``fxlora.rewrite``, captured with torch.export, running its graph: ``gm.lower_branches =
 False``); ``fxlora lowered`` (the same rewrite with the eager lowering of docs/performance.md, fxlora's
-default, which runs where no gradient is recorded: the forward rows; on CUDA by default, ``--lowered
-on|off``).  Every implementation holds its LoRA
+default: forwards that record no gradient merge ``W + s B A`` per call where that pays, and train steps run
+the graph's operators through their Python bindings; on CUDA by default, ``--lowered on|off``).  Every implementation holds its LoRA
 factors in the model's dtype (PEFT's default for bf16 models is float32 adapters, with the branch computed
 in float32: ``--peft-adapter-dtype fp32`` measures that).  Every LoRA implementation gets non-zero
 random factors, the same ones wherever the shapes agree (fxlora and loralib always; PEFT on Llama).
@@ -401,7 +401,7 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
                 continue
             with errors.guard(f"{cfg.model}: check {name}"):
                 c = res["checks"][name] = check_impl(impls[name], refs[name], check_ids, tol)
-                if name == "fxlora lowered":  # lowered where no gradient is recorded: its forward again, so
+                if name == "fxlora lowered":  # merged where no gradient is recorded: its forward again, so
                     before = dict(fxlora.ops.counters)
                     with torch.no_grad():
                         c["lowered_logits"] = rel_err(impls[name](check_ids), refs[name]["logits"])
