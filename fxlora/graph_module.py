@@ -164,13 +164,17 @@ class LoraGraphModule(GraphModule):
 
         @functools.wraps(graph_forward)
         def forward(self: LoraGraphModule, *args: Any, **kwargs: Any) -> Any:
+            if not torch.compiler.is_compiling():
+                # eagerly, and as the frame torch.compile(gm) starts at (which Dynamo runs as Python: see
+                # _run_as_python): pick what runs, then run it; under torch.compile the call below is the
+                # frame Dynamo compiles
+                return _choose_forward(self, graph_forward)(*args, **kwargs)
+            # traced inline by a compiler (a module that calls this one is compiled): the graph itself
             if not self.training and self.__dict__.get("merge_on_eval", False):
                 return self.merged_module()(*args, **kwargs)
-            lowered = _lowered_forward(self)
-            if lowered is not None:
-                return lowered(self, *args, **kwargs)
             return graph_forward(self, *args, **kwargs)
 
+        _run_as_python(forward)
         cls.forward = forward  # type: ignore[method-assign]
         return code
 
@@ -264,6 +268,29 @@ class LoraGraphModule(GraphModule):
         return (_unpickle_lora_graph_module, (state,))
 
 
+def _choose(self: Any, graph_forward: Any) -> Any:
+    """What a call of ``self`` runs: the folded module (``merge_on_eval`` in eval mode), the lowered forward,
+    or the graph's own forward, bound to ``self``."""
+    if not self.training and self.__dict__.get("merge_on_eval", False):
+        return self.merged_module()
+    lowered = _lowered_forward(self)
+    return functools.partial(lowered if lowered is not None else graph_forward, self)
+
+
+# Dynamo must not trace the choice (it builds graphs and modules): run as Python, never compiled
+_choose_forward = torch._dynamo.disable(_choose, recursive=True) if hasattr(torch, "_dynamo") else _choose
+
+
+def _run_as_python(forward: Any) -> None:
+    """Have Dynamo run the frame of ``forward`` (the one ``torch.compile(gm)`` starts at) as Python and compile
+    the frames it calls: the forward that :func:`_choose` picked, where that is the lowered one, is what
+    ``torch.compile`` compiles.  Without the private hook (another torch), Dynamo traces ``forward`` and
+    compiles the graph itself."""
+    skip = getattr(getattr(torch._dynamo, "eval_frame", None), "skip_code", None)
+    if skip is not None:
+        skip(forward.__code__)
+
+
 def _lowered_forward(self: Any) -> Any:
     """The forward of this graph with each single-adapter linear branch lowered
     (:class:`fxlora.passes.LowerLinearBranches`, run on a copy of the graph: the module's own graph,
@@ -273,8 +300,9 @@ def _lowered_forward(self: Any) -> Any:
     float16/bfloat16, ``True`` everywhere, ``False`` never.  Where a gradient is recorded (a train step)
     the lowered calls run the graph's own operators (:func:`fxlora.ops.lora_linear_eager` merges only
     where none is), through their Python bindings: the same values and gradients as the graph, for less
-    host time.  Never under ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or ``torch.fx``
-    tracing: those see the graph itself."""
+    host time.  ``torch.compile(gm)`` compiles what this returns (:func:`_run_as_python`); never under
+    ``torch.export``, ``torch.jit.trace``, ``torch.fx`` tracing, or a compiler tracing ``gm``'s forward inline
+    (a module that calls ``gm`` compiled): those see the graph itself."""
     mode = self.__dict__.get("lower_branches", False)  # not a LoraGraphModule (an exporter's copy): its graph
     if mode is False or _capturing():
         return None

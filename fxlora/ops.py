@@ -583,13 +583,13 @@ def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     if _plain_ops_only(x, weight, bias, A, B):
         # the graph's operators in the graph's order (base GEMM first), so that autograd sums x's gradient
         # contributions in the graph's order too: the same gradients, bit for bit
-        counters["linear.branch"] += 1
+        _count("linear.branch")
         base = F.linear(x, weight, bias)
         h = F.linear(x, A)
         return base + F.linear(h if scale == 1.0 else h * scale, B)
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
     if merge_pays(tokens, weight.shape[1], weight.shape[0]):
-        counters["linear.merged"] += 1
+        _count("linear.merged")
         return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
     return _branch(x, weight, bias, F.linear(x, A), B, scale)
 
@@ -612,11 +612,19 @@ def _plain_ops_only(*tensors: Tensor | None) -> bool:
     device = tensors[0].device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
         return True
-    return _peek_transform() is not None
+    # Dynamo traces torch.func transforms itself (and answers the peek with an interpreter of its own)
+    return not torch.compiler.is_compiling() and _peek_transform() is not None
+
+
+def _count(path: str) -> None:
+    """Count an eager call of a lowered linear site; not under ``torch.compile``, where the compiled graph runs
+    no Python per call (Dynamo would guard on the counter's value and compile again at every call)."""
+    if not torch.compiler.is_compiling():
+        counters[path] += 1
 
 
 def _branch(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
-    counters["linear.branch"] += 1
+    _count("linear.branch")
     expand = F.linear(h if scale == 1.0 else h * scale, B)  # as the graph scales it: on the rank-r input
     return F.linear(x, weight, bias) + expand
 

@@ -1,6 +1,6 @@
 """Eager lowering: a rewritten module runs its linear branches through ``fxlora.ops``'s eager functions
-(merged per call where that moves less memory) while its graph, state dict, fold and every compiler or
-tracer see the rewritten graph.  Merging runs only where no gradient is recorded (a train step runs the
+(merged per call where that moves less memory) while its graph, state dict and fold are unchanged, and
+exporters and tracers see the rewritten graph (``torch.compile(gm)`` compiles what an eager call runs).  Merging runs only where no gradient is recorded (a train step runs the
 graph's own operators through their Python bindings); ``lower_branches`` is
 ``"auto"`` by default, which lowers on CUDA half precision only; on CPU these tests switch it on, and compare
 with the same module running its own graph (float32: equal to rounding)."""
@@ -143,7 +143,7 @@ def test_auto_by_default_which_lowers_only_cuda_half_precision():
     assert fxlora.ops.merge_pays(4096, 2048, 2048) and not fxlora.ops.merge_pays(32, 2048, 2048)
 
 
-def test_compilers_and_tracers_see_the_graph_not_the_lowering():
+def test_exporters_and_tracers_see_the_graph_not_the_lowering():
     torch.manual_seed(0)
     gm = _tiny([Rule("blocks.*.qkv", r=2, alpha=4)]).eval()
     randomize_lora(gm)
@@ -152,15 +152,84 @@ def test_compilers_and_tracers_see_the_graph_not_the_lowering():
     with torch.no_grad():
         expected = gm(x)
         ops.counters.clear()
-        program = torch.export.export(gm, (x,))
+        programs = [torch.export.export(gm, (x,), strict=strict) for strict in (False, True)]
         traced = torch.jit.trace(gm, (x,), check_trace=False)
-        compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
-        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
     assert not ops.counters
-    targets = {str(n.target) for n in program.graph.nodes}
-    assert not any("lora_linear" in t for t in targets)
-    torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-6)
+    for program in programs:
+        targets = [str(n.target) for n in program.graph.nodes]
+        assert not any("lora_linear" in t or "addmm" in t for t in targets)
+        torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-6)
+
+
+class _Graphs:
+    """A torch.compile backend that keeps each graph Dynamo hands it and runs it as it is."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def count(self, name):
+        return sum(name in str(n.target) for g in self.graphs for n in g.graph.nodes if n.op == "call_function")
+
+
+def test_torch_compile_compiles_the_forward_an_eager_call_runs():
+    """``torch.compile(gm)`` compiles what an eager call of ``gm`` runs: without gradients the lowered forward
+    (each site merged per call where that pays: one addmm), with gradients the graph's operators; in one
+    graph each (``fullgraph=True``), compiled once per mode; a module that calls ``gm`` and is compiled
+    itself traces ``gm``'s graph inline."""
+    torch.manual_seed(0)
+    gm = _tiny([Rule("blocks.*.qkv", r=2, alpha=4), Rule("head", r=3, alpha=3)]).train()
+    randomize_lora(gm)
+    x = torch.randint(0, 40, (4, 24))
+    gm.lower_branches = False
+    with torch.no_grad():
+        graph_out = gm(x)
+    gm.lower_branches = True
+    backend = _Graphs()
+    compiled = torch.compile(gm, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        ops.counters.clear()
+        eager_out = gm(x)
+        merged = ops.counters["linear.merged"]
+        assert merged > 0
+        ops.counters.clear()
+        out = compiled(x)
+        compiled(x)
+    assert len(backend.graphs) == 1 and backend.count("addmm") == merged and not ops.counters
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, graph_out, rtol=1e-4, atol=1e-5)
+    # with gradients: the graph's operators (no merge), the graph's gradients
+    out = compiled(x)
+    assert len(backend.graphs) == 2 and backend.count("addmm") == merged
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad(set_to_none=True)
+    gm.lower_branches = False
+    gm(x).square().mean().backward()
+    assert grads.keys() == {n for n, p in gm.named_parameters() if p.grad is not None} and grads
+    for n, p in gm.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    # a compiled module that calls gm traces gm's graph inline
+    gm.lower_branches = True
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = gm
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    outer = _Graphs()
+    with torch.no_grad():
+        ops.counters.clear()
+        torch.testing.assert_close(torch.compile(Outer(), backend=outer, fullgraph=True)(x), 2 * graph_out, rtol=1e-5, atol=1e-6)
+    assert len(outer.graphs) == 1 and outer.count("addmm") == 0 and not ops.counters
 
 
 def test_switching_adapters_lowers_the_new_graph():
