@@ -168,7 +168,7 @@ class LoraGraphModule(GraphModule):
                 # eagerly, and as the frame torch.compile(gm) starts at (which Dynamo runs as Python: see
                 # _run_as_python): pick what runs, then run it; under torch.compile the call below is the
                 # frame Dynamo compiles
-                return _choose_forward(self, graph_forward)(*args, **kwargs)
+                return _choose_forward(self, graph_forward, args, kwargs)(*args, **kwargs)
             # traced inline by a compiler (a module that calls this one is compiled): the graph itself
             if not self.training and self.__dict__.get("merge_on_eval", False):
                 return self.merged_module()(*args, **kwargs)
@@ -268,13 +268,22 @@ class LoraGraphModule(GraphModule):
         return (_unpickle_lora_graph_module, (state,))
 
 
-def _choose(self: Any, graph_forward: Any) -> Any:
+def _choose(self: Any, graph_forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """What a call of ``self`` runs: the folded module (``merge_on_eval`` in eval mode), the lowered forward,
     or the graph's own forward, bound to ``self``."""
     if not self.training and self.__dict__.get("merge_on_eval", False):
         return self.merged_module()
     lowered = _lowered_forward(self)
-    return functools.partial(lowered if lowered is not None else graph_forward, self)
+    if lowered is None or (not torch.is_grad_enabled() and _an_input_requires_grad(args, kwargs)):
+        # no gradient recorded, but an input requires one: a train step's forward run without gradients (a
+        # reentrant torch.utils.checkpoint, which runs it again with gradients for the backward): the graph,
+        # which that second run computes too, not a merged forward that rounds otherwise
+        return functools.partial(graph_forward, self)
+    return functools.partial(lowered, self)
+
+
+def _an_input_requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
 
 
 # Dynamo must not trace the choice (it builds graphs and modules): run as Python, never compiled
@@ -390,8 +399,11 @@ def _lower_for_eager(gm: LoraGraphModule, bindings: bool = True) -> Any:
     from fxlora.passes import lower_linear_branches
 
     lowered = GraphModule(gm, copy_graph(gm.graph))  # the same tensors, its own graph
-    # sites whose base is a module call keep it: its hooks, its class and its bias are read when it runs
-    if not provenance.is_rewritten(lowered) or not lower_linear_branches(lowered, modules=False).modified:
+    # sites whose base is a module call keep it: its hooks, its class and its bias are read when it runs;
+    # a site whose branch input is not x A^T (LoRA dropout, a shrink shared by fused siblings) cannot merge,
+    # and keeps the graph's nodes where they are, so that a train step records the graph's operators in the
+    # graph's order (autograd then sums each input's gradient contributions in that order: the same bits)
+    if not provenance.is_rewritten(lowered) or not lower_linear_branches(lowered, modules=False, h_inputs=False).modified:
         return False
     eager = {torch.ops.fxlora.lora_linear.default: ops.lora_linear_eager,
              torch.ops.fxlora.lora_linear_h.default: ops.lora_linear_h_eager}

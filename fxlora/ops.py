@@ -604,10 +604,12 @@ _peek_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda:
 
 
 def _plain_ops_only(*tensors: Tensor | None) -> bool:
-    """Whether a call must run the graph's own ops: a gradient is recorded (autograd sees what the graph
-    would record), autocast is on (the ops cast as ``F.linear`` does; a merged weight would be rounded in
-    the autocast dtype), or a ``torch.func`` transform runs (its rules are the plain ops')."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    """Whether a call must run the graph's own ops: gradients are recorded (autograd sees what the graph
+    would record; also where none of these tensors requires one, as in a frozen module called in a train
+    step, so that the call computes what the graph does), autocast is on (the ops cast as ``F.linear``
+    does; a merged weight would be rounded in the autocast dtype), or a ``torch.func`` transform runs (its
+    rules are the plain ops')."""
+    if torch.is_grad_enabled():
         return True
     device = tensors[0].device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):

@@ -63,7 +63,7 @@ def _base_operands(gm: GraphModule, base: Node) -> tuple[Node, Node | None, bool
     return weight, bias, site_op.computes_x_at_w
 
 
-def _lower_call(gm: GraphModule, add: Node, modules: bool = True) -> bool:
+def _lower_call(gm: GraphModule, add: Node, modules: bool = True, h_inputs: bool = True) -> bool:
     base, y1 = add.args
     if not modules and isinstance(base, Node) and base.op == "call_module":
         return False  # the module's own call (its hooks, its current class and bias) stays
@@ -81,14 +81,16 @@ def _lower_call(gm: GraphModule, add: Node, modules: bool = True) -> bool:
         return False
     weight, bias, transposed = operands
     x = input_of(base, base_info["input"])
+    shrink_reads_x = (
+        isinstance(h, Node) and h.op == "call_function" and h.target is F.linear and len(h.args) == 2 and h.args[0] is x
+        and len(h.users) == 1
+    )
+    if not shrink_reads_x and not h_inputs:
+        return False
     graph = gm.graph
     with graph.inserting_before(add):
         if transposed:
             weight = graph.call_function(torch.t, (weight,))
-        shrink_reads_x = (
-            isinstance(h, Node) and h.op == "call_function" and h.target is F.linear and len(h.args) == 2 and h.args[0] is x
-            and len(h.users) == 1
-        )
         if shrink_reads_x:
             lowered = graph.call_function(torch.ops.fxlora.lora_linear.default, (x, weight, bias, h.args[1], b_full, scale))
         else:
@@ -124,10 +126,13 @@ class LowerLinearBranches(RewiringPass):
 
     name = "lower_linear_branches"
 
-    def __init__(self, *, modules: bool = True) -> None:
+    def __init__(self, *, modules: bool = True, h_inputs: bool = True) -> None:
         super().__init__()
         #: also lower a base that is a module call (an ``nn.Linear``), reading its weight and bias directly
         self.modules = modules
+        #: also lower a site whose branch input is not ``x A^T`` (LoRA dropout, a shrink shared by fused
+        #: siblings) to ``fxlora::lora_linear_h``, which runs its base GEMM where the add was
+        self.h_inputs = h_inputs
 
     def ensures(self, gm: GraphModule) -> None:
         super().ensures(gm)
@@ -142,7 +147,7 @@ class LowerLinearBranches(RewiringPass):
             n for n in gm.graph.nodes
             if (info := provenance.node_info(n)) is not None and info["role"] == provenance.ADD and info["spec"].kind == "linear"
         ]
-        lowered = sum(_lower_call(gm, add, self.modules) for add in adds)
+        lowered = sum(_lower_call(gm, add, self.modules, self.h_inputs) for add in adds)
         if not lowered:
             return PassResult(gm, False)
         counters[self.name]["calls"] += lowered
@@ -150,7 +155,7 @@ class LowerLinearBranches(RewiringPass):
         return PassResult(gm, True)
 
 
-def lower_linear_branches(gm: GraphModule, *, modules: bool = True) -> PassResult:
+def lower_linear_branches(gm: GraphModule, *, modules: bool = True, h_inputs: bool = True) -> PassResult:
     """Run :class:`LowerLinearBranches` on ``gm`` (in place); ``modules=False`` leaves the sites whose base
-    is a module call as they are."""
-    return LowerLinearBranches(modules=modules)(gm)
+    is a module call as they are, ``h_inputs=False`` those whose branch input is not ``x A^T``."""
+    return LowerLinearBranches(modules=modules, h_inputs=h_inputs)(gm)

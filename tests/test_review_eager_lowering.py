@@ -61,7 +61,10 @@ def _assert_same(gm, call, inputs=(), rtol=1e-4, atol=1e-5, lowers=True):
         out0, grads0, calls0 = _run(gm, False, call, inputs)
         out1, grads1, calls1 = _run(gm, True, call, inputs)
         assert not calls0
-        if lowers:
+        if not grad and any(t.requires_grad for t in inputs):
+            # no gradient recorded but an input requires one (a reentrant checkpoint's first forward): the graph
+            assert not calls1, calls1
+        elif lowers:
             assert calls1.get("linear.merged", 0) + calls1.get("linear.branch", 0) > 0, calls1
         if grad:
             assert "linear.merged" not in calls1, calls1
@@ -271,8 +274,9 @@ def test_non_contiguous_inputs_double_precision_and_all_weights_trainable():
         p.requires_grad_(True)
     x = torch.randn(8, 20, 6).transpose(0, 2).requires_grad_()  # (6, 20, 8), not contiguous
     calls = _assert_same(gm, lambda g: g(x), inputs=(x,))
-    # the F.linear and x @ W sites: merged where no gradient is recorded, the branch where one is; fc is a module call
-    assert calls == {"linear.merged": 2, "linear.branch": 2}
+    # the F.linear and x @ W sites, the branch where a gradient is recorded; where none is, x requires one (as
+    # in a reentrant checkpoint's first forward), so the graph runs; fc is a module call
+    assert calls == {"linear.branch": 2}
     g64 = copy.deepcopy(gm).double()
     x64 = x.detach().double()
     _assert_same(g64, lambda g: g(x64), rtol=1e-10, atol=1e-12)
