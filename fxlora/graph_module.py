@@ -77,7 +77,7 @@ _PICKLE_VERSION = 1
 _CAPTURE_ONLY_META = frozenset({"val", "example_value", "unbacked_bindings", "tensor_meta"})
 # what a copy or an unpickled module generates again, or rebuilds on demand (the fold caches)
 _COMPILED = ("_graph", "_code", "_lineno_map", "_prologue_start", "_fxlora_cache", FOLD_TEMPLATE, BASE_CODE, CAPTURED_CODE,
-             _LOWERED)
+             _LOWERED, "_compiled_call_impl")  # the last: nn.Module.compile()'s, which nn.Module does not pickle either
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

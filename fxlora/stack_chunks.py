@@ -83,4 +83,7 @@ def stack_safe(forward: Any) -> Any:
     def safe_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         return call(forward, self, args, kwargs)
 
+    # a code object of its own per graph: torch.compile keeps its compiled graphs (and its recompile limit)
+    # per code object, and every graph's wrapper would otherwise share this one
+    safe_forward.__code__ = safe_forward.__code__.replace()
     return safe_forward
