@@ -485,9 +485,16 @@ def test_a_converted_capture_raises_the_eager_error_when_compiled(hf_llama):
     gm = copy.deepcopy(hf_llama).eval().to(torch.float64)
     gm.lower_branches = True
     compiled = torch.compile(gm, backend="eager")  # fullgraph=True: Dynamo's Unsupported 'Observed exception'
-    for call in (gm, compiled):
-        with torch.no_grad(), pytest.raises(fxlora.TraceError, match="capture fixes the dtypes"):
-            call(input_ids=HF_IDS, use_cache=False)
+    # the eager error: fxlora's TraceError from the lowered dtype checks, or PyTorch's RuntimeError where the
+    # first failing check is inside a higher-order op's body (torch 2.11's export keeps the rotary embedding's
+    # autocast region as a submodule, which the lowering leaves as it is: docs/performance.md)
+    with torch.no_grad(), pytest.raises((fxlora.TraceError, RuntimeError)) as eager:
+        gm(input_ids=HF_IDS, use_cache=False)
+    if isinstance(eager.value, fxlora.TraceError):
+        assert "capture fixes the dtypes" in str(eager.value)
+    with torch.no_grad(), pytest.raises(type(eager.value)) as got:
+        compiled(input_ids=HF_IDS, use_cache=False)
+    assert str(eager.value).splitlines()[0] in str(got.value)
 
 
 # --------------------------------------------------------------------------------------------- #
