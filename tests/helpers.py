@@ -132,3 +132,18 @@ def build_case(case):
     torch.manual_seed(0)
     model = factory().eval()
     return model, inputs(), rules
+
+
+class CompiledGraphs:
+    """A ``torch.compile`` backend that keeps each graph Dynamo hands it and runs it as it is."""
+
+    def __init__(self) -> None:
+        self.graphs: list = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def count(self, name: str) -> int:
+        """How many call_function nodes of the graphs so far have ``name`` in their target."""
+        return sum(name in str(n.target) for g in self.graphs for n in g.graph.nodes if n.op == "call_function")

@@ -13,7 +13,7 @@ import pickle
 import pytest
 import torch
 import transformers
-from helpers import Functional, TinyTransformer, randomize_lora
+from helpers import CompiledGraphs as _Graphs, Functional, TinyTransformer, randomize_lora
 from test_ops import SCALE, assert_within_bound, make_inputs, reference_and_magnitude
 
 import fxlora
@@ -162,20 +162,6 @@ def test_exporters_and_tracers_see_the_graph_not_the_lowering():
         assert not any("lora_linear" in t or "addmm" in t for t in targets)
         torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-6)
-
-
-class _Graphs:
-    """A torch.compile backend that keeps each graph Dynamo hands it and runs it as it is."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(gm)
-        return gm.forward
-
-    def count(self, name):
-        return sum(name in str(n.target) for g in self.graphs for n in g.graph.nodes if n.op == "call_function")
 
 
 def test_torch_compile_compiles_the_forward_an_eager_call_runs():

@@ -47,7 +47,7 @@ from fxlora import Rule, ops
 from fxlora.zoo import GPT2, GPT2Config
 from torch._dynamo.utils import counters
 
-from helpers import Functional, TinyTransformer, randomize_lora
+from helpers import CompiledGraphs as _Graphs, Functional, TinyTransformer, randomize_lora
 
 IDS = torch.randint(0, 40, (4, 24), generator=torch.Generator().manual_seed(0))
 RULES = [Rule("blocks.*.qkv", r=2, alpha=4), Rule("head", r=3, alpha=3)]
@@ -56,20 +56,6 @@ RULES = [Rule("blocks.*.qkv", r=2, alpha=4), Rule("head", r=3, alpha=3)]
 # --------------------------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------------------------- #
-
-
-class _Graphs:
-    """A torch.compile backend that keeps each graph Dynamo hands it and runs it as it is."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(gm)
-        return gm.forward
-
-    def count(self, name):
-        return sum(name in str(n.target) for g in self.graphs for n in g.graph.nodes if n.op == "call_function")
 
 
 @pytest.fixture(autouse=True)
