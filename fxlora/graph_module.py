@@ -334,10 +334,14 @@ def _lowered_forward(self: Any) -> Any:
             built = None
         seen, plain = _REGISTRATIONS[0], now
         self.__dict__[_LOWERED] = (code, probe, built, seen, plain)
-    if built is None:  # lowered the first time it runs
-        built = _lower_for_eager(self, bindings=plain)
+    grad = torch.is_grad_enabled()
+    if built is None:
+        built = {}
         self.__dict__[_LOWERED] = (code, probe, built, seen, plain)
-    return built or None
+    forward = built.get(grad)
+    if forward is None:  # lowered the first time it runs in this grad mode
+        forward = built[grad] = _lower_for_eager(self, bindings=plain, grad=grad)
+    return forward or None
 
 
 #: parameters and buffers set on any module of this process (``register_parameter``, ``register_buffer``,
@@ -392,18 +396,23 @@ def _capturing() -> bool:
 _fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or torch.fx._symbolic_trace.is_fx_tracing
 
 
-def _lower_for_eager(gm: LoraGraphModule, bindings: bool = True) -> Any:
+def _lower_for_eager(gm: LoraGraphModule, bindings: bool = True, grad: bool = False) -> Any:
     """The forward of ``gm``'s graph with its linear branches lowered, each lowered call running
-    :mod:`fxlora.ops`'s eager functions; False when nothing lowers."""
+    :mod:`fxlora.ops`'s eager functions, for forwards that record gradients (``grad``) or not; False when
+    nothing lowers."""
     from fxlora import ops
     from fxlora.passes import lower_linear_branches
 
     lowered = GraphModule(gm, copy_graph(gm.graph))  # the same tensors, its own graph
-    # sites whose base is a module call keep it: its hooks, its class and its bias are read when it runs;
-    # a site whose branch input is not x A^T (LoRA dropout, a shrink shared by fused siblings) cannot merge,
-    # and keeps the graph's nodes where they are, so that a train step records the graph's operators in the
-    # graph's order (autograd then sums each input's gradient contributions in that order: the same bits)
-    if not provenance.is_rewritten(lowered) or not lower_linear_branches(lowered, modules=False, h_inputs=False).modified:
+    # sites whose base is a module call keep it: its hooks, its class and its bias are read when it runs.  A
+    # site whose branch input is not x A^T keeps the graph's nodes where they are (a shrink shared by fused
+    # siblings cannot merge); so does a site with LoRA dropout in the forward that records gradients, so that
+    # a train step records the graph's operators in the graph's order (autograd then sums each input's
+    # gradient contributions in that order: the same bits).  Without gradients a LoRA dropout site lowers
+    # with its dropout's output, and merges where that dropout is the identity (eval mode)
+    if not provenance.is_rewritten(lowered):
+        return False
+    if not lower_linear_branches(lowered, modules=False, h_inputs=False, dropout_inputs=not grad).modified:
         return False
     eager = {torch.ops.fxlora.lora_linear.default: ops.lora_linear_eager,
              torch.ops.fxlora.lora_linear_h.default: ops.lora_linear_h_eager}

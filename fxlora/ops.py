@@ -594,6 +594,17 @@ def lora_linear_eager(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor,
     return _branch(x, weight, bias, F.linear(x, A), B, scale)
 
 
+def lora_linear_dropout_eager(x: Tensor, weight: Tensor, bias: Tensor | None, dropped: Tensor, dropout: torch.nn.Module,
+                              A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """A site with LoRA dropout, lowered for a forward that records no gradient: ``dropped`` is the output of
+    its dropout, the ``nn.Dropout`` module ``dropout`` (called where the graph calls it, so that it draws its
+    masks in the graph's order).  In eval mode that dropout gives back its input, and this is
+    :func:`lora_linear_eager` over ``x`` (merged where that pays); in train mode, the branch over ``dropped``."""
+    if not dropout.training:
+        return lora_linear_eager(x, weight, bias, A, B, scale)
+    return _branch(x, weight, bias, F.linear(dropped, A), B, scale)
+
+
 def lora_linear_h_eager(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:
     """``fxlora::lora_linear_h``'s value, eagerly: the branch's plain ops (a branch whose input is not
     ``x A^T`` cannot be merged), the operators the graph runs."""

@@ -63,7 +63,21 @@ def _base_operands(gm: GraphModule, base: Node) -> tuple[Node, Node | None, bool
     return weight, bias, site_op.computes_x_at_w
 
 
-def _lower_call(gm: GraphModule, add: Node, modules: bool = True, h_inputs: bool = True) -> bool:
+def _dropout_of(gm: GraphModule, node: Any, x: Node) -> Node | None:
+    """``node`` where it is a call of an ``nn.Dropout`` submodule on ``x`` used by one node only (a site's LoRA
+    dropout); None otherwise."""
+    if not (isinstance(node, Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+            and node.args[0] is x and len(node.users) == 1):
+        return None
+    try:
+        module = gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+    return node if type(module) is torch.nn.Dropout and not module._forward_hooks and not module._forward_pre_hooks else None
+
+
+def _lower_call(gm: GraphModule, add: Node, modules: bool = True, h_inputs: bool = True,
+                dropout_inputs: bool = False) -> bool:
     base, y1 = add.args
     if not modules and isinstance(base, Node) and base.op == "call_module":
         return False  # the module's own call (its hooks, its current class and bias) stays
@@ -85,20 +99,30 @@ def _lower_call(gm: GraphModule, add: Node, modules: bool = True, h_inputs: bool
         isinstance(h, Node) and h.op == "call_function" and h.target is F.linear and len(h.args) == 2 and h.args[0] is x
         and len(h.users) == 1
     )
-    if not shrink_reads_x and not h_inputs:
+    dropped = None
+    if dropout_inputs and not shrink_reads_x and isinstance(h, Node) and h.op == "call_function" and h.target is F.linear \
+            and len(h.args) == 2 and len(h.users) == 1:
+        dropped = _dropout_of(gm, h.args[0], x)
+    if not shrink_reads_x and dropped is None and not h_inputs:
         return False
     graph = gm.graph
     with graph.inserting_before(add):
         if transposed:
             weight = graph.call_function(torch.t, (weight,))
-        if shrink_reads_x:
+        if dropped is not None:
+            from fxlora.ops import lora_linear_dropout_eager
+
+            module = graph.get_attr(dropped.target)  # the nn.Dropout itself: whether it is the identity now
+            lowered = graph.call_function(lora_linear_dropout_eager, (x, weight, bias, dropped, module, h.args[1], b_full,
+                                                                      scale))
+        elif shrink_reads_x:
             lowered = graph.call_function(torch.ops.fxlora.lora_linear.default, (x, weight, bias, h.args[1], b_full, scale))
         else:
             lowered = graph.call_function(torch.ops.fxlora.lora_linear_h.default, (x, weight, bias, h, b_full, scale))
     lowered.meta.update({k: add.meta[k] for k in ("nn_module_stack", "stack_trace") if k in add.meta})
     lowered.meta[provenance.META_KEY] = {**provenance.node_info(add), "role": LOWERED}
     add.replace_all_uses_with(lowered)
-    for node in (add, y1, scaled, h if shrink_reads_x else None, base):
+    for node in (add, y1, scaled, h if shrink_reads_x or dropped is not None else None, base):
         if node is not None and not node.users:
             graph.erase_node(node)
     return True
@@ -126,13 +150,17 @@ class LowerLinearBranches(RewiringPass):
 
     name = "lower_linear_branches"
 
-    def __init__(self, *, modules: bool = True, h_inputs: bool = True) -> None:
+    def __init__(self, *, modules: bool = True, h_inputs: bool = True, dropout_inputs: bool = False) -> None:
         super().__init__()
         #: also lower a base that is a module call (an ``nn.Linear``), reading its weight and bias directly
         self.modules = modules
         #: also lower a site whose branch input is not ``x A^T`` (LoRA dropout, a shrink shared by fused
         #: siblings) to ``fxlora::lora_linear_h``, which runs its base GEMM where the add was
         self.h_inputs = h_inputs
+        #: lower a site whose branch input is its LoRA dropout (an ``nn.Dropout`` submodule) of ``x`` to a call
+        #: of :func:`fxlora.ops.lora_linear_dropout_eager`, which merges where the dropout is the identity:
+        #: for the eager lowering of forwards that record no gradient only (it is a plain function, not an op)
+        self.dropout_inputs = dropout_inputs
 
     def ensures(self, gm: GraphModule) -> None:
         super().ensures(gm)
@@ -147,7 +175,7 @@ class LowerLinearBranches(RewiringPass):
             n for n in gm.graph.nodes
             if (info := provenance.node_info(n)) is not None and info["role"] == provenance.ADD and info["spec"].kind == "linear"
         ]
-        lowered = sum(_lower_call(gm, add, self.modules, self.h_inputs) for add in adds)
+        lowered = sum(_lower_call(gm, add, self.modules, self.h_inputs, self.dropout_inputs) for add in adds)
         if not lowered:
             return PassResult(gm, False)
         counters[self.name]["calls"] += lowered
@@ -155,7 +183,9 @@ class LowerLinearBranches(RewiringPass):
         return PassResult(gm, True)
 
 
-def lower_linear_branches(gm: GraphModule, *, modules: bool = True, h_inputs: bool = True) -> PassResult:
+def lower_linear_branches(gm: GraphModule, *, modules: bool = True, h_inputs: bool = True,
+                          dropout_inputs: bool = False) -> PassResult:
     """Run :class:`LowerLinearBranches` on ``gm`` (in place); ``modules=False`` leaves the sites whose base
-    is a module call as they are, ``h_inputs=False`` those whose branch input is not ``x A^T``."""
-    return LowerLinearBranches(modules=modules, h_inputs=h_inputs)(gm)
+    is a module call as they are, ``h_inputs=False`` those whose branch input is not ``x A^T`` (except, with
+    ``dropout_inputs``, a LoRA dropout's sites: see :class:`LowerLinearBranches`)."""
+    return LowerLinearBranches(modules=modules, h_inputs=h_inputs, dropout_inputs=dropout_inputs)(gm)
