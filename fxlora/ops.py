@@ -600,9 +600,9 @@ def lora_linear_dropout_eager(x: Tensor, weight: Tensor, bias: Tensor | None, dr
     its dropout, the ``nn.Dropout`` module ``dropout`` (called where the graph calls it, so that it draws its
     masks in the graph's order).  In eval mode that dropout gives back its input, and this is
     :func:`lora_linear_eager` over ``x`` (merged where that pays); in train mode, the branch over ``dropped``."""
-    if not dropout.training:
+    if not dropout.training and type(dropout) is torch.nn.Dropout and not (dropout._forward_hooks or dropout._forward_pre_hooks):
         return lora_linear_eager(x, weight, bias, A, B, scale)
-    return _branch(x, weight, bias, F.linear(dropped, A), B, scale)
+    return _branch(x, weight, bias, F.linear(dropped, A), B, scale)  # (a module swapped in or hooked since: its output)
 
 
 def lora_linear_h_eager(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:

@@ -135,6 +135,26 @@ def test_lora_dropout_sites_merge_in_eval_mode_and_draw_the_graphs_masks_in_trai
         compiled = torch.compile(gm, backend=backend, fullgraph=True)(ids)
         assert backend.count("addmm") == 3
         torch.testing.assert_close(compiled, gm(ids), rtol=0, atol=0)
+    # a dropout hooked or swapped for another module since: its output counts, as in the graph
+    drop = gm.get_submodule("blocks.0.qkv.lora_dropout")
+    handle = drop.register_forward_hook(lambda m, args, out: out * 0)
+    for step in ("hooked", "swapped"):
+        if step == "swapped":
+            handle.remove()
+            parent = gm.get_submodule("blocks.0.qkv")
+            parent.lora_dropout = torch.nn.Sequential(torch.nn.Dropout(0.1), _Zero()).eval()
+        with torch.no_grad():
+            gm.lower_branches = False
+            expected = gm(ids)
+            gm.lower_branches = True
+            ops.counters.clear()
+            torch.testing.assert_close(gm(ids), expected, rtol=1e-5, atol=1e-6, msg=step)
+        assert ops.counters["linear.branch"] == 1 and ops.counters["linear.merged"] == 2, step
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x):
+        return x * 0
 
 
 def test_a_bfloat16_train_step_has_the_graphs_gradients_bit_for_bit():
