@@ -598,11 +598,32 @@ def lora_linear_dropout_eager(x: Tensor, weight: Tensor, bias: Tensor | None, dr
                               A: Tensor, B: Tensor, scale: float) -> Tensor:
     """A site with LoRA dropout, lowered for a forward that records no gradient: ``dropped`` is the output of
     its dropout, the ``nn.Dropout`` module ``dropout`` (called where the graph calls it, so that it draws its
-    masks in the graph's order).  In eval mode that dropout gives back its input, and this is
-    :func:`lora_linear_eager` over ``x`` (merged where that pays); in train mode, the branch over ``dropped``."""
-    if not dropout.training and type(dropout) is torch.nn.Dropout and not (dropout._forward_hooks or dropout._forward_pre_hooks):
+    masks in the graph's order).  Where that dropout gave back its input (eval mode: :func:`_is_identity`),
+    this is :func:`lora_linear_eager` over ``x`` (merged where that pays); otherwise the branch over
+    ``dropped``."""
+    if dropout.training and getattr(dropout, "inplace", False):
+        # the dropout has overwritten x, which the graph's base GEMM read before it: x is gone
+        raise LoraOpError(
+            f"A LoRA dropout ({dropout!r}) was made in-place after the module was lowered: in train mode it overwrites "
+            "the input the base layer reads. Set its inplace = False, or gm.lower_branches = False.")
+    if _is_identity(dropout, dropped, x):
         return lora_linear_eager(x, weight, bias, A, B, scale)
     return _branch(x, weight, bias, F.linear(dropped, A), B, scale)  # (a module swapped in or hooked since: its output)
+
+
+_module_hooks = torch.nn.modules.module
+
+
+def _is_identity(dropout: torch.nn.Module, dropped: Tensor, x: Tensor) -> bool:
+    """Whether ``dropout`` gave back ``x`` itself.  Eagerly that is what happened (``dropped is x``: an eval-mode
+    dropout returns its input, whatever hooks, overrides or module swaps ran); Dynamo does not keep that
+    identity, so under ``torch.compile`` it is read from the module: an ``nn.Dropout`` in eval mode, with no
+    forward of its own and no hook (its own or global)."""
+    if not torch.compiler.is_compiling():
+        return dropped is x
+    return (not dropout.training and type(dropout) is torch.nn.Dropout and "forward" not in dropout.__dict__
+            and not (dropout._forward_hooks or dropout._forward_pre_hooks)
+            and not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks))
 
 
 def lora_linear_h_eager(x: Tensor, weight: Tensor, bias: Tensor | None, h: Tensor, B: Tensor, scale: float) -> Tensor:

@@ -73,7 +73,7 @@ def _dropout_of(gm: GraphModule, node: Any, x: Node) -> Node | None:
         module = gm.get_submodule(node.target)
     except AttributeError:
         return None
-    return node if type(module) is torch.nn.Dropout and not module._forward_hooks and not module._forward_pre_hooks else None
+    return node if type(module) is torch.nn.Dropout and not module.inplace else None
 
 
 def _lower_call(gm: GraphModule, add: Node, modules: bool = True, h_inputs: bool = True,
