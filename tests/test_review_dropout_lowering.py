@@ -192,6 +192,17 @@ def test_a_dropout_toggled_swapped_or_with_p_changed():
     _check(gm, call, merged_eval=3, branch_train=3)
 
 
+def _graph_and_compiled(gm, compiled):
+    """No gradients, the same seed: ``gm``'s graph (lowering off), then the compiled module (lowering on)."""
+    with torch.no_grad():
+        gm.lower_branches = False
+        torch.manual_seed(1)
+        expected = gm(IDS)
+        gm.lower_branches = True
+        torch.manual_seed(1)
+        return expected, compiled(IDS)
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_fullgraph_switching_train_and_eval(backend):
     gm = _dropout_tiny()
@@ -200,13 +211,7 @@ def test_compiled_fullgraph_switching_train_and_eval(backend):
     compiled = torch.compile(gm, backend=counting if backend == "eager" else backend, fullgraph=True)
     for training in (False, True, False, True):
         gm.train(training)
-        with torch.no_grad():
-            gm.lower_branches = False
-            torch.manual_seed(1)
-            expected = gm(IDS)
-            gm.lower_branches = True
-            torch.manual_seed(1)
-            out = compiled(IDS)
+        expected, out = _graph_and_compiled(gm, compiled)
         torch.testing.assert_close(out, expected, **TOL)
         if training:
             assert torch.equal(out, expected)
@@ -215,13 +220,7 @@ def test_compiled_fullgraph_switching_train_and_eval(backend):
     # a dropout switched alone, between compiled calls
     gm.eval()
     gm.get_submodule("head.lora_dropout").train()
-    with torch.no_grad():
-        gm.lower_branches = False
-        torch.manual_seed(1)
-        expected = gm(IDS)
-        gm.lower_branches = True
-        torch.manual_seed(1)
-        out = compiled(IDS)
+    expected, out = _graph_and_compiled(gm, compiled)
     torch.testing.assert_close(out, expected, **TOL)
 
 
@@ -233,13 +232,7 @@ def test_compiled_with_a_dropout_hooked_and_one_swapped_before_compiling():
     compiled = torch.compile(gm, backend=counting, fullgraph=True)
     for training in (False, True):
         gm.train(training)
-        with torch.no_grad():
-            gm.lower_branches = False
-            torch.manual_seed(1)
-            expected = gm(IDS)
-            gm.lower_branches = True
-            torch.manual_seed(1)
-            out = compiled(IDS)
+        expected, out = _graph_and_compiled(gm, compiled)
         torch.testing.assert_close(out, expected, **TOL)
     assert counting.count("addmm") == 1  # only blocks.1.qkv merges
 
