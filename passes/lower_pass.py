@@ -95,14 +95,10 @@ def _lower_call(gm: GraphModule, add: Node, modules: bool = True, h_inputs: bool
         return False
     weight, bias, transposed = operands
     x = input_of(base, base_info["input"])
-    shrink_reads_x = (
-        isinstance(h, Node) and h.op == "call_function" and h.target is F.linear and len(h.args) == 2 and h.args[0] is x
-        and len(h.users) == 1
-    )
-    dropped = None
-    if dropout_inputs and not shrink_reads_x and isinstance(h, Node) and h.op == "call_function" and h.target is F.linear \
-            and len(h.args) == 2 and len(h.users) == 1:
-        dropped = _dropout_of(gm, h.args[0], x)
+    # the branch's own shrink F.linear(input, A), used by the expand only
+    shrink = isinstance(h, Node) and h.op == "call_function" and h.target is F.linear and len(h.args) == 2 and len(h.users) == 1
+    shrink_reads_x = shrink and h.args[0] is x
+    dropped = _dropout_of(gm, h.args[0], x) if dropout_inputs and shrink and not shrink_reads_x else None
     if not shrink_reads_x and dropped is None and not h_inputs:
         return False
     graph = gm.graph
