@@ -147,3 +147,18 @@ class CompiledGraphs:
     def count(self, name: str) -> int:
         """How many call_function nodes of the graphs so far have ``name`` in their target."""
         return sum(name in str(n.target) for g in self.graphs for n in g.graph.nodes if n.op == "call_function")
+
+
+def tiny_hf_gpt2(n_layer: int = 2, vocab_size: int = 100, n_positions: int = 64, tokens: int = 32):
+    """A random-weight transformers ``GPT2LMHeadModel`` (width 32, 4 heads) in eval mode and a (2, tokens) batch
+    of ids, both seeded; skips the test where transformers is not installed."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=32, n_head=4, vocab_size=vocab_size, n_positions=n_positions,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, vocab_size, (2, tokens), generator=torch.Generator().manual_seed(0))
+    return model, ids

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import CompiledGraphs, Functional, TinyTransformer, randomize_lora
+from helpers import CompiledGraphs, Functional, randomize_lora, tiny_hf_gpt2, TinyTransformer
 from torch import nn
 
 import fxlora
@@ -109,12 +109,7 @@ def test_zoo_gpt2_conv1d_fan_in_fan_out_and_enable_lora_symbolic_and_export():
 
 
 def test_hf_gpt2_export_dropout_on_every_site_with_the_models_own_dropout():
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    model, ids = tiny_hf_gpt2()
     gm = fxlora.rewrite(model, [Rule("transformer.h.*.attn.c_attn", r=4, alpha=8, enable_lora=[True, False, True], dropout=0.1),
                                 Rule("transformer.h.*.mlp.c_*", r=2, alpha=4, dropout=0.3)],
                         example_inputs=(ids[:, :8],), example_kwargs={"use_cache": False})

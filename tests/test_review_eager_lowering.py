@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from fxlora import Rule, ops
 from torch import nn
 
-from helpers import TinyTransformer, randomize_lora
+from helpers import randomize_lora, tiny_hf_gpt2, TinyTransformer
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -238,12 +238,7 @@ def test_forward_mode_ad_when_lowered():
 
 
 def test_hf_gpt2_conv1d_masks_dropout_bias_all_and_a_trainable_base_weight():
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    model, ids = tiny_hf_gpt2()
     gm = fxlora.rewrite(model, [Rule("transformer.h.*.attn.c_attn", r=4, alpha=8, enable_lora=[True, False, True], dropout=0.1),
                                 Rule("transformer.h.*.mlp.c_fc", r=2, alpha=4)],
                         example_inputs=(ids[:, :8],), example_kwargs={"use_cache": False}, bias="all").train()

@@ -23,7 +23,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ConvNet, Functional, TinyTransformer, randomize_lora
+from helpers import ConvNet, Functional, randomize_lora, tiny_hf_gpt2, TinyTransformer
 from test_review_eager_lowering import IDS, _saved, _small, _tiny, _x
 from torch import nn
 
@@ -405,12 +405,7 @@ def test_zoo_gpt2_symbolic_conv1d_tied_head_trainable_base_and_dropout():
 
 
 def test_hf_gpt2_export_with_model_dropout_masked_c_attn_and_trainable_base():
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model, ids = tiny_hf_gpt2(n_layer=1, vocab_size=64, n_positions=32, tokens=16)
     gm = fxlora.rewrite(model, [Rule("transformer.h.*.attn.c_attn", r=4, alpha=8, enable_lora=[True, False, True], dropout=0.1),
                                 Rule("transformer.h.*.mlp.c_fc", r=2, alpha=4)],
                         example_inputs=(ids[:, :8],), example_kwargs={"use_cache": False}).train()
