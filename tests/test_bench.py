@@ -12,7 +12,9 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+import torch  # noqa: E402
 from fxlora.tools import bench, bench_fsdp, bench_scale, bench_serve  # noqa: E402
+from fxlora.tools.benchkit import build_model  # noqa: E402
 
 
 def test_bench_serve_small(tmp_path):
@@ -60,15 +62,38 @@ def test_bench_small(tmp_path):
         assert res["checks"]["fxlora lowered"]["ok"], res["checks"]["fxlora lowered"]
         assert res["checks"]["fxlora lowered"]["grads"] <= res["checks"]["tolerance"]["grads"]
         assert sum(res["checks"]["fxlora lowered"]["lowered_calls"].values()) > 0  # it did run lowered
+        # the floor: the base's outputs, timed as a train step only
+        assert res["checks"][bench.FLOOR]["ok"] and "grads" not in res["checks"][bench.FLOOR]
         for shape in res["shapes"].values():
             rows = {*impls, "fxlora lowered"}
-            assert set(shape["forward_ratio"]) == rows and set(shape["train_ratio"]) == rows
+            assert set(shape["forward_ratio"]) == rows and set(shape["train_ratio"]) == rows | {bench.FLOOR}
+            assert bench.FLOOR in shape["peak_train_bytes"] or not shape["peak_train_bytes"]  # CUDA only
     assert len(data["models"][0]["shapes"]) == 2  # GPT-2 at two shapes
     llama = next(iter(data["models"][1]["shapes"].values()))
     assert set(llama["compiled_forward_ratio"]) == {"fxlora"} and set(llama["compiled_train_ratio"]) == {"fxlora"}
     assert set(llama["compile_s"]) == {"forward/base", "forward/fxlora", "train/full FT", "train/fxlora"}
     assert png.exists() or any("matplotlib" in n for n in data["notes"])
     assert "unmerged forward / base" in data["markdown"] and "| fxlora lowered |" in data["markdown"]
+    assert f"| {bench.FLOOR} |" in data["markdown"]
+
+
+@pytest.mark.parametrize("model", ["gpt2-medium", "llama-1.2b"])
+def test_the_floor_trains_the_norms_above_the_first_and_no_linear_layer(model):
+    base = build_model(model, True, "cpu", torch.float32, layers=2)
+    before = [p.requires_grad for p in base.parameters()]
+    floor = bench.make_floor(base)
+    assert [p.requires_grad for p in base.parameters()] == before  # a copy: the base is untouched
+    assert not {p.data_ptr() for p in base.parameters()} & {p.data_ptr() for p in floor.module.parameters()}
+    names = {n for n, p in floor.module.named_parameters() if p.requires_grad}
+    norms = [n for n, m in floor.module.named_modules() if "norm" in type(m).__name__.lower()]
+    first = {"gpt2-medium": "transformer.h.0.ln_1", "llama-1.2b": "model.layers.0.input_layernorm"}[model]
+    assert norms[0] == first and len(norms) > 2
+    assert {n.rpartition(".")[0] for n in names} == set(norms[1:])
+    ids = torch.randint(0, base.config.vocab_size, (2, 8))
+    loss = bench.lm_loss(floor(ids), ids)
+    loss.backward()
+    assert all(floor.module.get_parameter(n).grad is not None for n in names)
+    assert torch.equal(floor(ids), bench.Impl("base", base)(ids))  # the base's function
 
 
 def test_bench_fsdp_small_runs_both_from_the_same_model(tmp_path):

@@ -480,7 +480,12 @@ def test_a_converted_capture_raises_the_eager_error_when_compiled(hf_llama):
         assert "capture fixes the dtypes" in str(eager.value)
     with torch.no_grad(), pytest.raises(type(eager.value)) as got:
         compiled(input_ids=HF_IDS, use_cache=False)
-    assert str(eager.value).splitlines()[0] in str(got.value)
+    first = str(eager.value).splitlines()[0]
+    if not isinstance(eager.value, fxlora.TraceError):
+        # PyTorch's own check, which Dynamo runs on fake tensors while compiling: the fake kernel's message names
+        # the dtypes as torch.float32 / torch.float64 where the eager kernel says Float / double (torch 2.11)
+        first = first.split(" Expected")[0]
+    assert first in str(got.value)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -14,7 +14,9 @@ Configurations (transformers models built from configs, random weights, bf16 on 
   r=16 (one dense rank-16 update of q, k and v), noted in the results.
 
 Implementations: ``base`` (the transformers model, frozen) and ``full FT`` (a copy of it, every
-parameter trained); ``loralib`` (the same model with its layers swapped for loralib's, as loralib's
+parameter trained); ``frozen base`` (a copy of the base with only its normalisation weights trained, all but
+the first: a train step that computes the input gradient of every frozen linear layer a LoRA step needs and
+nothing of an adapter, the floor the LoRA train steps are measured against); ``loralib`` (the same model with its layers swapped for loralib's, as loralib's
 users do; skipped with a note where loralib is not installed); ``PEFT`` (``get_peft_model``);
 ``fxlora`` (``fxlora.rewrite``, captured with torch.export, running its graph: ``gm.lower_branches =
 False``); ``fxlora lowered`` (the same rewrite with the eager lowering of docs/performance.md, fxlora's
@@ -94,6 +96,7 @@ import fxlora
 
 R, ALPHA = 16, 32
 LORA_IMPLS = ("loralib", "PEFT", "fxlora", "fxlora lowered")
+FLOOR = "frozen base"  # a train step with no adapter and the base frozen: the floor of every LoRA train step
 LLAMA_SITES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
 
@@ -237,6 +240,24 @@ def make_full_ft(model: nn.Module) -> Impl:
     return Impl("full FT", ft.train())
 
 
+def make_floor(model: nn.Module) -> Impl:
+    """``frozen base``: a copy of ``model`` with every weight frozen but the normalisation layers' (all but the first
+    in module order, the one below the first block's linear layers).  Its train step computes what every LoRA step
+    must, the input gradient of each frozen linear layer above the first block's inputs, and no weight gradient
+    of a linear layer, no branch: the floor of the LoRA rows (its norm weights' gradients and their AdamW step
+    cost a few small reductions more)."""
+    fl = copy.deepcopy(model)
+    for p in fl.parameters():
+        p.requires_grad_(False)
+    norms = [m for m in fl.modules() if "norm" in type(m).__name__.lower() and any(True for _ in m.parameters(False))]
+    if not norms:
+        raise RuntimeError("frozen base: the model has no normalisation layer with parameters")
+    for m in norms[1:]:
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(True)
+    return Impl(FLOOR, fl.train())
+
+
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -371,6 +392,8 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
         res["peft_same_factors_as_fxlora"] = shapes == fx_shapes
         impls["PEFT"] = pm
     impls["full FT"] = make_full_ft(model)
+    with errors.guard(f"{cfg.model}: build {FLOOR}"):
+        impls[FLOOR] = make_floor(model)
     for impl in impls.values():
         if impl.name != "base":
             impl.opt = torch.optim.AdamW(trainable(impl.module), lr=1e-5)
@@ -396,6 +419,11 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
             f"factor grads {tol[1]:.1e}; the adapters change the reference logits by {effect:.1e}")
         if not c["ok"] or effect < 3 * tol[0]:
             errors.append({"row": f"{cfg.model}: check base", "error": f"noise floor {floor:.2e}, adapter effect {effect:.2e}"})
+        if FLOOR in impls:  # the base model's copy: the base's outputs
+            with errors.guard(f"{cfg.model}: check {FLOOR}"):
+                c = res["checks"][FLOOR] = check_impl(impls[FLOOR], refs["base"], check_ids, tol)
+                if not c["ok"]:
+                    errors.append({"row": f"{cfg.model}: check {FLOOR}", "error": f"beyond tolerance: {c}"})
         for name in LORA_IMPLS:
             if name not in impls:
                 continue
@@ -482,7 +510,7 @@ def _time_shape(impls: dict[str, Impl], ids, a, log, errors, label) -> dict[str,
     for name in ("base", *LORA_IMPLS):
         if name in impls:
             fns[f"forward/{name}"] = _forward(impls[name], ids)
-    for name in ("full FT", *LORA_IMPLS):
+    for name in ("full FT", *LORA_IMPLS, FLOOR):
         if name in impls:
             fns[f"train/{name}"] = _step(impls[name], ids)
     log(f"  {label}: timing {len(fns)} rows x {a.repeats} interleaved repeats")
@@ -491,7 +519,7 @@ def _time_shape(impls: dict[str, Impl], ids, a, log, errors, label) -> dict[str,
     for k, v in ms.items():
         kind, name = k.split("/")
         out[f"{kind}_ms"][name] = v
-    for name in ("full FT", *LORA_IMPLS):
+    for name in ("full FT", *LORA_IMPLS, FLOOR):
         if name in out["train_ms"]:
             with errors.guard(f"{label}peak memory {name}"):
                 step_peak = peak_bytes(fns[f"train/{name}"], a.device)
@@ -553,8 +581,8 @@ def _compiled(impls, ids, a, log, errors, budget, label, res, out, tol, checkpoi
     for k in ("compiled_forward_ms", "compiled_train_ms", "compile_s", "compiled_check", "compiled_peak_train_bytes",
               "compiled_forward_ratio", "compiled_train_ratio"):
         out.setdefault(k, {})
-    groups = [(kind, (first, name)) for name in ("fxlora lowered", "PEFT", "fxlora")
-              for kind, first in (("forward", "base"), ("train", "full FT"))]
+    groups = [(kind, (first, name)) for name in a.compile_impls
+              for kind, first in (("forward", "base"), ("train", "full FT")) if not (name == FLOOR and kind == "forward")]
     wrappers: dict[str, nn.Module] = {}
     fns: dict[str, Callable[[], None]] = {}
     tried: set[str] = set()
@@ -641,8 +669,9 @@ def _gib(b: int | None) -> float | None:
 
 
 def _impls_of(res: dict[str, Any]) -> tuple[str, ...]:
-    """The LoRA implementations a model's results have (``fxlora lowered`` only where it ran)."""
-    return tuple(n for n in LORA_IMPLS if n in res.get("trainable_params", {}))
+    """The columns of a model's tables: its LoRA implementations (``fxlora lowered`` only where it ran), then the
+    floor where it ran."""
+    return tuple(n for n in (*LORA_IMPLS, FLOOR) if n in res.get("trainable_params", {}))
 
 
 def tables(all_res: list[dict[str, Any]]) -> str:
@@ -739,10 +768,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-shapes", choices=("last", "first", "all"), default="last",
                    help="which of a model's shapes get the compiled rows: the last (largest; default), the first, or all")
     p.add_argument("--compile-backend", default=None, help="default inductor (aot_eager with --small)")
-    p.add_argument("--compile-impls", default="fxlora lowered,PEFT,fxlora",
-                   help="LoRA implementations with compiled rows, by priority (the budget may cut the last), each timed "
+    p.add_argument("--compile-impls", default=f"fxlora lowered,{FLOOR},PEFT,fxlora",
+                   help="implementations with compiled rows, by priority (the budget may cut the last), each timed "
                         "with the compiled base / full FT: 'fxlora lowered' (fxlora's default: torch.compile compiles "
-                        "the forward an eager call runs), PEFT, 'fxlora' (the graph itself)")
+                        f"the forward an eager call runs), '{FLOOR}' (train step only), PEFT, 'fxlora' (the graph itself)")
     p.add_argument("--lowered", choices=("auto", "on", "off"), default="auto",
                    help="the row 'fxlora lowered' (the same rewrite with gm.lower_branches set): 'auto' adds it on "
                         "CUDA with lower_branches='auto' (default), 'on' everywhere with lower_branches=True, "
@@ -770,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     a.check_len = a.check_len or (8 if a.small else 64)
     a.compile = {c.strip() for c in a.compile.split(",")}
     a.compile_impls = [c.strip() for c in a.compile_impls.split(",") if c.strip()]
+    for c in a.compile_impls:
+        if c not in (*LORA_IMPLS, FLOOR):
+            p.error(f"--compile-impls: unknown implementation {c!r}: use {', '.join((*LORA_IMPLS, FLOOR))}")
     if a.budget_s is None and not a.small:
         a.budget_s = 240.0
     if a.device.startswith("cuda") and not torch.cuda.is_available():
