@@ -64,8 +64,11 @@ def test_bench_small(tmp_path):
         assert sum(res["checks"]["fxlora lowered"]["lowered_calls"].values()) > 0  # it did run lowered
         # the floor: the base's outputs, timed as a train step only
         assert res["checks"][bench.FLOOR]["ok"] and "grads" not in res["checks"][bench.FLOOR]
+        # sibling branches share a shrink in the row "fxlora siblings": Llama's q, k, v and gate, up; GPT-2 has none
+        siblings = {"fxlora siblings"} if res["model"] == "llama-1.2b" else set()
+        assert siblings <= set(res["checks"]) and all(res["checks"][n]["ok"] for n in siblings)
         for shape in res["shapes"].values():
-            rows = {*impls, "fxlora lowered"}
+            rows = {*impls, "fxlora lowered", *siblings}
             assert set(shape["forward_ratio"]) == rows and set(shape["train_ratio"]) == rows | {bench.FLOOR}
             assert bench.FLOOR in shape["peak_train_bytes"] or not shape["peak_train_bytes"]  # CUDA only
     assert len(data["models"][0]["shapes"]) == 2  # GPT-2 at two shapes

@@ -21,7 +21,10 @@ users do; skipped with a note where loralib is not installed); ``PEFT`` (``get_p
 ``fxlora`` (``fxlora.rewrite``, captured with torch.export, running its graph: ``gm.lower_branches =
 False``); ``fxlora lowered`` (the same rewrite with the eager lowering of docs/performance.md, fxlora's
 default: forwards that record no gradient merge ``W + s B A`` per call where that pays, and train steps run
-the graph's operators through their Python bindings; on CUDA by default, ``--lowered on|off``).  Every implementation holds its LoRA
+the graph's operators through their Python bindings; on CUDA by default, ``--lowered on|off``); ``fxlora
+siblings`` (that rewrite with ``fuse_siblings=True``: q, k and v share one shrink GEMM, gate and up another, so
+their forward without gradients does not merge; only on models with such branches, the Llama configuration;
+``--no-siblings`` leaves it out).  Every implementation holds its LoRA
 factors in the model's dtype (PEFT's default for bf16 models is float32 adapters, with the branch computed
 in float32: ``--peft-adapter-dtype fp32`` measures that).  Every LoRA implementation gets non-zero
 random factors, the same ones wherever the shapes agree (fxlora and loralib always; PEFT on Llama).
@@ -95,7 +98,7 @@ from torch import nn
 import fxlora
 
 R, ALPHA = 16, 32
-LORA_IMPLS = ("loralib", "PEFT", "fxlora", "fxlora lowered")
+LORA_IMPLS = ("loralib", "PEFT", "fxlora", "fxlora lowered", "fxlora siblings")
 FLOOR = "frozen base"  # a train step with no adapter and the base frozen: the floor of every LoRA train step
 LLAMA_SITES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
@@ -180,16 +183,20 @@ def set_factors(impl: Impl, factors: dict) -> None:
         s.B.copy_(b)
 
 
-def make_fxlora(model: nn.Module, cfg: Config, example: torch.Tensor, lower: bool | str = False) -> Impl:
+def make_fxlora(model: nn.Module, cfg: Config, example: torch.Tensor, lower: bool | str = False,
+                siblings: bool = False) -> Impl:
     """``fxlora.rewrite`` of ``model`` (its own factors, the base weights shared); with ``lower``, the row
-    "fxlora lowered": the same rewrite with ``gm.lower_branches = lower`` (the eager lowering)."""
+    "fxlora lowered": the same rewrite with ``gm.lower_branches = lower`` (the eager lowering); with ``siblings``
+    too, the row "fxlora siblings": that rewrite with ``fuse_siblings=True`` (one shrink for the branches that
+    read one input)."""
     # the example is a clone: with a view, torch.export's guards read ``input_ids._base`` on every call
-    gm = fxlora.rewrite(model, cfg.fx_rules, example_inputs=(example.clone(),), example_kwargs={"use_cache": False})
+    gm = fxlora.rewrite(model, cfg.fx_rules, example_inputs=(example.clone(),), example_kwargs={"use_cache": False},
+                        fuse_siblings=siblings)
     gm.lower_branches = lower
     sites = {site: Site(gm.get_parameter(spec.lora_A), gm.get_parameter(spec.lora_B), spec.scale,
                         tuple(spec.enable_lora) if spec.enable_lora else None)
              for site, spec in fxlora.graph_sites(gm).items()}
-    return Impl("fxlora lowered" if lower else "fxlora", gm.train(), sites)
+    return Impl("fxlora siblings" if siblings else "fxlora lowered" if lower else "fxlora", gm.train(), sites)
 
 
 def make_loralib(model: nn.Module, fx: Impl) -> Impl:
@@ -376,6 +383,15 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
     set_factors(fx, fx_factors)
     if "fxlora lowered" in impls:
         set_factors(impls["fxlora lowered"], fx_factors)
+    if a.siblings and "fxlora lowered" in impls:  # the same with siblings sharing one shrink, where the model has any
+        from fxlora.passes import counters
+
+        before = counters["fuse_siblings"]["groups"]
+        sib = make_fxlora(model, cfg, check_ids, lower=True if a.lowered == "on" else "auto", siblings=True)
+        if counters["fuse_siblings"]["groups"] > before:
+            set_factors(sib, fx_factors)
+            impls["fxlora siblings"] = sib
+        del sib
     try:
         import loralib  # noqa: F401
     except ImportError:
@@ -429,7 +445,7 @@ def run_model(cfg: Config, a: argparse.Namespace, log: Log, errors: Errors, budg
                 continue
             with errors.guard(f"{cfg.model}: check {name}"):
                 c = res["checks"][name] = check_impl(impls[name], refs[name], check_ids, tol)
-                if name == "fxlora lowered":  # merged where no gradient is recorded: its forward again, so
+                if name in ("fxlora lowered", "fxlora siblings"):  # merged where no gradient is recorded: its forward again, so
                     before = dict(fxlora.ops.counters)
                     with torch.no_grad():
                         c["lowered_logits"] = rel_err(impls[name](check_ids), refs[name]["logits"])
@@ -768,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-shapes", choices=("last", "first", "all"), default="last",
                    help="which of a model's shapes get the compiled rows: the last (largest; default), the first, or all")
     p.add_argument("--compile-backend", default=None, help="default inductor (aot_eager with --small)")
-    p.add_argument("--compile-impls", default=f"fxlora lowered,{FLOOR},PEFT,fxlora",
+    p.add_argument("--compile-impls", default=f"fxlora lowered,{FLOOR},fxlora siblings,PEFT,fxlora",
                    help="implementations with compiled rows, by priority (the budget may cut the last), each timed "
                         "with the compiled base / full FT: 'fxlora lowered' (fxlora's default: torch.compile compiles "
                         f"the forward an eager call runs), '{FLOOR}' (train step only), PEFT, 'fxlora' (the graph itself)")
@@ -776,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the row 'fxlora lowered' (the same rewrite with gm.lower_branches set): 'auto' adds it on "
                         "CUDA with lower_branches='auto' (default), 'on' everywhere with lower_branches=True, "
                         "'off' leaves it out")
+    p.add_argument("--siblings", action=argparse.BooleanOptionalAction, default=True,
+                   help="the row 'fxlora siblings': 'fxlora lowered' rewritten with fuse_siblings=True (one shrink for "
+                        "the branches that read one input), on the models that have such branches (default on)")
     p.add_argument("--repeats", type=int, default=None, help="default 7 (2 with --small)")
     p.add_argument("--fold-repeats", type=int, default=3)
     p.add_argument("--check-len", type=int, default=None, help="tokens per sample of the checks; default 64 (8 with --small)")
