@@ -405,14 +405,16 @@ def _lower_for_eager(gm: LoraGraphModule, bindings: bool = True, grad: bool = Fa
 
     lowered = GraphModule(gm, copy_graph(gm.graph))  # the same tensors, its own graph
     # sites whose base is a module call keep it: its hooks, its class and its bias are read when it runs.  A
-    # site whose branch input is not x A^T keeps the graph's nodes where they are (a shrink shared by fused
-    # siblings cannot merge); so does a site with LoRA dropout in the forward that records gradients, so that
-    # a train step records the graph's operators in the graph's order (autograd then sums each input's
-    # gradient contributions in that order: the same bits).  Without gradients a LoRA dropout site lowers
-    # with its dropout's output, and merges where that dropout is the identity (eval mode)
+    # site whose branch input is not x A^T keeps the graph's nodes where they are; so do a site with LoRA
+    # dropout and fused siblings (a shrink they share) in the forward that records
+    # gradients, so that a train step records the graph's operators in the graph's order (autograd then sums
+    # each input's gradient contributions in that order: the same bits) and siblings share their shrink there.
+    # Without gradients a LoRA dropout site lowers with its dropout's output, and merges where that dropout is
+    # the identity (eval mode); a fused sibling lowers over its own factor and merges like any other site
     if not provenance.is_rewritten(lowered):
         return False
-    if not lower_linear_branches(lowered, modules=False, h_inputs=False, dropout_inputs=not grad).modified:
+    if not lower_linear_branches(lowered, modules=False, h_inputs=False, dropout_inputs=not grad,
+                                 sibling_inputs=not grad).modified:
         return False
     eager = {torch.ops.fxlora.lora_linear.default: ops.lora_linear_eager,
              torch.ops.fxlora.lora_linear_h.default: ops.lora_linear_h_eager}

@@ -216,7 +216,8 @@ def rewrite(
         merge_on_eval: run the folded model in eval mode (see :class:`fxlora.LoraGraphModule`; costs a
             copy of each adapted weight while in eval mode).
         fuse_siblings: run ``fxlora.passes.fuse_siblings``: linear branches that read the same input
-            (q, k and v projections) share one shrink matmul.  Same parameters and state dict.
+            (q, k and v projections) share one shrink matmul in a train step (a forward that records no
+            gradient, lowered, still merges each site per call).  Same parameters and state dict.
         tied: what a rule that selects a use of a tied weight (GPT-2's token embedding and LM head) does:
             ``"adapt"`` (default) gives the *weight* one LoRA pair applied at every use and folded once,
             so the folded weights stay tied; ``"refuse"`` raises :class:`RuleError` naming both uses.

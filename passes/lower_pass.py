@@ -76,8 +76,35 @@ def _dropout_of(gm: GraphModule, node: Any, x: Node) -> Node | None:
     return node if type(module) is torch.nn.Dropout and not module.inplace else None
 
 
+def _sibling_factor(node: Any, x: Node) -> Node | None:
+    """The factor ``A_i`` (its ``get_attr`` node) where ``node`` is the i-th piece of a shrink that fused siblings
+    share, ``split(linear(x, cat([A_1, ..., A_k])), ranks, -1)[i]`` (:mod:`fxlora.passes.fuse_siblings_pass`),
+    used by one node only; None otherwise."""
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem
+            and len(node.users) == 1 and isinstance(node.args[1], int)):
+        return None
+    parts, i = node.args
+    if not (isinstance(parts, Node) and parts.op == "call_method" and parts.target == "split" and len(parts.args) == 3
+            and parts.args[2] == -1 and not parts.kwargs):
+        return None
+    fused = parts.args[0]
+    if not (isinstance(fused, Node) and fused.op == "call_function" and fused.target is F.linear
+            and len(fused.args) == 2 and fused.args[0] is x and not fused.kwargs):
+        return None
+    cat = fused.args[1]
+    if not (isinstance(cat, Node) and cat.op == "call_function" and cat.target is torch.cat and len(cat.args) == 2
+            and cat.args[1] == 0 and isinstance(cat.args[0], (list, tuple)) and i < len(cat.args[0])):
+        return None
+    factor = cat.args[0][i]
+    ranks = parts.args[1]
+    if not (isinstance(factor, Node) and factor.op == "get_attr" and isinstance(ranks, (list, tuple))
+            and len(ranks) == len(cat.args[0])):
+        return None
+    return factor
+
+
 def _lower_call(gm: GraphModule, add: Node, modules: bool = True, h_inputs: bool = True,
-                dropout_inputs: bool = False) -> bool:
+                dropout_inputs: bool = False, sibling_inputs: bool = False) -> bool:
     base, y1 = add.args
     if not modules and isinstance(base, Node) and base.op == "call_module":
         return False  # the module's own call (its hooks, its current class and bias) stays
@@ -99,7 +126,8 @@ def _lower_call(gm: GraphModule, add: Node, modules: bool = True, h_inputs: bool
     shrink = isinstance(h, Node) and h.op == "call_function" and h.target is F.linear and len(h.args) == 2 and len(h.users) == 1
     shrink_reads_x = shrink and h.args[0] is x
     dropped = _dropout_of(gm, h.args[0], x) if dropout_inputs and shrink and not shrink_reads_x else None
-    if not shrink_reads_x and dropped is None and not h_inputs:
+    sibling = _sibling_factor(h, x) if sibling_inputs and not shrink else None
+    if not shrink_reads_x and dropped is None and sibling is None and not h_inputs:
         return False
     graph = gm.graph
     with graph.inserting_before(add):
@@ -111,15 +139,24 @@ def _lower_call(gm: GraphModule, add: Node, modules: bool = True, h_inputs: bool
             module = graph.get_attr(dropped.target)  # the nn.Dropout itself: whether it is the identity now
             lowered = graph.call_function(lora_linear_dropout_eager, (x, weight, bias, dropped, module, h.args[1], b_full,
                                                                       scale))
-        elif shrink_reads_x:
-            lowered = graph.call_function(torch.ops.fxlora.lora_linear.default, (x, weight, bias, h.args[1], b_full, scale))
+        elif shrink_reads_x or sibling is not None:
+            factor = h.args[1] if sibling is None else sibling
+            lowered = graph.call_function(torch.ops.fxlora.lora_linear.default, (x, weight, bias, factor, b_full, scale))
         else:
             lowered = graph.call_function(torch.ops.fxlora.lora_linear_h.default, (x, weight, bias, h, b_full, scale))
     lowered.meta.update({k: add.meta[k] for k in ("nn_module_stack", "stack_trace") if k in add.meta})
     lowered.meta[provenance.META_KEY] = {**provenance.node_info(add), "role": LOWERED}
     add.replace_all_uses_with(lowered)
-    for node in (add, y1, scaled, h if shrink_reads_x or dropped is not None else None, base):
+    own_shrink = shrink_reads_x or dropped is not None or sibling is not None
+    parts = h.args[0] if sibling is not None else None
+    for node in (add, y1, scaled, h if own_shrink else None, base):
         if node is not None and not node.users:
+            graph.erase_node(node)
+    if sibling is not None:  # the shared shrink goes with its last piece
+        chain = (parts, parts.args[0], parts.args[0].args[1])  # (erasing a node clears its arguments)
+        for node in chain:
+            if node.users:
+                break
             graph.erase_node(node)
     return True
 
@@ -146,7 +183,8 @@ class LowerLinearBranches(RewiringPass):
 
     name = "lower_linear_branches"
 
-    def __init__(self, *, modules: bool = True, h_inputs: bool = True, dropout_inputs: bool = False) -> None:
+    def __init__(self, *, modules: bool = True, h_inputs: bool = True, dropout_inputs: bool = False,
+                 sibling_inputs: bool = False) -> None:
         super().__init__()
         #: also lower a base that is a module call (an ``nn.Linear``), reading its weight and bias directly
         self.modules = modules
@@ -157,6 +195,11 @@ class LowerLinearBranches(RewiringPass):
         #: of :func:`fxlora.ops.lora_linear_dropout_eager`, which merges where the dropout is the identity:
         #: for the eager lowering of forwards that record no gradient only (it is a plain function, not an op)
         self.dropout_inputs = dropout_inputs
+        #: lower a site whose branch input is its piece of a shrink shared by fused siblings to
+        #: ``fxlora::lora_linear`` over its own factor, so that it merges like any other site (the shared shrink
+        #: goes once every piece is lowered): for forwards that record no gradient, where a train step keeps
+        #: the shared shrink
+        self.sibling_inputs = sibling_inputs
 
     def ensures(self, gm: GraphModule) -> None:
         super().ensures(gm)
@@ -171,7 +214,8 @@ class LowerLinearBranches(RewiringPass):
             n for n in gm.graph.nodes
             if (info := provenance.node_info(n)) is not None and info["role"] == provenance.ADD and info["spec"].kind == "linear"
         ]
-        lowered = sum(_lower_call(gm, add, self.modules, self.h_inputs, self.dropout_inputs) for add in adds)
+        lowered = sum(_lower_call(gm, add, self.modules, self.h_inputs, self.dropout_inputs, self.sibling_inputs)
+                      for add in adds)
         if not lowered:
             return PassResult(gm, False)
         counters[self.name]["calls"] += lowered
@@ -180,8 +224,10 @@ class LowerLinearBranches(RewiringPass):
 
 
 def lower_linear_branches(gm: GraphModule, *, modules: bool = True, h_inputs: bool = True,
-                          dropout_inputs: bool = False) -> PassResult:
+                          dropout_inputs: bool = False, sibling_inputs: bool = False) -> PassResult:
     """Run :class:`LowerLinearBranches` on ``gm`` (in place); ``modules=False`` leaves the sites whose base
     is a module call as they are, ``h_inputs=False`` those whose branch input is not ``x A^T`` (except, with
-    ``dropout_inputs``, a LoRA dropout's sites: see :class:`LowerLinearBranches`)."""
-    return LowerLinearBranches(modules=modules, h_inputs=h_inputs, dropout_inputs=dropout_inputs)(gm)
+    ``dropout_inputs``, a LoRA dropout's sites, and with ``sibling_inputs`` fused siblings' sites: see
+    :class:`LowerLinearBranches`)."""
+    return LowerLinearBranches(modules=modules, h_inputs=h_inputs, dropout_inputs=dropout_inputs,
+                               sibling_inputs=sibling_inputs)(gm)

@@ -468,3 +468,50 @@ def test_a_lowered_capture_converted_after_capture_names_the_problem():
         # autocast region as a submodule (a higher-order op's body), whose checks stay PyTorch's
         assert (mode and isinstance(raised.value, fxlora.errors.TraceError)
                 and "capture fixes the dtypes" in str(raised.value)) or "dtype mismatch" in str(raised.value)
+
+
+def test_fused_siblings_merge_per_call_without_gradients_and_share_their_shrink_in_a_train_step():
+    """``fuse_siblings=True`` (q, k, v share one shrink, gate and up another): a forward that records no gradient
+    lowers each sibling over its own factor, so it merges per call like any other site and the shared shrink is
+    gone; a train step keeps the shared shrink, and the graph's gradients bit for bit."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=128)
+    ids = torch.randint(0, 128, (4, 64))
+    gm = fxlora.rewrite(transformers.LlamaForCausalLM(cfg), [Rule("model.layers.*.*.*_proj", r=4, alpha=8)],
+                        example_inputs=(ids[:2, :16].clone(),), example_kwargs={"use_cache": False}, fuse_siblings=True)
+    randomize_lora(gm)
+    shared = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "split"]
+    assert len(shared) == 4  # q, k, v and gate, up of each layer
+    gm.eval()
+    with torch.inference_mode():
+        gm.lower_branches = False
+        expected = gm(input_ids=ids, use_cache=False).logits
+        gm.lower_branches = True
+        ops.counters.clear()
+        out = gm(input_ids=ids, use_cache=False).logits
+    assert dict(ops.counters) == {"linear.merged": 14}  # every site, the siblings too
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    backend = _Graphs()
+    with torch.no_grad():  # compiled: one addmm per site, no shared shrink
+        compiled = torch.compile(gm, backend=backend, fullgraph=True)(input_ids=ids, use_cache=False).logits
+    assert backend.count("addmm") == 14 and backend.count("split") == 0
+    torch.testing.assert_close(compiled, out, rtol=0, atol=0)
+    gm.train()
+
+    def step(mode):
+        gm.lower_branches = mode
+        gm.zero_grad(set_to_none=True)
+        ops.counters.clear()
+        logits = gm(input_ids=ids, use_cache=False).logits
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}, dict(ops.counters)
+
+    graph_out, graph_grads, graph_calls = step(False)
+    got, grads, calls = step(True)
+    assert not graph_calls and calls == {"linear.branch": 4}  # o and down lower; the siblings keep the graph's nodes
+    torch.testing.assert_close(got, graph_out, rtol=0, atol=0)
+    assert grads.keys() == graph_grads.keys() and sum("lora_" in n for n in grads) == 28
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, graph_grads[name], rtol=0, atol=0, msg=name)
+    assert sum(n.op == "call_method" and n.target == "split" for n in gm.graph.nodes) == 4  # its own graph is unchanged
